@@ -1,0 +1,30 @@
+# Each target sets up its own virtual environment when missing (CPU torch, pinned set).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+.PHONY: demo test bench lint clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the CPU build of torch; a range that admits a newer torch pulls a multi-GB CUDA build
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[worker,dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/farm demo --out farm-demo
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check farm scheduler worker cli tests benchmarks
+	$(VENV)/bin/mypy
+
+test: $(VENV)/.installed lint
+	$(VENV)/bin/pytest -q
+
+bench: $(VENV)/.installed
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf $(VENV) farm-demo .pytest_cache .mypy_cache .ruff_cache

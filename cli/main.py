@@ -1,0 +1,282 @@
+"""The `farm` command line. Imports farm and scheduler only; the worker (torch) is imported
+lazily inside `farm worker`, so submit/status/results/batches start fast and torch-free."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from farm.errors import FarmError, NotFound, UsageError
+from farm.settings import Settings
+from farm.store import open_store
+
+
+class FarmGroup(click.Group):
+    """Every FarmError becomes one line on stderr and its exit code; no traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except FarmError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=FarmGroup)
+@click.version_option(package_name="farm")
+def cli() -> None:
+    """farm: a distributed render farm for Stable Diffusion XL."""
+
+
+# -- submit ------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("prompts", type=str)
+@click.option("--model", help="Model name (tiny-sdxl, sdxl-base, ...) or absolute local path.")
+@click.option("--steps", type=int, help="Denoising steps.")
+@click.option("--guidance", type=float, help="Classifier-free guidance scale.")
+@click.option("--size", help="WIDTHxHEIGHT, e.g. 1024x1024.")
+@click.option("--seed", type=int, help="Seed of the first image (chosen and recorded if unset).")
+@click.option("--n", "n", type=int, help="Images per prompt.")
+@click.option("--negative", help="Negative prompt.")
+@click.option("--scheduler", help="euler, euler_a, dpmpp_2m or ddim.")
+@click.option("--priority", type=int, help="0 (lowest) to 9 (most urgent); default 5.")
+@click.option("--min-vram", type=int, help="Run only on workers of at least this many GB.")
+@click.option("--wait", is_flag=True, help="Wait until the batch ends, showing progress.")
+@click.option("--json", "as_json", is_flag=True, help="Print {batch, jobs} as JSON.")
+def submit(prompts: str, model: str | None, steps: int | None, guidance: float | None,
+           size: str | None, seed: int | None, n: int | None, negative: str | None,
+           scheduler: str | None, priority: int | None, min_vram: int | None, wait: bool,
+           as_json: bool) -> None:
+    """Submit PROMPTS (.txt, .jsonl, .csv, or - for stdin) and print the batch id."""
+    from scheduler.parse import detect_format, parse_batch, parse_size
+    from scheduler.submit import submit as do_submit
+
+    settings = Settings.load()
+    defaults: dict[str, Any] = {"model": model, "steps": steps, "guidance": guidance,
+                                "seed": seed, "n": n, "negative_prompt": negative,
+                                "scheduler": scheduler, "priority": priority,
+                                "min_vram": min_vram}
+    if size is not None:
+        defaults["width"], defaults["height"] = parse_size(size)
+    defaults = {k: v for k, v in defaults.items() if v is not None}
+    text = _read_prompts(prompts)
+    specs = parse_batch(text, detect_format(prompts), defaults, settings)
+    result = do_submit(settings, specs, source=prompts, defaults=defaults)
+    if as_json:
+        click.echo(json.dumps({"batch": result.batch, "jobs": [j.id for j in result.jobs]}))
+    else:
+        images = sum(j.spec.n for j in result.jobs)
+        click.echo(result.batch)
+        click.echo(f"submitted {len(result.jobs)} jobs ({images} images); "
+                   f"`farm status {result.batch} --watch` follows it", err=True)
+    if wait:
+        status = _watch(settings, result.batch, quiet=as_json)
+        if status.state != "succeeded":
+            sys.exit(1)
+
+
+def _read_prompts(path: str) -> str:
+    try:
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"PROMPTS file {path!r} does not exist") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read PROMPTS file {path!r}: {exc.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"PROMPTS file {path!r} must be UTF-8 text (byte {exc.start} is not)") \
+            from None
+
+
+# -- status, results, batches -------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("batch")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.option("--watch", is_flag=True, help="Show a progress bar until the batch ends.")
+def status(batch: str, as_json: bool, watch: bool) -> None:
+    """Counts per state, and each job's state and error."""
+    from scheduler.status import batch_status
+
+    settings = Settings.load()
+    if watch:
+        result = _watch(settings, batch, quiet=as_json)
+    else:
+        result = batch_status(open_store(settings), _batch_id(batch), settings)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+        return
+    click.echo(f"batch {result.batch}: {result.state}  " + _counts(result.counts))
+    for job in result.jobs:
+        line = f"  {job.id}  {job.state.value:<9}"
+        if job.images:
+            line += f"  {len(job.images)} image(s)"
+        if job.error:
+            line += f"  error: {job.error}"
+        click.echo(line)
+
+
+@cli.command()
+@click.argument("batch")
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to download into (default: ./BATCH).")
+@click.option("--wait", is_flag=True, help="Wait for the batch to end first.")
+def results(batch: str, out: Path | None, wait: bool) -> None:
+    """Download every image with its JSON sidecar, and a contact sheet."""
+    from scheduler.results import download
+    from scheduler.status import batch_status
+
+    settings = Settings.load()
+    batch = _batch_id(batch)
+    store = open_store(settings)
+    st = _watch(settings, batch) if wait else batch_status(store, batch, settings)
+    got = download(store, st, out or Path(batch))
+    click.echo(f"{len(got.images)} images and sidecars in {got.folder}/")
+    if got.contact_sheet:
+        click.echo(f"contact sheet: {got.contact_sheet}")
+    if not st.finished:
+        click.echo(f"batch is still {st.state}: {st.done}/{len(st.jobs)} jobs done", err=True)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--limit", type=int, default=20, show_default=True)
+def batches(as_json: bool, limit: int) -> None:
+    """Recent batches with their state counts, newest first."""
+    from scheduler.status import recent_batches
+
+    settings = Settings.load()
+    found = recent_batches(open_store(settings), settings, limit)
+    if as_json:
+        click.echo(json.dumps([{"batch": b.batch, "created_at": b.created_at, "state": b.state,
+                                "counts": b.counts, "jobs": len(b.jobs)} for b in found],
+                              indent=2))
+        return
+    if not found:
+        click.echo("no batches yet")
+    for b in found:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b.created_at))
+        click.echo(f"{b.batch}  {created}  {b.state:<9}  {len(b.jobs):>5} jobs  "
+                   + _counts(b.counts))
+
+
+def _batch_id(text: str) -> str:
+    from farm.jobs import is_id
+
+    if not is_id(text):
+        raise NotFound(f"{text!r} is not a batch id")
+    return text
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return " ".join(f"{k}={v}" for k, v in counts.items())
+
+
+def _watch(settings: Settings, batch: str, quiet: bool = False) -> Any:
+    from scheduler.status import batch_status
+
+    store = open_store(settings)
+    batch = _batch_id(batch)
+    tty = sys.stderr.isatty()
+    last = ""
+    while True:
+        st = batch_status(store, batch, settings)
+        total = len(st.jobs)
+        width = 30
+        filled = int(width * st.done / total) if total else width
+        line = (f"[{'#' * filled}{'-' * (width - filled)}] {st.done}/{total} jobs  "
+                + _counts(st.counts))
+        if not quiet and line != last:
+            click.echo(("\r" + line) if tty else line, err=True, nl=not tty)
+            last = line
+        if st.finished:
+            if not quiet and tty:
+                click.echo("", err=True)
+            return st
+        time.sleep(0.5)
+
+
+# -- workers and the local farm ----------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--model", "models_", multiple=True, help="Model to serve (repeat for several).")
+@click.option("--device", default=None, help="cpu, cuda:N, or auto (default).")
+@click.option("--max-jobs", type=int, default=None, help="Exit after this many jobs.")
+@click.option("--name", default=None, help="Worker name (default: host-device-pid).")
+def worker(models_: tuple[str, ...], device: str | None, max_jobs: int | None,
+           name: str | None) -> None:
+    """Run one worker in the foreground: load and warm its pipelines, then take jobs."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("celery").setLevel(logging.WARNING)
+    from worker.runtime import Worker
+
+    settings = Settings.load(device=device)
+    w = Worker(settings, list(models_), device=settings.device, name=name, max_jobs=max_jobs,
+               echo=lambda m: click.echo(m, err=True))
+    sys.exit(w.run())
+
+
+@cli.command()
+@click.option("--workers", "n_workers", type=int, default=1, show_default=True)
+@click.option("--model", "models_", multiple=True, help="Model to serve (repeat for several).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda:N or auto.")
+def up(n_workers: int, models_: tuple[str, ...], device: str) -> None:
+    """Start the embedded farm in the background (broker + N local workers)."""
+    from cli import local
+
+    settings = Settings.load()
+    running = local.running_workers(settings)
+    if running:
+        click.echo(f"farm is already up with {len(running)} worker(s) "
+                   f"(pids {', '.join(str(w.pid) for w in running)}); `farm down` stops it")
+        return
+    if n_workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {n_workers}")
+    started = local.up(settings, workers=n_workers, model_names=list(models_), device=device,
+                       echo=lambda m: click.echo(m, err=True))
+    click.echo(f"farm is up: {len(started)} worker(s), logs in {settings.log_dir}/")
+
+
+@cli.command()
+def down() -> None:
+    """Stop the local workers and the embedded broker."""
+    from cli import local
+
+    settings = Settings.load()
+    workers, broker_stopped = local.down(settings)
+    parts = [f"stopped {workers} worker(s)"]
+    if broker_stopped:
+        parts.append("and the embedded broker")
+    click.echo(" ".join(parts) if (workers or broker_stopped) else "farm was not running")
+
+
+@cli.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("farm-demo"), show_default=True)
+@click.option("--workers", "n_workers", type=int, default=2, show_default=True)
+def demo(out: Path, n_workers: int) -> None:
+    """Start a farm, render a built-in batch, download it with a contact sheet, stop."""
+    from cli.demo import run_demo
+
+    run_demo(Settings.load(), out, n_workers, echo=click.echo)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(args=argv, prog_name="farm")
+
+
+if __name__ == "__main__":
+    main()

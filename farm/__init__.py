@@ -1,0 +1,1 @@
+"""farm: a distributed render farm for Stable Diffusion XL. This package is the shared vocabulary (no torch)."""

@@ -1,0 +1,244 @@
+"""Jobs: what a user asks for (JobSpec), its identity (Job), and its lifecycle (JobState).
+
+The lifecycle, written down once (the README draws the same picture):
+
+    queued ──► running ──────────────────────────────► succeeded
+      │          │  └──► latents_ready ──► refining ──┘
+      │          │              (split base → refiner)
+      └──────────┴──────────────┴───────────┴────────► failed | canceled
+
+A running or refining stage may also go back to queued (retried on another worker). succeeded,
+failed and canceled are final.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+import secrets
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from farm import models
+from farm.errors import ValidationError
+from farm.settings import Settings
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    LATENTS_READY = "latents_ready"
+    REFINING = "refining"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATES
+
+    def can_become(self, new: JobState) -> bool:
+        return new in TRANSITIONS[self]
+
+
+FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED})
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELED}),
+    JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.LATENTS_READY, JobState.QUEUED,
+                                 JobState.FAILED, JobState.CANCELED}),
+    JobState.LATENTS_READY: frozenset({JobState.REFINING, JobState.FAILED, JobState.CANCELED}),
+    JobState.REFINING: frozenset({JobState.SUCCEEDED, JobState.LATENTS_READY, JobState.FAILED,
+                                  JobState.CANCELED}),
+    JobState.SUCCEEDED: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.CANCELED: frozenset(),
+}
+
+# sampler names a job may use → what the worker builds (worker/pipelines.py maps them)
+SCHEDULERS = ("euler", "euler_a", "dpmpp_2m", "ddim")
+PRIORITY_MIN, PRIORITY_MAX, PRIORITY_DEFAULT = 0, 9, 5
+SEED_MAX = 2**32 - 1
+GUIDANCE_MAX = 30.0
+MIN_SIDE = 64
+MAX_VRAM_GB = 1024
+
+_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,80}$")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One line of a batch, fully resolved: every field has its final value."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    n: int
+    model: str
+    scheduler: str
+    priority: int
+    min_vram: int
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_dict(cls, data: Any, settings: Settings) -> JobSpec:
+        """Check every field against its rule; fill what is absent from the model's defaults.
+
+        Raises ValidationError naming the first field that breaks a rule.
+        """
+        if not isinstance(data, dict):
+            raise ValidationError("job", "must be an object with a prompt", data)
+        unknown = sorted(set(data) - set(cls.field_names()))
+        if unknown:
+            allowed = ", ".join(cls.field_names())
+            raise ValidationError(unknown[0], f"is not a known field (known: {allowed})",
+                                  data[unknown[0]])
+        if "prompt" not in data or data["prompt"] is None:
+            raise ValidationError("prompt", "is required", show_value=False)
+        prompt = _text(data, "prompt", settings.max_prompt_chars, required=True)
+        negative = _text(data, "negative_prompt", settings.max_prompt_chars)
+        model_name = data.get("model", models.DEFAULT_MODEL)
+        if model_name is None:
+            model_name = models.DEFAULT_MODEL
+        model = models.resolve(model_name)
+        steps = _int(data, "steps", 1, settings.max_steps, model.default_steps)
+        width = _int(data, "width", MIN_SIDE, settings.max_side, model.default_width)
+        height = _int(data, "height", MIN_SIDE, settings.max_side, model.default_height)
+        for name, side in (("width", width), ("height", height)):
+            if side % 8:
+                raise ValidationError(name, "must be a multiple of 8", side)
+        if width * height > settings.max_pixels:
+            raise ValidationError(
+                "width", f"x height must be at most {settings.max_pixels} pixels",
+                f"{width}x{height}")
+        guidance = _number(data, "guidance", 0.0, GUIDANCE_MAX, 5.0)
+        n = _int(data, "n", 1, settings.max_images_per_job, 1)
+        scheduler = data.get("scheduler", "euler")
+        if scheduler is None:
+            scheduler = "euler"
+        if scheduler not in SCHEDULERS:
+            raise ValidationError("scheduler", f"must be one of {', '.join(SCHEDULERS)}",
+                                  scheduler)
+        priority = _int(data, "priority", PRIORITY_MIN, PRIORITY_MAX, PRIORITY_DEFAULT)
+        min_vram = _int(data, "min_vram", 0, MAX_VRAM_GB, 0)
+        seed = data.get("seed")
+        seed = secrets.randbelow(SEED_MAX + 1) if seed is None else _int(data, "seed", 0,
+                                                                        SEED_MAX, 0)
+        return cls(prompt=prompt, negative_prompt=negative, seed=seed, steps=steps,
+                   guidance=guidance, width=width, height=height, n=n, model=model.name,
+                   scheduler=scheduler, priority=priority, min_vram=min_vram)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def image_seeds(self) -> list[int]:
+        """Image k of a job uses seed + k, so any one image can be re-rendered alone."""
+        return [self.seed + k for k in range(self.n)]
+
+
+@dataclass(frozen=True)
+class Job:
+    """A JobSpec with its place in a batch: what travels on the queue."""
+
+    id: str
+    batch: str
+    index: int
+    spec: JobSpec
+
+    VERSION = 1
+
+    def encode(self) -> dict[str, Any]:
+        return {"v": self.VERSION, "id": self.id, "batch": self.batch, "index": self.index,
+                "spec": self.spec.to_dict()}
+
+    @classmethod
+    def decode(cls, data: Any, settings: Settings) -> Job:
+        """A message from the queue, checked again: anyone who reaches Redis can push one."""
+        if not isinstance(data, dict):
+            raise ValidationError("message", "must be a JSON object", data)
+        if data.get("v") != cls.VERSION:
+            raise ValidationError("message.v", f"must be {cls.VERSION}", data.get("v"))
+        extra = sorted(set(data) - {"v", "id", "batch", "index", "spec"})
+        if extra:
+            raise ValidationError(f"message.{extra[0]}", "is not a known field", data[extra[0]])
+        batch = data.get("batch")
+        job_id = data.get("id")
+        if not isinstance(batch, str) or not _ID.match(batch):
+            raise ValidationError("message.batch", "must be a batch id ([a-z0-9-])", batch)
+        if not isinstance(job_id, str) or not job_id.startswith(batch + "-") or not _ID.match(
+                job_id):
+            raise ValidationError("message.id", "must be a job id of its batch", job_id)
+        index = data.get("index")
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise ValidationError("message.index", "must be a non-negative integer", index)
+        spec_data = data.get("spec")
+        if isinstance(spec_data, dict) and spec_data.get("seed") is None:
+            raise ValidationError("spec.seed", "must be set in a queued job", None)
+        spec = JobSpec.from_dict(spec_data, settings)
+        return cls(id=job_id, batch=batch, index=index, spec=spec)
+
+
+def new_batch_id(now: float) -> str:
+    """Sortable by time (newest last), unique enough for a farm: 20261129-151200-3fa9c1."""
+    import time
+
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
+    return f"{stamp}-{secrets.token_hex(3)}"
+
+
+def job_id(batch: str, index: int) -> str:
+    return f"{batch}-{index:04d}"
+
+
+def is_id(text: str) -> bool:
+    return bool(_ID.match(text))
+
+
+# -- field rules ---------------------------------------------------------------------------
+
+
+def _text(data: dict[str, Any], name: str, limit: int, required: bool = False) -> str:
+    value = data.get(name, "")
+    if value is None:
+        value = ""
+    if not isinstance(value, str):
+        raise ValidationError(name, "must be text", value)
+    if required and not value.strip():
+        raise ValidationError(name, "must not be empty", value)
+    if len(value) > limit:
+        raise ValidationError(name, f"must be at most {limit} characters",
+                              f"{len(value)} characters", show_value=True)
+    if "\x00" in value:
+        raise ValidationError(name, "must not contain NUL characters", value)
+    return value
+
+
+def _int(data: dict[str, Any], name: str, low: int, high: int, default: int) -> int:
+    value = data.get(name)
+    if value is None:
+        return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValidationError(name, f"must be an integer from {low} to {high}", value)
+    if not low <= value <= high:
+        raise ValidationError(name, f"must be an integer from {low} to {high}", value)
+    return value
+
+
+def _number(data: dict[str, Any], name: str, low: float, high: float, default: float) -> float:
+    value = data.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValidationError(name, f"must be a number from {low:g} to {high:g}", value)
+    if not low <= value <= high:
+        raise ValidationError(name, f"must be a number from {low:g} to {high:g}", value)
+    return float(value)

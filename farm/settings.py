@@ -1,0 +1,149 @@
+"""One settings object for every process of the farm.
+
+Precedence, lowest first: the defaults below, then `FARM_*` environment variables, then CLI
+flags (passed to `Settings.load` as overrides). Nothing else in the farm reads `os.environ`
+(boto3 still reads the standard AWS credential variables itself).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from farm.errors import ConfigError
+
+ENV_PREFIX = "FARM_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    # where the embedded broker, the default store, built models and logs live
+    home: Path = field(default_factory=lambda: Path.home() / ".farm")
+    # unset: the embedded Valkey server on a unix socket under `home`, started on demand
+    broker_url: str | None = None
+    # unset: a directory under `home`; else file:///path or s3://bucket/prefix
+    store_url: str | None = None
+    # for S3-compatible stores (MinIO, R2, moto); unset means AWS itself
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    # where tiny models are built and saved; unset: `home`/models
+    models_dir: Path | None = None
+    # "auto" picks cuda:0 when torch sees a GPU, else cpu
+    device: str = "auto"
+    # torch intra-op threads per worker; 0 leaves torch's default (all cores)
+    threads: int = 0
+
+    # -- caps on what one request may ask for (checked at submit and again by the worker)
+    max_steps: int = 150
+    # SDXL is trained around 1 MP; 4 MP is already far past useful and near 24 GB of VRAM
+    max_pixels: int = 2048 * 2048
+    max_side: int = 4096
+    max_images_per_job: int = 8
+    max_prompt_chars: int = 2000
+    max_jobs_per_batch: int = 10_000
+
+    # -- reliability (DESIGN.md §6)
+    # A task unacked this long is delivered again while the first copy still runs
+    # (celery#5935): keep it far above the longest stage, the same on every process.
+    visibility_timeout: int = 3600
+    # workers refresh a heartbeat key this often; it expires after heartbeat_ttl
+    heartbeat_interval: float = 5.0
+    heartbeat_ttl: float = 20.0
+    # how long `farm submit` keeps trying an unreachable broker before it gives up
+    broker_connect_timeout: float = 10.0
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, then FARM_* variables from `env` (os.environ if None), then overrides.
+
+        An override of None means "not given on the command line" and is skipped.
+        """
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _convert(f.name, f.type, raw, ENV_PREFIX + f.name.upper())
+        for name, value in overrides.items():
+            if name not in {f.name for f in fields(cls)}:
+                raise ConfigError(f"unknown setting {name!r}")
+            if value is not None:
+                values[name] = value
+        if "home" in values:
+            values["home"] = Path(values["home"]).expanduser()
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def check(self) -> None:
+        if self.heartbeat_ttl <= self.heartbeat_interval:
+            raise ConfigError(
+                f"heartbeat_ttl must be above heartbeat_interval, got {self.heartbeat_ttl} "
+                f"<= {self.heartbeat_interval}")
+        for name in ("max_steps", "max_pixels", "max_side", "max_images_per_job",
+                     "max_prompt_chars", "max_jobs_per_batch", "visibility_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+
+    # -- derived paths
+
+    @property
+    def embedded(self) -> bool:
+        """True when the farm runs its own broker (no FARM_BROKER_URL)."""
+        return not self.broker_url
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def models_path(self) -> Path:
+        return self.models_dir if self.models_dir is not None else self.home / "models"
+
+    @property
+    def broker_socket(self) -> Path:
+        """The embedded server's unix socket; short enough for the 107-byte sun_path limit."""
+        path = self.run_dir / "broker.sock"
+        if len(str(path)) < 100:
+            return path
+        digest = hashlib.sha1(str(self.home).encode()).hexdigest()[:12]
+        return Path("/tmp") / f"farm-{digest}.sock"
+
+    @property
+    def effective_broker_url(self) -> str:
+        if self.broker_url:
+            return self.broker_url
+        return f"redis+socket://{self.broker_socket}"
+
+    @property
+    def effective_store_url(self) -> str:
+        if self.store_url:
+            return self.store_url
+        return (self.home / "store").resolve().as_uri()
+
+
+def _convert(name: str, type_: Any, raw: str, source: str) -> Any:
+    type_name = type_ if isinstance(type_, str) else getattr(type_, "__name__", str(type_))
+    try:
+        if type_name.startswith("int"):
+            return int(raw)
+        if type_name.startswith("float"):
+            return float(raw)
+        if "Path" in type_name:
+            return Path(raw).expanduser()
+    except ValueError:
+        kind = "an integer" if type_name.startswith("int") else "a number"
+        raise ConfigError(f"{source} must be {kind}, got {raw!r}") from None
+    return raw

@@ -1,0 +1,236 @@
+"""The object store: where manifests, job records, images and intermediates live.
+
+Two backends behind one small interface: a directory (the embedded default, `file://`) and any
+S3-compatible bucket through boto3 (`s3://bucket/prefix`, with FARM_S3_ENDPOINT_URL for MinIO,
+R2 or moto). Writes are whole-object and atomic; `create_once=True` never overwrites (a second
+writer gets AlreadyExists), which is what makes duplicate deliveries harmless.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import unquote, urlparse
+
+from farm.errors import AlreadyExists, ConfigError, NotFound, StoreUnavailable
+from farm.settings import Settings
+
+
+class Store(Protocol):
+    url: str
+
+    def put(self, key: str, data: bytes, *, create_once: bool = False,
+            content_type: str = "application/octet-stream") -> None: ...
+
+    def get(self, key: str) -> bytes: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def list(self, prefix: str) -> list[str]: ...
+
+    def list_dirs(self, prefix: str) -> list[str]: ...
+
+    def delete(self, key: str) -> None: ...
+
+
+def put_json(store: Store, key: str, value: Any, *, create_once: bool = False) -> None:
+    data = json.dumps(value, indent=2, sort_keys=True).encode()
+    store.put(key, data, create_once=create_once, content_type="application/json")
+
+
+def get_json(store: Store, key: str) -> Any:
+    data = store.get(key)
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        from farm.errors import IntegrityError
+
+        raise IntegrityError(f"{store.url}/{key} is not valid JSON: {exc}") from None
+
+
+def check_key(key: str) -> str:
+    """Keys are relative, '/'-separated, and never climb out of the store's prefix."""
+    if not key or key.startswith("/") or "\\" in key or "\x00" in key:
+        raise ValueError(f"bad store key {key!r}")
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        raise ValueError(f"bad store key {key!r}")
+    return key
+
+
+class FileStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.url = root.as_uri()
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def put(self, key: str, data: bytes, *, create_once: bool = False,
+            content_type: str = "application/octet-stream") -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Write beside the target, then move it in whole: readers never see half a file.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            if create_once:
+                try:
+                    os.link(tmp, path)  # atomic, and fails when the name exists
+                except FileExistsError:
+                    raise AlreadyExists(f"{self.url}/{key} already exists") from None
+            else:
+                os.replace(tmp, path)
+                tmp = ""
+        finally:
+            if tmp:
+                os.unlink(tmp)
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"{self.url}/{key} does not exist") from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str) -> list[str]:
+        base = self.root / prefix.rstrip("/") if prefix else self.root
+        if not base.is_dir():
+            return []
+        keys = []
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                if not name.startswith(".tmp-"):
+                    keys.append(Path(dirpath, name).relative_to(self.root).as_posix())
+        return sorted(keys)
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        base = self.root / prefix.rstrip("/") if prefix else self.root
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if p.is_dir())
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink()
+        except FileNotFoundError:
+            pass
+
+
+class S3Store:
+    def __init__(self, bucket: str, prefix: str, settings: Settings) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        config = Config(
+            retries={"mode": "standard", "max_attempts": 5},
+            connect_timeout=5, read_timeout=60,
+            # boto3 >= 1.36 adds checksums to every request by default; several S3-compatible
+            # stores reject them, so send them only where the API requires one.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        self.client = boto3.client("s3", endpoint_url=settings.s3_endpoint_url,
+                                   region_name=settings.s3_region, config=config)
+
+    def _key(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _call(self, fn: Any, **kwargs: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+
+        try:
+            return fn(**kwargs)
+        except EndpointConnectionError as exc:
+            raise StoreUnavailable(f"cannot reach the object store {self.url}: {exc}") from None
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise NotFound(f"{self.url}/{kwargs.get('Key', '')} does not exist") from None
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                raise AlreadyExists(f"{self.url}/{kwargs.get('Key', '')} already exists") \
+                    from None
+            if code == "NoSuchBucket":
+                raise ConfigError(f"the bucket of {self.url} does not exist") from None
+            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise ConfigError(f"the object store {self.url} refused access: {code}") \
+                    from None
+            raise StoreUnavailable(f"object store {self.url}: {exc}") from None
+        except BotoCoreError as exc:
+            raise StoreUnavailable(f"object store {self.url}: {exc}") from None
+
+    def put(self, key: str, data: bytes, *, create_once: bool = False,
+            content_type: str = "application/octet-stream") -> None:
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key), "Body": data,
+                                  "ContentType": content_type}
+        if create_once:
+            kwargs["IfNoneMatch"] = "*"
+        self._call(self.client.put_object, **kwargs)
+
+    def get(self, key: str) -> bytes:
+        response = self._call(self.client.get_object, Bucket=self.bucket, Key=self._key(key))
+        return bytes(response["Body"].read())
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._call(self.client.head_object, Bucket=self.bucket, Key=self._key(key))
+        except NotFound:
+            return False
+        return True
+
+    def _pages(self, prefix: str, **extra: Any) -> Iterator[dict[str, Any]]:
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, **extra}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = self._call(self.client.list_objects_v2, **kwargs)
+            yield page
+            if not page.get("IsTruncated"):
+                return
+            token = page.get("NextContinuationToken")
+
+    def _full_prefix(self, prefix: str) -> str:
+        prefix = prefix.strip("/")
+        parts = [p for p in (self.prefix, prefix) if p]
+        return "/".join(parts) + "/" if parts else ""
+
+    def list(self, prefix: str) -> list[str]:
+        full = self._full_prefix(prefix)
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        keys = [obj["Key"][strip:] for page in self._pages(full)
+                for obj in page.get("Contents", [])]
+        return sorted(keys)
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        full = self._full_prefix(prefix)
+        names = [p["Prefix"][len(full):].rstrip("/") for page in self._pages(full, Delimiter="/")
+                 for p in page.get("CommonPrefixes", [])]
+        return sorted(names)
+
+    def delete(self, key: str) -> None:
+        self._call(self.client.delete_object, Bucket=self.bucket, Key=self._key(key))
+
+
+def open_store(settings: Settings) -> Store:
+    url = settings.effective_store_url
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise ConfigError(f"FARM_STORE_URL file URLs must be file:///absolute/path, got {url!r}")
+        return FileStore(Path(unquote(parsed.path)))
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ConfigError(f"FARM_STORE_URL must name a bucket (s3://bucket/prefix), got {url!r}")
+        return S3Store(parsed.netloc, parsed.path, settings)
+    raise ConfigError(f"FARM_STORE_URL must start with file:// or s3://, got {url!r}")

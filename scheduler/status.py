@@ -1,0 +1,96 @@
+"""A batch's state, read from the store: the manifest plus whatever job records exist."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from farm.errors import FarmError
+from farm.jobs import JobState
+from farm.records import BATCHES, JobRecord, Manifest, read_manifest, read_records
+from farm.settings import Settings
+from farm.store import Store
+
+
+@dataclass(frozen=True)
+class JobView:
+    id: str
+    state: JobState
+    images: list[str]
+    error: str | None
+    record: JobRecord | None
+
+
+@dataclass(frozen=True)
+class BatchStatus:
+    batch: str
+    created_at: float
+    manifest: Manifest
+    jobs: list[JobView]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        counts = {s.value: 0 for s in JobState}
+        for job in self.jobs:
+            counts[job.state.value] += 1
+        return {k: v for k, v in counts.items() if v}
+
+    @property
+    def done(self) -> int:
+        return sum(1 for j in self.jobs if j.state.final)
+
+    @property
+    def state(self) -> str:
+        """queued / running while any job is unfinished; then succeeded, failed or canceled."""
+        if self.manifest.aborted:
+            return "aborted"
+        states = {j.state for j in self.jobs}
+        if not all(s.final for s in states):
+            return "queued" if states == {JobState.QUEUED} else "running"
+        if states == {JobState.SUCCEEDED}:
+            return "succeeded"
+        if JobState.FAILED in states:
+            return "failed"
+        if states == {JobState.CANCELED}:
+            return "canceled"
+        return "succeeded" if JobState.SUCCEEDED in states else "canceled"
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("succeeded", "failed", "canceled", "aborted")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "batch": self.batch,
+            "state": self.state,
+            "counts": self.counts,
+            "jobs": [{"id": j.id, "state": j.state.value, "images": j.images,
+                      "error": j.error} for j in self.jobs],
+        }
+
+
+def batch_status(store: Store, batch: str, settings: Settings) -> BatchStatus:
+    manifest = read_manifest(store, batch, settings)
+    records = read_records(store, batch)
+    views = []
+    for job in manifest.jobs:
+        record = records.get(job.id)
+        if record is None:
+            views.append(JobView(job.id, JobState.QUEUED, [], None, None))
+        else:
+            views.append(JobView(job.id, record.state, list(record.images), record.error,
+                                 record))
+    return BatchStatus(batch=batch, created_at=manifest.created_at, manifest=manifest,
+                       jobs=views)
+
+
+def recent_batches(store: Store, settings: Settings, limit: int = 20) -> list[BatchStatus]:
+    """The newest batches first (batch ids sort by time)."""
+    names = sorted(store.list_dirs(BATCHES), reverse=True)[:limit]
+    out = []
+    for name in names:
+        try:
+            out.append(batch_status(store, name, settings))
+        except FarmError:  # a batch being written right now, or a foreign folder
+            continue
+    return out

@@ -1,0 +1,64 @@
+"""Submit a validated batch: write its manifest, then enqueue one message per job.
+
+All or nothing: validation happened before this (scheduler/parse.py); the broker is checked
+before anything is written; and if enqueuing breaks part-way, the manifest is marked aborted so
+workers drop the messages that did get through, and the user is told nothing was submitted.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from farm import broker, queues
+from farm.errors import BrokerUnavailable, FarmError
+from farm.jobs import Job, JobSpec, job_id, new_batch_id
+from farm.records import Manifest, manifest_key
+from farm.settings import Settings
+from farm.store import Store, open_store, put_json
+
+
+@dataclass(frozen=True)
+class Submitted:
+    batch: str
+    jobs: list[Job]
+
+
+def submit(settings: Settings, specs: list[JobSpec], *, source: str = "-",
+           defaults: dict[str, Any] | None = None, store: Store | None = None) -> Submitted:
+    # 1. the broker must answer before anything is written
+    broker.ensure_broker(settings)
+    broker.wait_for_broker(settings)
+    store = store or open_store(settings)
+    app = broker.celery_app(settings)
+
+    # 2. the manifest is the record: written once, before any message exists
+    batch = new_batch_id(time.time())
+    jobs = [Job(id=job_id(batch, i), batch=batch, index=i, spec=spec)
+            for i, spec in enumerate(specs)]
+    manifest = Manifest(batch=batch, created_at=time.time(), source=source,
+                        defaults=dict(defaults or {}), jobs=jobs)
+    put_json(store, manifest_key(batch), manifest.encode(), create_once=True)
+
+    # 3. one message per job, on one connection
+    try:
+        with app.producer_or_acquire() as producer:
+            for job in jobs:
+                app.send_task(queues.RENDER_TASK, args=[job.encode()],
+                              queue=queues.queue_name(job.spec.model),
+                              priority=queues.message_priority(job.spec.priority),
+                              producer=producer, retry=True,
+                              retry_policy={"max_retries": 3, "interval_start": 0.2,
+                                            "interval_step": 0.5, "interval_max": 2})
+    except Exception as exc:
+        reason = f"enqueue failed after the manifest was written: {exc}"
+        try:
+            aborted = Manifest(**{**manifest.__dict__, "aborted": reason})
+            put_json(store, manifest_key(batch), aborted.encode())
+        except FarmError:
+            pass
+        raise BrokerUnavailable(f"nothing was submitted: {reason}") from None
+    finally:
+        app.close()
+    return Submitted(batch=batch, jobs=jobs)

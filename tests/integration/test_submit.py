@@ -1,0 +1,146 @@
+"""Submitting against the real Redis on 127.0.0.1:6379 and against the embedded server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import redis
+
+from farm import broker, queues
+from farm.errors import BrokerUnavailable
+from farm.jobs import Job, JobSpec
+from farm.records import manifest_key, read_manifest
+from farm.settings import Settings
+from farm.store import open_store
+from scheduler.status import batch_status
+from scheduler.submit import submit
+
+
+def _specs(settings: Settings, *priorities: int) -> list[JobSpec]:
+    return [JobSpec.from_dict({"prompt": f"p{i}", "priority": p, "seed": i}, settings)
+            for i, p in enumerate(priorities)]
+
+
+def _waiting(client: redis.Redis, queue: str) -> list[dict]:
+    """Messages waiting in a queue, in the order a worker would take them."""
+    out = []
+    for name in queues.redis_lists(queue):
+        for raw in reversed(client.lrange(name, 0, -1)):  # kombu pushes left, pops right
+            body = json.loads(raw)
+            out.append(json.loads(__import__("base64").b64decode(body["body"]))[0][0])
+    return out
+
+
+@pytest.fixture(params=["redis", "embedded"])
+def target(request: pytest.FixtureRequest, env: dict[str, str]):  # type: ignore[no-untyped-def]
+    if request.param == "redis":
+        env = {**env, "FARM_BROKER_URL": request.getfixturevalue("redis_url")}
+    settings = Settings.load(env=env)
+    yield settings
+    broker.stop_broker(settings)
+
+
+def test_submit_writes_the_manifest_and_queues_by_priority(target: Settings) -> None:
+    settings = target
+    result = submit(settings, _specs(settings, 5, 9, 0, 5))
+    store = open_store(settings)
+    manifest = read_manifest(store, result.batch, settings)
+    assert [j.id for j in manifest.jobs] == [j.id for j in result.jobs]
+    assert batch_status(store, result.batch, settings).counts == {"queued": 4}
+
+    client = broker.redis_client(settings)
+    waiting = _waiting(client, queues.queue_name("tiny-sdxl"))
+    # most urgent first, then submission order within a priority
+    assert [m["spec"]["priority"] for m in waiting] == [9, 5, 5, 0]
+    assert [m["index"] for m in waiting] == [1, 0, 3, 2]
+    # what travels decodes back into the same job, checked like a worker checks it
+    decoded = Job.decode(waiting[0], settings)
+    assert decoded == result.jobs[1]
+
+
+def test_embedded_broker_starts_on_demand_and_keeps_jobs_across_restart(env: dict[str, str]
+                                                                        ) -> None:
+    settings = Settings.load(env=env)
+    assert not broker.embedded_running(settings)
+    result = submit(settings, _specs(settings, 5, 5))
+    assert broker.embedded_running(settings)
+    assert settings.broker_socket.exists()
+    broker.stop_broker(settings)
+    assert not broker.embedded_running(settings)
+    broker.ensure_broker(settings)  # the append-only file brings the queue back
+    try:
+        client = broker.redis_client(settings)
+        ids = [m["id"] for m in _waiting(client, queues.queue_name("tiny-sdxl"))]
+        assert sorted(ids) == sorted(j.id for j in result.jobs)
+    finally:
+        broker.stop_broker(settings)
+    assert not settings.broker_socket.exists()
+
+
+def test_unreachable_broker_fails_clearly_and_writes_nothing(env: dict[str, str]) -> None:
+    env = {**env, "FARM_BROKER_URL": "redis://127.0.0.1:1/0", "FARM_BROKER_CONNECT_TIMEOUT": "1"}
+    settings = Settings.load(env=env)
+    with pytest.raises(BrokerUnavailable, match="cannot reach the broker at redis://127.0.0.1:1"):
+        submit(settings, _specs(settings, 5))
+    assert open_store(settings).list("batches/") == []
+
+
+def test_password_in_broker_url_is_not_printed(env: dict[str, str]) -> None:
+    env = {**env, "FARM_BROKER_URL": "redis://user:s3cret@127.0.0.1:1/0",
+           "FARM_BROKER_CONNECT_TIMEOUT": "0.5"}
+    with pytest.raises(BrokerUnavailable) as err:
+        broker.wait_for_broker(Settings.load(env=env))
+    assert "s3cret" not in str(err.value) and "user:***@" in str(err.value)
+
+
+def test_acl_user_with_password_works(redis_url: str, env: dict[str, str]) -> None:
+    admin = redis.Redis.from_url(redis_url)
+    admin.execute_command("ACL", "SETUSER", "farmtest", "on", ">pw-123", "~*", "&*", "+@all")
+    try:
+        url = "redis://farmtest:pw-123@127.0.0.1:6379/11"
+        settings = Settings.load(env={**env, "FARM_BROKER_URL": url})
+        result = submit(settings, _specs(settings, 5))
+        assert open_store(settings).exists(manifest_key(result.batch))
+        bad = Settings.load(env={**env, "FARM_BROKER_URL": url.replace("pw-123", "nope")})
+        from farm.errors import ConfigError
+
+        with pytest.raises(ConfigError, match="refused the credentials"):
+            broker.wait_for_broker(bad)
+    finally:
+        admin.execute_command("ACL", "DELUSER", "farmtest")
+
+
+def test_each_submit_is_a_new_batch(env: dict[str, str]) -> None:
+    settings = Settings.load(env=env)
+    try:
+        a = submit(settings, _specs(settings, 5))
+        b = submit(settings, _specs(settings, 5))
+        assert a.batch != b.batch
+    finally:
+        broker.stop_broker(settings)
+
+
+def test_enqueue_breaking_part_way_marks_the_batch_aborted(
+        redis_url: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from celery import Celery
+
+    settings = Settings.load(env={**env, "FARM_BROKER_URL": redis_url})
+    real = Celery.send_task
+    calls = []
+
+    def flaky(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 2:
+            raise ConnectionError("broker went away")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Celery, "send_task", flaky)
+    with pytest.raises(BrokerUnavailable, match="nothing was submitted"):
+        submit(settings, _specs(settings, 5, 5, 5))
+    store = open_store(settings)
+    (batch,) = store.list_dirs("batches")
+    status = batch_status(store, batch, settings)
+    assert status.state == "aborted"
+    assert "broker went away" in (status.manifest.aborted or "")

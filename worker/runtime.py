@@ -1,0 +1,163 @@
+"""A worker's life: set up once (load, warm), then consume jobs until told to stop.
+
+    1. resolve the device and the models it serves
+    2. load every pipeline and warm it (heartbeat says "starting" meanwhile)
+    3. report ready, then consume its queues with Celery's solo pool, one job at a time
+    4. after --max-jobs jobs, or on SIGTERM/SIGINT, finish the current job and exit
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from farm import broker, fleet, models, queues
+from farm.settings import Settings
+from farm.store import open_store
+from worker.stage import WorkerContext, package_versions, run_job
+
+log = logging.getLogger("farm.worker")
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested in ("", "auto"):
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        from farm.errors import ConfigError
+
+        raise ConfigError(f"--device {requested}: torch sees no CUDA GPU on this machine")
+    return requested
+
+
+def default_name(device: str) -> str:
+    return f"{socket.gethostname()}-{device.replace(':', '')}-{os.getpid()}"
+
+
+class Worker:
+    def __init__(self, settings: Settings, model_names: list[str], *, device: str = "auto",
+                 name: str | None = None, max_jobs: int | None = None,
+                 echo: Callable[[str], None] = print) -> None:
+        self.settings = settings
+        self.specs = [models.resolve(m) for m in (model_names or [models.DEFAULT_MODEL])]
+        self.device_request = device
+        self.name = name
+        self.max_jobs = max_jobs
+        self.echo = echo
+        self.done = 0
+        self._stop = threading.Event()
+        self.info: fleet.WorkerInfo | None = None
+        self.ctx: WorkerContext | None = None
+
+    # -- 1-2: setup, once ---------------------------------------------------------------------
+
+    def setup(self) -> WorkerContext:
+        from worker import pipelines
+
+        device = resolve_device(self.device_request)
+        self.name = self.name or default_name(device)
+        broker.ensure_broker(self.settings)
+        broker.wait_for_broker(self.settings, timeout=max(30.0,
+                                                          self.settings.broker_connect_timeout))
+        self.redis = broker.redis_client(self.settings)
+        self.info = fleet.WorkerInfo(
+            name=self.name, host=socket.gethostname(), pid=os.getpid(), device=device,
+            models=[s.name for s in self.specs],
+            queues=[queues.queue_name(s.name) for s in self.specs], started_at=time.time())
+        self._beat()
+        threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
+
+        loaded = {}
+        for spec in self.specs:
+            self.echo(f"worker {self.name}: loading {spec.name} on {device}")
+            model = pipelines.load_model(spec, self.settings, device)
+            t0 = time.perf_counter()
+            pipelines.warm(model)
+            self.echo(f"worker {self.name}: {spec.name} loaded in {model.load_seconds:.1f} s, "
+                      f"warmed in {time.perf_counter() - t0:.1f} s "
+                      f"(weights {model.weights_hash[:12]})")
+            loaded[spec.name] = model
+        self.ctx = WorkerContext(settings=self.settings, store=open_store(self.settings),
+                                 models=loaded, render=pipelines.render, name=self.name,
+                                 versions=package_versions())
+        self.info.state = fleet.WorkerState.READY
+        self._beat()
+        self.echo(f"worker {self.name}: ready, consuming {', '.join(self.info.queues)}")
+        return self.ctx
+
+    # -- 3-4: consume ---------------------------------------------------------------------
+
+    def handle(self, message: Any) -> None:
+        assert self.ctx is not None and self.info is not None
+        job_id = message.get("id") if isinstance(message, dict) else None
+        self.info.state, self.info.current_job = fleet.WorkerState.BUSY, job_id
+        self._beat()
+        try:
+            outcome = run_job(self.ctx, message)
+        finally:
+            self.done += 1
+            self.info.current_job = None
+            self.info.state = fleet.WorkerState.READY
+        if outcome.state == "succeeded":
+            self.info.jobs_done += 1
+        elif outcome.state not in ("duplicate",):
+            self.info.jobs_failed += 1
+        self.echo(f"worker {self.name}: job {outcome.job} {outcome.state}"
+                  + (f": {outcome.error}" if outcome.error else ""))
+        if self.max_jobs and self.done >= self.max_jobs:
+            self.request_stop()
+        self._beat()
+
+    def request_stop(self) -> None:
+        from celery.worker import state as celery_state
+
+        if self.info is not None:
+            self.info.state = fleet.WorkerState.DRAINING
+        celery_state.should_stop = 0  # the consumer loop exits cleanly before the next job
+
+    def run(self) -> int:
+        if self.ctx is None:
+            self.setup()
+        assert self.info is not None
+        app = broker.celery_app(self.settings)
+        worker = self
+
+        @app.task(name=queues.RENDER_TASK, acks_late=True)
+        def render_task(message: Any) -> None:
+            worker.handle(message)
+
+        consumer = app.Worker(pool="solo", concurrency=1, queues=self.info.queues,
+                              hostname=f"{self.name}@{socket.gethostname()}",
+                              loglevel="WARNING", quiet=True, without_gossip=True,
+                              without_mingle=True, without_heartbeat=True)
+        try:
+            consumer.start()
+        finally:
+            self._stop.set()
+            try:
+                fleet.remove(self.redis, self.name or "")
+            except Exception:  # noqa: BLE001 - the broker may be gone; the key expires anyway
+                pass
+            self.echo(f"worker {self.name}: stopped after {self.done} jobs")
+        return int(consumer.exitcode or 0)
+
+    # -- heartbeat -------------------------------------------------------------------------
+
+    def _beat(self) -> None:
+        if self.info is None:
+            return
+        self.info.last_seen = time.time()
+        try:
+            fleet.publish(self.redis, self.info, self.settings.heartbeat_ttl)
+        except Exception as exc:  # noqa: BLE001 - a missed beat is not a reason to stop work
+            log.warning("heartbeat failed: %s", exc)
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_interval):
+            self._beat()
