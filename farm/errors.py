@@ -93,6 +93,9 @@ class AlreadyExists(PermanentError):
 
 def _short(value: Any, limit: int = 60) -> str:
     """The value as the user wrote it, cut so one error stays one line."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an integer too long for repr (Python's 4300-digit limit)
+        text = f"<integer of {value.bit_length()} bits>"
     text = text.replace("\n", "\\n")
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin
 
 from farm.jobs import JobSpec
 
@@ -70,8 +70,8 @@ def contact_sheet(items: Sequence[tuple[Image.Image, str]], *, cell: int = 256,
         r, c = divmod(i, columns)
         x = pad + c * (cell + pad)
         y = title_h + pad + r * (cell + label_h + pad)
-        thumb = image.convert("RGB")
-        thumb.thumbnail((cell, cell))
+        # scale up or down to fill the cell: tiny-model renders are smaller than a cell
+        thumb = ImageOps.contain(image.convert("RGB"), (cell, cell), Image.Resampling.LANCZOS)
         sheet.paste(thumb, (x + (cell - thumb.width) // 2, y + (cell - thumb.height) // 2))
         for n, text in enumerate(_wrap(label, cell, font, draw)[:2]):
             draw.text((x, y + cell + 3 + n * 15), text, fill=(220, 220, 220), font=font)

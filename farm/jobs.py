@@ -7,8 +7,8 @@ The lifecycle, written down once (the README draws the same picture):
       │          │              (split base → refiner)
       └──────────┴──────────────┴───────────┴────────► failed | canceled
 
-A running or refining stage may also go back to queued (retried on another worker). succeeded,
-failed and canceled are final.
+A running stage may go back to queued, and a refining one to latents_ready (retried on another
+worker). succeeded, failed and canceled are final.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from farm.errors import ValidationError
 from farm.settings import Settings
 
 
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     LATENTS_READY = "latents_ready"
@@ -95,11 +95,10 @@ class JobSpec:
         """
         if not isinstance(data, dict):
             raise ValidationError("job", "must be an object with a prompt", data)
-        unknown = sorted(set(data) - set(cls.field_names()))
+        unknown = [k for k in data if k not in cls.field_names()]
         if unknown:
             allowed = ", ".join(cls.field_names())
-            raise ValidationError(unknown[0], f"is not a known field (known: {allowed})",
-                                  data[unknown[0]])
+            raise _unknown_key(data, unknown, f"is not a known field (known: {allowed})")
         if "prompt" not in data or data["prompt"] is None:
             raise ValidationError("prompt", "is required", show_value=False)
         prompt = _text(data, "prompt", settings.max_prompt_chars, required=True)
@@ -163,26 +162,28 @@ class Job:
         """A message from the queue, checked again: anyone who reaches Redis can push one."""
         if not isinstance(data, dict):
             raise ValidationError("message", "must be a JSON object", data)
-        if data.get("v") != cls.VERSION:
-            raise ValidationError("message.v", f"must be {cls.VERSION}", data.get("v"))
-        extra = sorted(set(data) - {"v", "id", "batch", "index", "spec"})
+        version = data.get("v")
+        if type(version) is not int or version != cls.VERSION:
+            raise ValidationError("message.v", f"must be {cls.VERSION}", version)
+        extra = [k for k in data if k not in ("v", "id", "batch", "index", "spec")]
         if extra:
-            raise ValidationError(f"message.{extra[0]}", "is not a known field", data[extra[0]])
+            raise _unknown_key(data, extra, "is not a known field of a message",
+                               prefix="message.")
         batch = data.get("batch")
-        job_id = data.get("id")
+        ident = data.get("id")
         if not isinstance(batch, str) or not _ID.match(batch):
             raise ValidationError("message.batch", "must be a batch id ([a-z0-9-])", batch)
-        if not isinstance(job_id, str) or not job_id.startswith(batch + "-") or not _ID.match(
-                job_id):
-            raise ValidationError("message.id", "must be a job id of its batch", job_id)
         index = data.get("index")
         if not isinstance(index, int) or isinstance(index, bool) or index < 0:
             raise ValidationError("message.index", "must be a non-negative integer", index)
+        if not isinstance(ident, str) or ident != job_id(batch, index):
+            raise ValidationError("message.id", "must be the job id of its batch and index",
+                                  ident)
         spec_data = data.get("spec")
         if isinstance(spec_data, dict) and spec_data.get("seed") is None:
             raise ValidationError("spec.seed", "must be set in a queued job", None)
         spec = JobSpec.from_dict(spec_data, settings)
-        return cls(id=job_id, batch=batch, index=index, spec=spec)
+        return cls(id=ident, batch=batch, index=index, spec=spec)
 
 
 def new_batch_id(now: float) -> str:
@@ -213,11 +214,27 @@ def _text(data: dict[str, Any], name: str, limit: int, required: bool = False) -
     if required and not value.strip():
         raise ValidationError(name, "must not be empty", value)
     if len(value) > limit:
-        raise ValidationError(name, f"must be at most {limit} characters",
-                              f"{len(value)} characters", show_value=True)
+        # the length, not the text: a 5,000-character prompt does not belong in an error line
+        raise ValidationError(name, f"must be at most {limit} characters", len(value))
     if "\x00" in value:
         raise ValidationError(name, "must not contain NUL characters", value)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: JSON allows them, UTF-8 does not
+        raise ValidationError(name, "must be valid Unicode text", value) from None
     return value
+
+
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
+
+
+def _unknown_key(data: dict[Any, Any], keys: list[Any], rule: str,
+                 prefix: str = "") -> ValidationError:
+    """Name the unknown key when it is printable; an odd key becomes the value instead."""
+    key = min(keys, key=repr)
+    if isinstance(key, str) and _PLAIN_KEY.match(key):
+        return ValidationError(prefix + key, rule, data[key])
+    return ValidationError(prefix + "key", rule, key)
 
 
 def _int(data: dict[str, Any], name: str, low: int, high: int, default: int) -> int:

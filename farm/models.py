@@ -70,6 +70,8 @@ def queue_slug(name: str) -> str:
     """A model name as it may appear in a queue name (paths become a short stable digest)."""
     if name in REGISTRY:
         return name
+    if name in ALIASES:
+        return ALIASES[name]
     import hashlib
 
     return "path-" + hashlib.sha1(name.encode()).hexdigest()[:12]

@@ -131,7 +131,7 @@ def write_record(store: Store, record: JobRecord) -> None:
 def read_records(store: Store, batch: str) -> dict[str, JobRecord]:
     """Every job record of a batch that exists; a job without one is still queued."""
     records = {}
-    for key in store.list(f"{batch_prefix(batch)}/jobs/"):
+    for key in store.list_keys(f"{batch_prefix(batch)}/jobs/"):
         if key.endswith(".json"):
             try:
                 record = JobRecord.decode(get_json(store, key))

@@ -30,7 +30,7 @@ class Store(Protocol):
 
     def exists(self, key: str) -> bool: ...
 
-    def list(self, prefix: str) -> list[str]: ...
+    def list_keys(self, prefix: str) -> list[str]: ...
 
     def list_dirs(self, prefix: str) -> list[str]: ...
 
@@ -99,7 +99,7 @@ class FileStore:
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
-    def list(self, prefix: str) -> list[str]:
+    def list_keys(self, prefix: str) -> list[str]:
         base = self.root / prefix.rstrip("/") if prefix else self.root
         if not base.is_dir():
             return []
@@ -205,7 +205,7 @@ class S3Store:
         parts = [p for p in (self.prefix, prefix) if p]
         return "/".join(parts) + "/" if parts else ""
 
-    def list(self, prefix: str) -> list[str]:
+    def list_keys(self, prefix: str) -> list[str]:
         full = self._full_prefix(prefix)
         strip = len(self.prefix) + 1 if self.prefix else 0
         keys = [obj["Key"][strip:] for page in self._pages(full)

@@ -73,10 +73,10 @@ def moto_endpoint() -> Iterator[str]:
 def s3_env(env: dict[str, str], moto_endpoint: str, request: pytest.FixtureRequest
            ) -> dict[str, str]:
     """`env` pointed at a fresh bucket on moto's S3 server."""
-    import boto3
-
     import re
     import uuid
+
+    import boto3
 
     slug = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:30].strip("-")
     bucket = f"farm-{slug}-{uuid.uuid4().hex[:8]}"

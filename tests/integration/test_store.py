@@ -42,10 +42,10 @@ def test_missing_key_is_not_found(store: Store) -> None:
 def test_list_and_list_dirs(store: Store) -> None:
     for key in ("batches/b1/manifest.json", "batches/b1/jobs/x.json", "batches/b2/manifest.json"):
         store.put(key, b"{}")
-    assert store.list("batches/b1/") == ["batches/b1/jobs/x.json", "batches/b1/manifest.json"]
-    assert store.list("batches/b1") == ["batches/b1/jobs/x.json", "batches/b1/manifest.json"]
+    assert store.list_keys("batches/b1/") == ["batches/b1/jobs/x.json", "batches/b1/manifest.json"]
+    assert store.list_keys("batches/b1") == ["batches/b1/jobs/x.json", "batches/b1/manifest.json"]
     assert store.list_dirs("batches") == ["b1", "b2"]
-    assert store.list("batches/none/") == []
+    assert store.list_keys("batches/none/") == []
 
 
 def test_delete_and_json_helpers(store: Store) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import redis
@@ -84,7 +83,7 @@ def test_unreachable_broker_fails_clearly_and_writes_nothing(env: dict[str, str]
     settings = Settings.load(env=env)
     with pytest.raises(BrokerUnavailable, match="cannot reach the broker at redis://127.0.0.1:1"):
         submit(settings, _specs(settings, 5))
-    assert open_store(settings).list("batches/") == []
+    assert open_store(settings).list_keys("batches/") == []
 
 
 def test_password_in_broker_url_is_not_printed(env: dict[str, str]) -> None:

@@ -1,0 +1,137 @@
+"""The CLI as a user runs it: subprocesses, an embedded farm, files on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from tests.conftest import ROOT, run_farm
+
+
+def _pids_of(home: Path) -> list[int]:
+    """Every process whose command line or environment mentions this FARM_HOME."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            blob = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if str(home).encode() in blob:
+            found.append(int(entry.name))
+    return found
+
+
+def test_up_submit_watch_results_down(env: dict[str, str], home: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# a comment\na red fox in snow\n\nan old library, dust in sunbeams\n"
+                       "a glass teapot on a windowsill\n")
+    up = run_farm(env, "up", "--workers", "2", "--device", "cpu", timeout=300)
+    try:
+        assert up.returncode == 0, up.stderr
+        assert "farm is up: 2 worker(s)" in up.stdout
+        again = run_farm(env, "up", "--workers", "2")
+        assert again.returncode == 0 and "already up" in again.stdout
+
+        sub = run_farm(env, "submit", str(prompts), "--steps", "4", "--size", "96x64",
+                       "--seed", "100", "--scheduler", "euler_a", "--n", "2", "--json")
+        assert sub.returncode == 0, sub.stderr
+        submitted = json.loads(sub.stdout)
+        batch = submitted["batch"]
+        assert len(submitted["jobs"]) == 3
+
+        watch = run_farm(env, "status", batch, "--watch", timeout=300)
+        assert watch.returncode == 0, watch.stderr
+        assert "3/3 jobs" in watch.stderr and f"batch {batch}: succeeded" in watch.stdout
+
+        st = json.loads(run_farm(env, "status", batch, "--json").stdout)
+        assert st["batch"] == batch and st["state"] == "succeeded"
+        assert st["counts"] == {"succeeded": 3}
+        assert [len(j["images"]) for j in st["jobs"]] == [2, 2, 2]
+        assert all(j["error"] is None for j in st["jobs"])
+
+        listed = json.loads(run_farm(env, "batches", "--json").stdout)
+        assert listed[0]["batch"] == batch and listed[0]["counts"] == {"succeeded": 3}
+
+        out = tmp_path / "results"
+        res = run_farm(env, "results", batch, "-o", str(out))
+        assert res.returncode == 0, res.stderr
+        pngs = sorted(out.glob(f"{batch}-*.png"))
+        assert len(pngs) == 6
+        prompts_seen = set()
+        for png in pngs:
+            image = Image.open(png)
+            image.load()
+            assert image.size == (96, 64)
+            side = json.loads(png.with_suffix(".json").read_text())
+            assert (side["steps"], side["width"], side["height"]) == (4, 96, 64)
+            assert side["scheduler"] == "euler_a" and side["worker"] in ("local-1", "local-2")
+            assert side["seed"] == 100 + side["image_index"]
+            prompts_seen.add(side["prompt"])
+        assert prompts_seen == {"a red fox in snow", "an old library, dust in sunbeams",
+                                "a glass teapot on a windowsill"}
+        sheet = Image.open(out / "contact-sheet.png")
+        assert sheet.width > 2 * 96
+    finally:
+        down = run_farm(env, "down")
+    assert down.returncode == 0 and "stopped 2 worker(s) and the embedded broker" in down.stdout
+    deadline = time.monotonic() + 10
+    while _pids_of(home) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _pids_of(home) == []
+    assert run_farm(env, "down").stdout.strip() == "farm was not running"
+
+
+def test_bad_input_exits_2_with_one_line_and_submits_nothing(env: dict[str, str],
+                                                              tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"prompt": "too many steps", "steps": 500}\n')
+    result = run_farm(env, "submit", str(bad))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: line 2: steps must be an integer from 1 to 150, got 500")
+    assert not (Path(env["FARM_HOME"]) / "store" / "batches").exists()
+    missing = run_farm(env, "submit", str(tmp_path / "nope.txt"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    unknown = run_farm(env, "status", "no-such-batch")
+    assert unknown.returncode == 2 and unknown.stderr.startswith("error: no batch")
+
+
+def test_stdin_submit_and_control_commands_never_import_torch(env: dict[str, str]) -> None:
+    code = (
+        "import sys\n"
+        "from cli.main import cli\n"
+        "def run(*args, stdin=None):\n"
+        "    try:\n"
+        "        cli.main(args=list(args), prog_name='farm')\n"
+        "    except SystemExit as e:\n"
+        "        assert not e.code, e.code\n"
+        "import io, json, contextlib\n"
+        "sys.stdin = io.TextIOWrapper(io.BytesIO(b'a cat\\na dog\\n'))\n"
+        "buf = io.StringIO()\n"
+        "with contextlib.redirect_stdout(buf):\n"
+        "    run('submit', '-', '--json')\n"
+        "batch = json.loads(buf.getvalue())['batch']\n"
+        "run('status', batch)\n"
+        "run('status', batch, '--json')\n"
+        "run('batches')\n"
+        "run('results', batch, '-o', sys.argv[1])\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "print('OK', batch)\n"
+    )
+    out = Path(env["FARM_HOME"]) / "dl"
+    try:
+        result = subprocess.run([sys.executable, "-c", code, str(out)], env=env, cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "OK" in result.stdout
+    finally:
+        run_farm(env, "down")

@@ -1,0 +1,106 @@
+"""Job records, queue names, PNG metadata and the contact sheet: no Redis, no torch."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from farm import queues
+from farm.images import a1111_parameters, contact_sheet, encode_png, read_parameters
+from farm.jobs import JobSpec, JobState
+from farm.records import JobRecord, Manifest, image_key, manifest_key, record_key, sidecar_key
+from farm.settings import Settings
+from farm.store import FileStore
+from scheduler.status import batch_status
+
+SETTINGS = Settings.load(env={})
+
+
+def spec(**fields: object) -> JobSpec:
+    return JobSpec.from_dict({"prompt": "a cat", "seed": 7, **fields}, SETTINGS)
+
+
+def test_record_follows_the_lifecycle_and_refuses_a_skip() -> None:
+    r = JobRecord(job="b-0000", batch="b")
+    r = r.to(JobState.RUNNING, attempts=1)
+    r = r.to(JobState.SUCCEEDED, images=["k"])
+    assert r.state is JobState.SUCCEEDED and r.attempts == 1 and r.updated_at
+    with pytest.raises(ValueError, match="cannot go from succeeded to running"):
+        r.to(JobState.RUNNING)
+    with pytest.raises(ValueError, match="cannot go from queued to succeeded"):
+        JobRecord(job="b-0000", batch="b").to(JobState.SUCCEEDED)
+
+
+def test_record_round_trips_through_json() -> None:
+    r = JobRecord(job="b-0001", batch="b").to(JobState.RUNNING, attempts=2, worker="w1")
+    assert JobRecord.decode(r.encode()) == r
+
+
+def test_keys_are_deterministic_per_job_and_image() -> None:
+    assert manifest_key("b") == "batches/b/manifest.json"
+    assert record_key("b", "b-0002") == "batches/b/jobs/b-0002.json"
+    assert image_key("b", "b-0002", 1) == "batches/b/images/b-0002-1.png"
+    assert sidecar_key("b", "b-0002", 1) == "batches/b/images/b-0002-1.json"
+
+
+def test_queue_names_and_priority_lists() -> None:
+    assert queues.queue_name("tiny-sdxl") == "farm.tiny-sdxl"
+    assert queues.queue_name("stabilityai/stable-diffusion-xl-base-1.0") == "farm.sdxl-base"
+    path_queue = queues.queue_name("/models/my-sdxl")
+    assert path_queue.startswith("farm.path-") and "/" not in path_queue
+    assert queues.message_priority(9) == 0 and queues.message_priority(0) == 9
+    lists = queues.redis_lists("farm.tiny-sdxl")
+    assert lists[0] == "farm.tiny-sdxl" and lists[-1] == "farm.tiny-sdxl:9" and len(lists) == 10
+
+
+def test_png_carries_a1111_parameters_and_is_byte_stable() -> None:
+    s = spec(negative_prompt="blurry", scheduler="euler_a", guidance=7.5, width=128, height=64)
+    text = a1111_parameters(s, 7, "abcdef0123456789")
+    assert text.splitlines() == [
+        "a cat", "Negative prompt: blurry",
+        "Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 7, Size: 128x64, "
+        "Model hash: abcdef0123, Model: tiny-sdxl"]
+    img = Image.new("RGB", (128, 64), (10, 20, 30))
+    a, b = encode_png(img, text), encode_png(img.copy(), text)
+    assert a == b
+    assert read_parameters(a) == text
+
+
+def test_contact_sheet_holds_every_image_in_a_grid() -> None:
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]
+    items = [(Image.new("RGB", (64, 64), c), f"seed {i} · a prompt") for i, c in enumerate(colours)]
+    sheet = contact_sheet(items, cell=64, title="batch x")
+    # 5 images → 3 columns, 2 rows
+    assert sheet.width == 3 * (64 + 8) + 8
+    centre = [(8 + c * 72 + 32, 30 + 8 + r * (64 + 34 + 8) + 32) for r in range(2)
+              for c in range(3)][:5]
+    assert [sheet.getpixel(p) for p in centre] == colours
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    with pytest.raises(ValueError):
+        contact_sheet([])
+
+
+def test_status_counts_and_batch_state(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from farm.jobs import Job
+    from farm.records import write_record
+    from farm.store import put_json
+
+    store = FileStore(tmp_path)
+    jobs = [Job(id=f"b1-{i:04d}", batch="b1", index=i, spec=spec()) for i in range(3)]
+    put_json(store, manifest_key("b1"),
+             Manifest(batch="b1", created_at=1.0, source="x", defaults={}, jobs=jobs).encode())
+    st = batch_status(store, "b1", SETTINGS)
+    assert (st.state, st.counts, st.done) == ("queued", {"queued": 3}, 0)
+    write_record(store, JobRecord(job="b1-0000", batch="b1").to(JobState.RUNNING))
+    assert batch_status(store, "b1", SETTINGS).state == "running"
+    write_record(store, JobRecord(job="b1-0000", batch="b1", state=JobState.SUCCEEDED))
+    write_record(store, JobRecord(job="b1-0001", batch="b1", state=JobState.SUCCEEDED))
+    write_record(store, JobRecord(job="b1-0002", batch="b1", state=JobState.FAILED,
+                                  error="boom"))
+    st = batch_status(store, "b1", SETTINGS)
+    assert (st.state, st.counts) == ("failed", {"succeeded": 2, "failed": 1})
+    assert st.to_json()["jobs"][2] == {"id": "b1-0002", "state": "failed", "images": [],
+                                        "error": "boom"}
