@@ -108,7 +108,7 @@ class Worker:
             self.info.jobs_done += 1
         elif outcome.state not in ("duplicate",):
             self.info.jobs_failed += 1
-        self.echo(f"worker {self.name}: job {outcome.job} {outcome.state}"
+        self.echo(f"worker {self.name}: job {outcome.job or '(none)'} {outcome.state}"
                   + (f": {outcome.error}" if outcome.error else ""))
         if self.max_jobs and self.done >= self.max_jobs:
             self.request_stop()
@@ -125,6 +125,13 @@ class Worker:
         if self.ctx is None:
             self.setup()
         assert self.info is not None
+        import warnings
+
+        from celery.platforms import SecurityWarning
+
+        # Containers commonly run as root; JSON-only messages remove the risk the warning is
+        # about (pickle), so it is noise here.
+        warnings.filterwarnings("ignore", category=SecurityWarning)
         app = broker.celery_app(self.settings)
         worker = self
 

@@ -68,8 +68,7 @@ def run_job(ctx: WorkerContext, message: Any) -> Outcome:
     try:
         job = Job.decode(message, ctx.settings)
     except ValidationError as exc:
-        log.error("rejected a malformed message before any model work: %s", exc)
-        return Outcome(None, "rejected", str(exc))
+        return Outcome(None, "rejected", f"malformed message, no model work done: {exc}")
     if job.spec.model not in ctx.models:
         # routing sent us a job for a model we do not serve: a configuration error somewhere
         return _fail(ctx, job, None, f"worker {ctx.name} does not serve model {job.spec.model}")
