@@ -1,0 +1,296 @@
+"""Loading SDXL pipelines and rendering jobs with them. Imported only by the worker process.
+
+Every model - tiny, Hub or local - goes through diffusers' own `from_pretrained` (or
+`from_single_file`), so the tiny models used in tests exercise the real loading path.
+
+Determinism: each image gets its own CPU `torch.Generator` seeded with its image seed, and images
+are rendered one at a time. Same seed, same pixels on the same device type and thread count,
+whatever else the job asks for: image k of a job equals that image rendered alone with seed + k.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+)
+
+from farm import jobs
+from farm.errors import ModelUnavailable
+from farm.models import CHECKPOINT_SUFFIXES, ModelSpec
+from farm.settings import Settings
+from worker import tiny
+
+# job scheduler name -> class, each built from_config of the model's own scheduler config
+SCHEDULERS: dict[str, Any] = {
+    "euler": EulerDiscreteScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "dpmpp_2m": DPMSolverMultistepScheduler,
+    "ddim": DDIMScheduler,
+}
+assert set(SCHEDULERS) == set(jobs.SCHEDULERS), "farm.jobs.SCHEDULERS and this map must agree"
+
+# called after every denoising step as callback_on_step_end(pipe, step, timestep, kwargs)
+StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+WARM_STEPS = 2
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    spec: ModelSpec
+    pipe: Any                         # StableDiffusionXL(Img2Img)Pipeline
+    device: str
+    dtype: torch.dtype
+    weights_hash: str                 # sha256 over the weight files, see weights_hash()
+    load_seconds: float
+    # the scheduler config the model shipped with: every job's scheduler is built from this,
+    # never from the previous job's, so switching samplers back and forth cannot drift
+    scheduler_config: dict[str, Any]
+
+
+def resolve_device(device: str) -> str:
+    """"auto" -> cuda:0 when torch sees a GPU, else cpu; anything else as given."""
+    if device == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_model(spec: ModelSpec, settings: Settings, device: str) -> LoadedModel:
+    """Load `spec` onto `device` (fp16 on CUDA, fp32 on CPU). Raises ModelUnavailable."""
+    start = time.perf_counter()
+    device = resolve_device(device)
+    if settings.threads > 0:
+        torch.set_num_threads(settings.threads)
+    on_cuda = device.startswith("cuda")
+    dtype = torch.float16 if on_cuda else torch.float32
+    cls = StableDiffusionXLImg2ImgPipeline if spec.role == "refiner" else StableDiffusionXLPipeline
+
+    if spec.source == "tiny":
+        folder = settings.models_path / spec.ref
+        tiny.build_tiny(spec.ref, folder)
+        pipe = _load(spec, lambda: cls.from_pretrained(folder, dtype=dtype, use_safetensors=True))
+        weights = weight_files(folder)
+    elif spec.source == "hub":
+        variant = "fp16" if on_cuda else None
+        # download() is what from_pretrained(hub_id) does first; doing it here gives us the
+        # snapshot folder to hash (and it only reads the cache when HF_HUB_OFFLINE=1)
+        snapshot = Path(_load(spec, lambda: cls.download(spec.ref, variant=variant,
+                                                         use_safetensors=True)))
+        pipe = _load(spec, lambda: cls.from_pretrained(snapshot, dtype=dtype, variant=variant,
+                                                       use_safetensors=True))
+        weights = weight_files(snapshot, variant)
+    elif spec.source == "path":
+        path = Path(spec.ref)
+        if path.is_dir():
+            variant = "fp16" if on_cuda and any(path.glob("*/*.fp16.safetensors")) else None
+            pipe = _load(spec, lambda: cls.from_pretrained(path, dtype=dtype, variant=variant))
+            weights = weight_files(path, variant)
+        elif path.is_file() and path.suffix in CHECKPOINT_SUFFIXES:
+            pipe = _load(spec, lambda: cls.from_single_file(str(path), dtype=dtype))
+            weights = [(path.name, path)]
+        elif path.exists():
+            raise ModelUnavailable(
+                f"cannot load {spec.ref}: not a diffusers folder or a "
+                f"{'/'.join(CHECKPOINT_SUFFIXES)} checkpoint")
+        else:
+            raise ModelUnavailable(
+                f"cannot load {spec.ref}: no such file or folder on this worker; copy the model "
+                f"there (diffusers folder or .safetensors file) or name a known model")
+    else:
+        raise ModelUnavailable(f"cannot load {spec.name}: unknown model source {spec.source!r}")
+
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return LoadedModel(
+        name=spec.name, spec=spec, pipe=pipe, device=device, dtype=dtype,
+        weights_hash=weights_hash(weights),
+        load_seconds=time.perf_counter() - start,
+        scheduler_config=dict(pipe.scheduler.config),
+    )
+
+
+def _load(spec: ModelSpec, load: Callable[[], Any]) -> Any:
+    """Run one loading step; turn whatever it raises about missing files into ModelUnavailable."""
+    try:
+        with tiny.quiet_progress():
+            return load()
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # diffusers/hub raise OSError, ValueError, httpx errors, ...
+        raise ModelUnavailable(_explain(spec, exc)) from exc
+
+
+def _explain(spec: ModelSpec, exc: Exception) -> str:
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
+
+    detail = _one_line(exc)
+    if spec.source == "hub":
+        if isinstance(exc, GatedRepoError):
+            return (f"cannot load {spec.ref}: the Hub repository is gated; accept its licence "
+                    f"and log in with `hf auth login`, then retry ({detail})")
+        if isinstance(exc, RepositoryNotFoundError):
+            return f"cannot load {spec.ref}: no such repository on the Hub ({detail})"
+        offline = isinstance(exc, LocalEntryNotFoundError | OfflineModeIsEnabled | OSError) or (
+            "connect" in detail.lower() or "offline" in detail.lower())
+        if offline:
+            return (f"cannot load {spec.ref}: not in the local Hugging Face cache and the Hub is "
+                    f"unreachable; download it first with `hf download {spec.ref}` on a machine "
+                    f"with network (then copy the cache, HF_HOME), or pass an absolute local "
+                    f"path as the model ({detail})")
+    if spec.source == "tiny":
+        return f"cannot load tiny model {spec.name} from {spec.ref}: {detail}"
+    return f"cannot load {spec.ref}: {detail}"
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = f"{type(exc).__name__}: {text}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# -- weights identity ------------------------------------------------------------------------
+
+
+def weight_files(folder: Path, variant: str | None = None) -> list[tuple[str, Path]]:
+    """(relative path, path) of the weight files from_pretrained loads from a diffusers folder.
+
+    Only the component folders that model_index.json names count (a full Hub snapshot also
+    holds single-file checkpoints, LoRAs, ONNX exports); per folder the `variant` files if any,
+    else the plain ones, and safetensors over pickles, as diffusers chooses.
+    """
+    index = json.loads((folder / "model_index.json").read_text())
+    components = sorted(k for k, v in index.items()
+                        if isinstance(v, list) and len(v) == 2 and v[0] is not None)
+    chosen: list[tuple[str, Path]] = []
+    for component in components:
+        files = [f for f in (folder / component).glob("*") if f.name.endswith(WEIGHT_SUFFIXES)]
+        marked = [f for f in files if variant and _has_variant(f.name, variant)]
+        files = marked or [f for f in files if not _has_variant(f.name, None)]
+        if any(f.suffix == ".safetensors" for f in files):
+            files = [f for f in files if f.suffix == ".safetensors"]
+        chosen += [(f"{component}/{f.name}", f) for f in files]
+    return sorted(chosen)
+
+
+_VARIANT = re.compile(r"\.(fp16|fp32|bf16|fp8|non_ema|ema)[.-]")
+
+
+def _has_variant(name: str, variant: str | None) -> bool:
+    match = _VARIANT.search(name)
+    return bool(match) if variant is None else bool(match and match.group(1) == variant)
+
+
+def weights_hash(files: list[tuple[str, Path]]) -> str:
+    """sha256 over "relative path, file sha256" lines, sorted by relative path."""
+    total = hashlib.sha256()
+    for rel, path in sorted(files):
+        total.update(f"{rel}\t{file_sha256(path)}\n".encode())
+    return total.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    # In a Hugging Face cache a weight file is a link to blobs/<sha256 of its content>: use the
+    # name instead of reading gigabytes again.
+    target = path.resolve()
+    if path.is_symlink() and re.fullmatch(r"[0-9a-f]{64}", target.name):
+        return target.name
+    digest = hashlib.sha256()
+    with open(target, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# -- rendering -------------------------------------------------------------------------------
+
+
+def make_scheduler(model: LoadedModel, name: str) -> Any:
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r} (known: {', '.join(SCHEDULERS)})")
+    return SCHEDULERS[name].from_config(model.scheduler_config)
+
+
+def render(model: LoadedModel, spec: jobs.JobSpec, *,
+           callback: StepCallback | None = None) -> list[PIL.Image.Image]:
+    """Render the spec.n images of a job with a base model.
+
+    `callback` is passed to every pipeline call as callback_on_step_end: it runs after each
+    step of image 0, then of image 1, ... (step_index restarts at 0 for each image). To cancel,
+    raise from it: the exception leaves render() (setting pipe._interrupt would only end the
+    current image).
+    """
+    if model.spec.role != "base":
+        raise ValueError(f"{model.name} is a refiner: it refines latents, it cannot render a job")
+    pipe = model.pipe
+    pipe.scheduler = make_scheduler(model, spec.scheduler)
+    images: list[PIL.Image.Image] = []
+    # One call per image rather than a batch: batched kernels may round differently than a
+    # batch of one, and image k must not depend on how many images its job had.
+    for seed in spec.image_seeds():
+        generator = torch.Generator("cpu").manual_seed(seed)
+        result = pipe(
+            prompt=spec.prompt,
+            # None, not "": SDXL base then uses zero negative embeddings, as it was tuned with
+            negative_prompt=spec.negative_prompt or None,
+            width=spec.width, height=spec.height,
+            num_inference_steps=spec.steps, guidance_scale=spec.guidance,
+            num_images_per_prompt=1, generator=generator, output_type="pil",
+            callback_on_step_end=callback,
+        )
+        images.extend(result.images)
+    return images
+
+
+def warm(model: LoadedModel) -> float:
+    """One tiny render at the model's default size, so the first job skips first-call costs
+    (allocator growth, kernel selection, lazy imports). Returns the seconds it took."""
+    start = time.perf_counter()
+    pipe = model.pipe
+    pipe.scheduler = make_scheduler(model, "euler")
+    width, height = model.spec.default_width, model.spec.default_height
+    generator = torch.Generator("cpu").manual_seed(0)
+    if model.spec.role == "refiner":
+        latents = torch.zeros(1, 4, height // 8, width // 8, dtype=model.dtype,
+                              device=model.device)
+        pipe(prompt="warm up", image=latents, num_inference_steps=2 * WARM_STEPS,
+             denoising_start=0.5, generator=generator)
+    else:
+        pipe(prompt="warm up", width=width, height=height, num_inference_steps=WARM_STEPS,
+             generator=generator)
+    return time.perf_counter() - start
+
+
+def pixels_digest(images: list[PIL.Image.Image]) -> str:
+    """sha256 over the raw pixels of images: what "byte-identical output" means here."""
+    digest = hashlib.sha256()
+    for image in images:
+        digest.update(f"{image.mode}{image.size}".encode())
+        digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+__all__ = ["SCHEDULERS", "LoadedModel", "load_model", "render", "warm", "resolve_device",
+           "make_scheduler", "weight_files", "weights_hash", "pixels_digest"]
