@@ -65,9 +65,6 @@ def up(settings: Settings, *, workers: int, model_names: list[str], device: str,
     settings.log_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env["FARM_HOME"] = str(settings.home)
-    if settings.threads == 0 and device in ("cpu", "auto"):
-        # on CPU, workers share the cores instead of each taking all of them
-        env["FARM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, workers)))
     started: list[LocalWorker] = []
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for i in range(workers):

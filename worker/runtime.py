@@ -61,6 +61,11 @@ class Worker:
         from worker import pipelines
 
         device = resolve_device(self.device_request)
+        if device == "cpu" and self.settings.threads == 0:
+            # CPU pixels depend on torch's thread count (reductions split differently), so CPU
+            # workers default to one thread: then the same seed gives the same bytes on every
+            # CPU worker. FARM_THREADS trades that for speed.
+            self.settings = self.settings.replace(threads=1)
         self.name = self.name or default_name(device)
         broker.ensure_broker(self.settings)
         broker.wait_for_broker(self.settings, timeout=max(30.0,
@@ -85,7 +90,7 @@ class Worker:
             loaded[spec.name] = model
         self.ctx = WorkerContext(settings=self.settings, store=open_store(self.settings),
                                  models=loaded, render=pipelines.render, name=self.name,
-                                 versions=package_versions())
+                                 versions=package_versions(), threads=self.settings.threads)
         self.info.state = fleet.WorkerState.READY
         self._beat()
         self.echo(f"worker {self.name}: ready, consuming {', '.join(self.info.queues)}")

@@ -54,6 +54,7 @@ class WorkerContext:
     name: str
     host: str = field(default_factory=socket.gethostname)
     versions: dict[str, str] = field(default_factory=dict)
+    threads: int = 0  # torch threads on CPU (pixels depend on it); 0 = torch's default
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ def _write_images(ctx: WorkerContext, job: Job, record: JobRecord, model: Model,
             "seed": seed, "job_seed": spec.seed, "image_index": k,
             "batch": job.batch, "job": job.id, "image": key,
             "model_hash": model.weights_hash, "model_source": model.spec.ref,
-            "worker": ctx.name, "host": ctx.host, "device": str(model.device),
+            "worker": ctx.name, "host": ctx.host, "device": str(model.device), "threads": ctx.threads,
             "dtype": str(model.dtype).replace("torch.", ""), "attempt": record.attempts,
             "started_at": started, "finished_at": time.time(),
             "timings": {"render_s": round(render_s, 4),
