@@ -58,7 +58,8 @@ def running_workers(settings: Settings) -> list[LocalWorker]:
 
 
 def up(settings: Settings, *, workers: int, model_names: list[str], device: str,
-       echo: Callable[[str], None], timeout: float = 600.0) -> list[LocalWorker]:
+       echo: Callable[[str], None], timeout: float = 600.0,
+       vram: list[str] | None = None) -> list[LocalWorker]:
     """Start the broker (when embedded) and `workers` background workers; wait until ready."""
     broker.ensure_broker(settings)
     broker.wait_for_broker(settings)
@@ -73,6 +74,8 @@ def up(settings: Settings, *, workers: int, model_names: list[str], device: str,
         cmd = [sys.executable, "-m", "cli.main", "worker", "--name", name, "--device", device]
         for m in model_names:
             cmd += ["--model", m]
+        if vram:
+            cmd += ["--vram", vram[i % len(vram)]]
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True)

@@ -112,6 +112,7 @@ def status(batch: str, as_json: bool, watch: bool) -> None:
         result = _watch(settings, batch, quiet=as_json)
     else:
         result = batch_status(open_store(settings), _batch_id(batch), settings)
+    result = result.with_fleet(_live_workers(settings)) if not result.finished else result
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
         return
@@ -122,7 +123,23 @@ def status(batch: str, as_json: bool, watch: bool) -> None:
             line += f"  {len(job.images)} image(s)"
         if job.error:
             line += f"  error: {job.error}"
+        if job.waiting:
+            line += f"  ({job.waiting})"
         click.echo(line)
+
+
+def _live_workers(settings: Settings) -> list[Any]:
+    """Live workers, or none when the broker cannot be asked (status still works offline)."""
+    import redis
+
+    from farm import broker, fleet
+
+    if settings.embedded and not broker.embedded_running(settings):
+        return []
+    try:
+        return fleet.live_workers(broker.redis_client(settings))
+    except (redis.RedisError, OSError):  # an unreachable broker only costs the hint
+        return []
 
 
 @cli.command()
@@ -213,8 +230,11 @@ def _watch(settings: Settings, batch: str, quiet: bool = False) -> Any:
 @click.option("--device", default=None, help="cpu, cuda:N, or auto (default).")
 @click.option("--max-jobs", type=int, default=None, help="Exit after this many jobs.")
 @click.option("--name", default=None, help="Worker name (default: host-device-pid).")
+@click.option("--vram", default=None,
+              help="VRAM class in GB (4, 6, 8, 12, 16, 24, 48, 80) or auto (default).")
+@click.option("--profile", default=None, help="Load profile (default: the class's).")
 def worker(models_: tuple[str, ...], device: str | None, max_jobs: int | None,
-           name: str | None) -> None:
+           name: str | None, vram: str | None, profile: str | None) -> None:
     """Run one worker in the foreground: load and warm its pipelines, then take jobs."""
     import logging
 
@@ -223,7 +243,7 @@ def worker(models_: tuple[str, ...], device: str | None, max_jobs: int | None,
     logging.getLogger("celery").setLevel(logging.WARNING)
     from worker.runtime import Worker
 
-    settings = Settings.load(device=device)
+    settings = Settings.load(device=device, vram=vram, profile=profile)
     w = Worker(settings, list(models_), device=settings.device, name=name, max_jobs=max_jobs,
                echo=lambda m: click.echo(m, err=True))
     sys.exit(w.run())
@@ -233,7 +253,9 @@ def worker(models_: tuple[str, ...], device: str | None, max_jobs: int | None,
 @click.option("--workers", "n_workers", type=int, default=1, show_default=True)
 @click.option("--model", "models_", multiple=True, help="Model to serve (repeat for several).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda:N or auto.")
-def up(n_workers: int, models_: tuple[str, ...], device: str) -> None:
+@click.option("--vram", default=None,
+              help="VRAM class of the workers; a list (4,8,24) is dealt out in turn.")
+def up(n_workers: int, models_: tuple[str, ...], device: str, vram: str | None) -> None:
     """Start the embedded farm in the background (broker + N local workers)."""
     from cli import local
 
@@ -245,9 +267,44 @@ def up(n_workers: int, models_: tuple[str, ...], device: str) -> None:
         return
     if n_workers < 1:
         raise UsageError(f"--workers must be at least 1, got {n_workers}")
+    classes = [c.strip() for c in vram.split(",")] if vram else []
+    for c in classes:
+        if c != "auto" and (not c.isdigit() or int(c) not in settings.vram_classes):
+            raise UsageError(f"--vram must list classes among "
+                             f"{', '.join(map(str, settings.vram_classes))}, got {c!r}")
     started = local.up(settings, workers=n_workers, model_names=list(models_), device=device,
-                       echo=lambda m: click.echo(m, err=True))
+                       echo=lambda m: click.echo(m, err=True), vram=classes)
     click.echo(f"farm is up: {len(started)} worker(s), logs in {settings.log_dir}/")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+def workers(as_json: bool) -> None:
+    """Live workers, from their heartbeats."""
+    from farm import broker, fleet
+
+    settings = Settings.load()
+    if settings.embedded and not broker.embedded_running(settings):
+        found: list[fleet.WorkerInfo] = []
+    else:
+        broker.wait_for_broker(settings)
+        found = fleet.live_workers(broker.redis_client(settings))
+    found.sort(key=lambda w: (-w.vram_class, w.name))
+    if as_json:
+        click.echo(json.dumps([w.__dict__ for w in found], indent=2))
+        return
+    if not found:
+        click.echo("no live workers")
+        return
+    now = time.time()
+    header = ("NAME", "HOST", "DEVICE", "CLASS", "PROFILE", "MODELS", "STATE", "JOB", "DONE",
+              "SEEN")
+    rows = [(w.name, w.host, w.device, f"{w.vram_class} GB", w.profile, ",".join(w.models),
+             w.state, w.current_job or "-", str(w.jobs_done), f"{now - w.last_seen:.0f}s ago")
+            for w in found]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        click.echo("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
 
 
 @cli.command()

@@ -44,12 +44,11 @@ def celery_app(settings: Settings, name: str = "farm") -> Any:
         worker_prefetch_multiplier=1,
         worker_disable_prefetch=True,
         task_create_missing_queues=True,
-        task_default_queue=queues.queue_name("tiny-sdxl"),
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout,
+            # one list per queue; the order a worker lists its queues in is the policy
             "priority_steps": queues.PRIORITY_STEPS,
-            "sep": queues.PRIORITY_SEP,
             # a worker serving several queues takes them in the order it lists them
             "queue_order_strategy": "priority",
         },

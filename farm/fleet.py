@@ -28,6 +28,8 @@ class WorkerInfo:
     device: str
     models: list[str]
     queues: list[str]
+    vram_class: int = 0
+    profile: str = ""
     state: str = WorkerState.STARTING
     current_job: str | None = None
     jobs_done: int = 0

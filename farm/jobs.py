@@ -150,12 +150,14 @@ class Job:
     batch: str
     index: int
     spec: JobSpec
+    vram_class: int     # the smallest class that can run it (farm/vram.py), raised by min_vram
 
     VERSION = 1
+    FIELDS = ("v", "id", "batch", "index", "spec", "vram")
 
     def encode(self) -> dict[str, Any]:
         return {"v": self.VERSION, "id": self.id, "batch": self.batch, "index": self.index,
-                "spec": self.spec.to_dict()}
+                "spec": self.spec.to_dict(), "vram": self.vram_class}
 
     @classmethod
     def decode(cls, data: Any, settings: Settings) -> Job:
@@ -165,7 +167,7 @@ class Job:
         version = data.get("v")
         if type(version) is not int or version != cls.VERSION:
             raise ValidationError("message.v", f"must be {cls.VERSION}", version)
-        extra = [k for k in data if k not in ("v", "id", "batch", "index", "spec")]
+        extra = [k for k in data if k not in cls.FIELDS]
         if extra:
             raise _unknown_key(data, extra, "is not a known field of a message",
                                prefix="message.")
@@ -179,11 +181,15 @@ class Job:
         if not isinstance(ident, str) or ident != job_id(batch, index):
             raise ValidationError("message.id", "must be the job id of its batch and index",
                                   ident)
+        vram = data.get("vram")
+        if type(vram) is not int or not 0 < vram <= MAX_VRAM_GB:
+            raise ValidationError("message.vram", f"must be a VRAM class in GB (1 to "
+                                  f"{MAX_VRAM_GB})", vram)
         spec_data = data.get("spec")
         if isinstance(spec_data, dict) and spec_data.get("seed") is None:
             raise ValidationError("spec.seed", "must be set in a queued job", None)
         spec = JobSpec.from_dict(spec_data, settings)
-        return cls(id=ident, batch=batch, index=index, spec=spec)
+        return cls(id=ident, batch=batch, index=index, spec=spec, vram_class=vram)
 
 
 def new_batch_id(now: float) -> str:

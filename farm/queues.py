@@ -1,10 +1,19 @@
-"""Queue names, the task name, and how a job's priority becomes a Redis message priority.
+"""Queue names, the task name, and the order in which a worker consumes its queues.
 
-The scheduler and the worker both route with these functions, so they cannot drift apart;
-deployment files (KEDA triggers) derive their Redis list names from here too.
+One queue per (model, VRAM class, priority): `farm.tiny-sdxl.8gb.p5`. Each is exactly one Redis
+list, so KEDA's Redis scaler can count it, and the order a worker's single BRPOP lists them in is
+the whole scheduling policy (see `worker_queues`). The scheduler, the worker and the deployment
+files all derive their names from here.
+
+Why not Celery's message priorities: kombu's Redis transport splits a queue into one list per
+priority step and, for a worker consuming several queues, orders BRPOP priority-major across
+all of them. A 24 GB worker would then take an urgent 4 GB job before its own class's work. With
+one queue per priority the order is exactly what we write below.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from farm import models
 from farm.jobs import PRIORITY_MAX, PRIORITY_MIN
@@ -14,27 +23,39 @@ RENDER_TASK = "farm.render"
 
 QUEUE_PREFIX = "farm"
 
-# kombu's Redis transport keeps one list per priority step and serves lower numbers first.
-# Ten steps give every job priority its own list (users say 9 = most urgent, kombu 0 = first).
-PRIORITY_STEPS = list(range(PRIORITY_MIN, PRIORITY_MAX + 1))
-# kombu's default separator is "\x06\x16"; a printable one keeps the list names readable in
-# redis-cli and in KEDA triggers.
-PRIORITY_SEP = ":"
+# kombu's Redis transport: a single priority step, so a queue is one list (see module doc)
+PRIORITY_STEPS = [0]
+PRIORITIES = tuple(range(PRIORITY_MAX, PRIORITY_MIN - 1, -1))   # 9 (most urgent) first
 
 
-def queue_name(model: str) -> str:
-    """The queue a stage for `model` goes to: farm.tiny-sdxl, farm.sdxl-base, farm.path-…"""
-    return f"{QUEUE_PREFIX}.{models.queue_slug(model)}"
+def queue_name(model: str, vram_class: int, priority: int) -> str:
+    """farm.<model>.<class>gb.p<priority>; local paths become a short stable digest."""
+    if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        raise ValueError(f"priority must be {PRIORITY_MIN}..{PRIORITY_MAX}, got {priority}")
+    return f"{QUEUE_PREFIX}.{models.queue_slug(model)}.{vram_class}gb.p{priority}"
 
 
-def message_priority(job_priority: int) -> int:
-    """Job priority 0..9 (9 most urgent) → kombu Redis priority (0 served first)."""
-    return PRIORITY_MAX - job_priority
+def worker_queues(model_names: Iterable[str], own_class: int,
+                  classes: Iterable[int]) -> list[str]:
+    """Every queue a worker of `own_class` serving `model_names` consumes, in the order it
+    takes work: its own class first (most urgent priority first), then each smaller class
+    in turn. So it helps smaller cards only when its own class has nothing waiting, and no
+    routable queue is left without a consumer: each is served by its own class's workers and
+    by every bigger one."""
+    names = list(model_names)
+    order = []
+    for c in sorted((c for c in classes if c <= own_class), reverse=True):
+        for p in PRIORITIES:
+            for m in names:
+                order.append(queue_name(m, c, p))
+    return order
+
+
+def class_queues(model: str, vram_class: int) -> list[str]:
+    """The queues (= Redis lists) holding waiting stages of one (model, class)."""
+    return [queue_name(model, vram_class, p) for p in PRIORITIES]
 
 
 def redis_lists(queue: str) -> list[str]:
-    """Every Redis list that holds waiting messages of `queue` (one per priority step)."""
-    lists = []
-    for step in PRIORITY_STEPS:
-        lists.append(queue if step == 0 else f"{queue}{PRIORITY_SEP}{step}")
-    return lists
+    """The Redis lists that hold a queue's waiting messages: with one priority step, itself."""
+    return [queue]

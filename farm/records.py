@@ -56,6 +56,7 @@ class Manifest:
             "version": 1, "batch": self.batch, "created_at": self.created_at,
             "source": self.source, "defaults": self.defaults, "aborted": self.aborted,
             "jobs": [{"id": j.id, "index": j.index, "spec": j.spec.to_dict(),
+                      "vram": j.vram_class,
                       "images": [image_key(self.batch, j.id, k) for k in range(j.spec.n)]}
                      for j in self.jobs],
         }
@@ -65,7 +66,8 @@ class Manifest:
         try:
             batch = data["batch"]
             jobs = [Job(id=j["id"], batch=batch, index=j["index"],
-                        spec=JobSpec.from_dict(j["spec"], settings)) for j in data["jobs"]]
+                        spec=JobSpec.from_dict(j["spec"], settings), vram_class=int(j["vram"]))
+                    for j in data["jobs"]]
             return cls(batch=batch, created_at=float(data["created_at"]),
                        source=data.get("source", ""), defaults=data.get("defaults", {}),
                        jobs=jobs, aborted=data.get("aborted"))

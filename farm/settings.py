@@ -35,8 +35,19 @@ class Settings:
     models_dir: Path | None = None
     # "auto" picks cuda:0 when torch sees a GPU, else cpu
     device: str = "auto"
-    # torch intra-op threads per worker; 0 leaves torch's default (all cores)
+    # torch intra-op threads per worker; 0: one on CPU (see worker/runtime.py), torch's on CUDA
     threads: int = 0
+
+    # -- VRAM classes (farm/vram.py)
+    # the classes a farm routes to, in GB; every process of a farm must agree on them
+    vram_classes: tuple[int, ...] = (4, 6, 8, 12, 16, 24, 48, 80)
+    # a worker's class: a number from vram_classes, or "auto" (CUDA: from the GPU's memory;
+    # CPU: the largest class, since a CPU worker has the machine's RAM)
+    vram: str = "auto"
+    # a worker's load profile; unset: the one its class implies (farm.vram.PROFILE_BY_CLASS)
+    profile: str | None = None
+    # measured peak-VRAM figures (JSON rows) replacing the seeded ones
+    vram_table: Path | None = None
 
     # -- caps on what one request may ask for (checked at submit and again by the worker)
     max_steps: int = 150
@@ -88,6 +99,19 @@ class Settings:
             raise ConfigError(
                 f"heartbeat_ttl must be above heartbeat_interval, got {self.heartbeat_ttl} "
                 f"<= {self.heartbeat_interval}")
+        if not self.vram_classes or min(self.vram_classes) <= 0:
+            raise ConfigError(f"vram_classes must be positive GB, got {self.vram_classes}")
+        if self.vram != "auto" and (not self.vram.isdigit()
+                                    or int(self.vram) not in self.vram_classes):
+            classes = ", ".join(str(c) for c in self.vram_classes)
+            raise ConfigError(f"vram must be auto or one of the classes {classes}, "
+                              f"got {self.vram!r}")
+        if self.profile is not None:
+            from farm.vram import PROFILES
+
+            if self.profile not in PROFILES:
+                raise ConfigError(f"profile must be one of {', '.join(PROFILES)}, "
+                                  f"got {self.profile!r}")
         for name in ("max_steps", "max_pixels", "max_side", "max_images_per_job",
                      "max_prompt_chars", "max_jobs_per_batch", "visibility_timeout"):
             if getattr(self, name) <= 0:
@@ -137,6 +161,8 @@ class Settings:
 def _convert(name: str, type_: Any, raw: str, source: str) -> Any:
     type_name = type_ if isinstance(type_, str) else getattr(type_, "__name__", str(type_))
     try:
+        if type_name.startswith("tuple"):
+            return tuple(sorted({int(part) for part in raw.split(",") if part.strip()}))
         if type_name.startswith("int"):
             return int(raw)
         if type_name.startswith("float"):
@@ -144,6 +170,7 @@ def _convert(name: str, type_: Any, raw: str, source: str) -> Any:
         if "Path" in type_name:
             return Path(raw).expanduser()
     except ValueError:
-        kind = "an integer" if type_name.startswith("int") else "a number"
+        kind = {"int": "an integer", "tup": "a comma-separated list of integers"}.get(
+            type_name[:3], "a number")
         raise ConfigError(f"{source} must be {kind}, got {raw!r}") from None
     return raw

@@ -22,6 +22,7 @@ from typing import Any
 from farm.errors import ValidationError
 from farm.jobs import JobSpec
 from farm.settings import Settings
+from scheduler.plan import placement
 
 FORMATS = ("txt", "jsonl", "csv")
 _EXTENSIONS = {".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
@@ -92,7 +93,9 @@ def parse_batch(text: str, fmt: str, defaults: Mapping[str, Any],
     specs = []
     for line, fields in records:
         try:
-            specs.append(JobSpec.from_dict({**base, **fields}, settings))
+            spec = JobSpec.from_dict({**base, **fields}, settings)
+            placement(spec, settings)  # a stage no configured class can run is refused here
+            specs.append(spec)
         except ValidationError as err:
             raise _at(err, line) from None
     return specs

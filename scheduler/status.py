@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from farm.errors import FarmError
+from farm.fleet import WorkerInfo
 from farm.jobs import JobState
 from farm.records import BATCHES, JobRecord, Manifest, read_manifest, read_records
 from farm.settings import Settings
@@ -19,6 +20,7 @@ class JobView:
     images: list[str]
     error: str | None
     record: JobRecord | None
+    waiting: str | None = None   # why a queued job is not moving, when we can tell
 
 
 @dataclass(frozen=True)
@@ -65,8 +67,24 @@ class BatchStatus:
             "state": self.state,
             "counts": self.counts,
             "jobs": [{"id": j.id, "state": j.state.value, "images": j.images,
-                      "error": j.error} for j in self.jobs],
+                      "error": j.error, **({"waiting": j.waiting} if j.waiting else {})}
+                     for j in self.jobs],
         }
+
+    def with_fleet(self, workers: list[WorkerInfo]) -> BatchStatus:
+        """Mark each queued job that no live worker can take: its model at its class or above.
+        Such a job was accepted (a worker may join later); status says why it waits."""
+        jobs = {j.id: j for j in self.manifest.jobs}
+        views = []
+        for view in self.jobs:
+            job = jobs[view.id]
+            if view.state == JobState.QUEUED and not any(
+                    job.spec.model in w.models and w.vram_class >= job.vram_class
+                    for w in workers):
+                view = replace(view, waiting=f"waiting: no live worker serves {job.spec.model} "
+                                             f"at >={job.vram_class} GB")
+            views.append(view)
+        return replace(self, jobs=views)
 
 
 def batch_status(store: Store, batch: str, settings: Settings) -> BatchStatus:

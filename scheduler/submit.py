@@ -17,6 +17,7 @@ from farm.jobs import Job, JobSpec, job_id, new_batch_id
 from farm.records import Manifest, manifest_key
 from farm.settings import Settings
 from farm.store import Store, open_store, put_json
+from scheduler.plan import placement
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,8 @@ def submit(settings: Settings, specs: list[JobSpec], *, source: str = "-",
 
     # 2. the manifest is the record: written once, before any message exists
     batch = new_batch_id(time.time())
-    jobs = [Job(id=job_id(batch, i), batch=batch, index=i, spec=spec)
+    jobs = [Job(id=job_id(batch, i), batch=batch, index=i, spec=spec,
+                vram_class=placement(spec, settings).vram_class)
             for i, spec in enumerate(specs)]
     manifest = Manifest(batch=batch, created_at=time.time(), source=source,
                         defaults=dict(defaults or {}), jobs=jobs)
@@ -46,8 +48,8 @@ def submit(settings: Settings, specs: list[JobSpec], *, source: str = "-",
         with app.producer_or_acquire() as producer:
             for job in jobs:
                 app.send_task(queues.RENDER_TASK, args=[job.encode()],
-                              queue=queues.queue_name(job.spec.model),
-                              priority=queues.message_priority(job.spec.priority),
+                              queue=queues.queue_name(job.spec.model, job.vram_class,
+                                                      job.spec.priority),
                               producer=producer, retry=True,
                               retry_policy={"max_retries": 3, "interval_start": 0.2,
                                             "interval_step": 0.5, "interval_max": 2})

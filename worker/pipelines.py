@@ -22,6 +22,8 @@ from typing import Any
 import PIL.Image
 import torch
 from diffusers import (
+    AutoencoderKL,
+    AutoencoderTiny,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
@@ -34,6 +36,7 @@ from farm import jobs
 from farm.errors import ModelUnavailable
 from farm.models import CHECKPOINT_SUFFIXES, ModelSpec
 from farm.settings import Settings
+from farm.vram import PROFILES, Profile
 from worker import tiny
 
 # job scheduler name -> class, each built from_config of the model's own scheduler config
@@ -47,6 +50,10 @@ assert set(SCHEDULERS) == set(jobs.SCHEDULERS), "farm.jobs.SCHEDULERS and this m
 
 # called after every denoising step as callback_on_step_end(pipe, step, timestep, kwargs)
 StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
+
+# the drop-in VAEs the profiles swap in for real SDXL models (Hub ids)
+TAESD_XL = "madebyollin/taesdxl"
+FP16_FIX_VAE = "madebyollin/sdxl-vae-fp16-fix"
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 WARM_STEPS = 2
@@ -64,6 +71,7 @@ class LoadedModel:
     # the scheduler config the model shipped with: every job's scheduler is built from this,
     # never from the previous job's, so switching samplers back and forth cannot drift
     scheduler_config: dict[str, Any]
+    profile: str = "resident"         # the load profile applied (farm/vram.py)
 
 
 def resolve_device(device: str) -> str:
@@ -73,8 +81,10 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_model(spec: ModelSpec, settings: Settings, device: str) -> LoadedModel:
-    """Load `spec` onto `device` (fp16 on CUDA, fp32 on CPU). Raises ModelUnavailable."""
+def load_model(spec: ModelSpec, settings: Settings, device: str,
+               profile: Profile | None = None) -> LoadedModel:
+    """Load `spec` onto `device` (fp16 on CUDA, fp32 on CPU) the way `profile` says (default:
+    everything resident, the model's own VAE). Raises ModelUnavailable."""
     start = time.perf_counter()
     device = resolve_device(device)
     if settings.threads > 0:
@@ -117,14 +127,44 @@ def load_model(spec: ModelSpec, settings: Settings, device: str) -> LoadedModel:
     else:
         raise ModelUnavailable(f"cannot load {spec.name}: unknown model source {spec.source!r}")
 
-    pipe.to(device)
+    profile = profile or PROFILES["resident"]
+    _apply_profile(pipe, spec, settings, profile, device, dtype)
     pipe.set_progress_bar_config(disable=True)
     return LoadedModel(
         name=spec.name, spec=spec, pipe=pipe, device=device, dtype=dtype,
         weights_hash=weights_hash(weights),
         load_seconds=time.perf_counter() - start,
         scheduler_config=dict(pipe.scheduler.config),
+        profile=profile.name,
     )
+
+
+def _apply_profile(pipe: Any, spec: ModelSpec, settings: Settings, profile: Profile,
+                   device: str, dtype: torch.dtype) -> None:
+    """The class's load profile (farm/vram.py). Offloading needs an accelerator: on CPU it is
+    a no-op, but the profile is still chosen, applied where it can be, and recorded."""
+    # 1. the VAE: the tiny one (TAESD-XL) or the fp16-fix one, in place of the model's own
+    if profile.vae == "tiny":
+        if spec.source == "tiny":
+            folder = settings.models_path / spec.ref / tiny.TINY_VAE_FOLDER
+            pipe.vae = _load(spec, lambda: AutoencoderTiny.from_pretrained(folder, dtype=dtype))
+        else:
+            pipe.vae = _load(spec, lambda: AutoencoderTiny.from_pretrained(TAESD_XL, dtype=dtype))
+    elif profile.vae == "fp16-fix" and dtype == torch.float16 and spec.source != "tiny":
+        # SDXL's own VAE overflows in fp16; the fix is a fine-tune that does not
+        pipe.vae = _load(spec, lambda: AutoencoderKL.from_pretrained(FP16_FIX_VAE, dtype=dtype))
+    # 2. fp8 weight storage: the UNet's weights held as float8, each layer cast up to compute
+    if profile.fp8_weights:
+        pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn,
+                                           compute_dtype=dtype)
+    # 3. where the weights live while it runs
+    on_cuda = device.startswith("cuda")
+    if on_cuda and profile.offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    elif on_cuda and profile.offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
 
 
 def _load(spec: ModelSpec, load: Callable[[], Any]) -> Any:

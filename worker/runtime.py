@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from farm import broker, fleet, models, queues
+from farm import broker, fleet, models, queues, vram
 from farm.settings import Settings
 from farm.store import open_store
 from worker.stage import WorkerContext, package_versions, run_job
@@ -36,6 +36,18 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def resolve_class(settings: Settings, device: str) -> int:
+    """The worker's VRAM class: as declared, or from the GPU's memory (CPU: the largest)."""
+    if settings.vram != "auto":
+        return int(settings.vram)
+    if device.startswith("cuda"):
+        import torch
+
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        return vram.detect_class(total, settings.vram_classes)
+    return max(settings.vram_classes)
+
+
 def default_name(device: str) -> str:
     return f"{socket.gethostname()}-{device.replace(':', '')}-{os.getpid()}"
 
@@ -43,13 +55,16 @@ def default_name(device: str) -> str:
 class Worker:
     def __init__(self, settings: Settings, model_names: list[str], *, device: str = "auto",
                  name: str | None = None, max_jobs: int | None = None,
-                 echo: Callable[[str], None] = print) -> None:
+                 echo: Callable[[str], None] = print, backend: Any = None) -> None:
         self.settings = settings
         self.specs = [models.resolve(m) for m in (model_names or [models.DEFAULT_MODEL])]
         self.device_request = device
         self.name = name
         self.max_jobs = max_jobs
         self.echo = echo
+        # what loads, warms and renders: worker.pipelines (diffusers), or a named stand-in for
+        # load tests (worker.standin) that must not wait on diffusion
+        self.backend = backend
         self.done = 0
         self._stop = threading.Event()
         self.info: fleet.WorkerInfo | None = None
@@ -58,8 +73,11 @@ class Worker:
     # -- 1-2: setup, once ---------------------------------------------------------------------
 
     def setup(self) -> WorkerContext:
-        from worker import pipelines
+        if self.backend is None:
+            from worker import pipelines
 
+            self.backend = pipelines
+        pipelines = self.backend
         device = resolve_device(self.device_request)
         if device == "cpu" and self.settings.threads == 0:
             # CPU pixels depend on torch's thread count (reductions split differently), so CPU
@@ -67,6 +85,9 @@ class Worker:
             # CPU worker. FARM_THREADS trades that for speed.
             self.settings = self.settings.replace(threads=1)
         self.name = self.name or default_name(device)
+        self.vram_class = resolve_class(self.settings, device)
+        profile = vram.PROFILES[self.settings.profile] if self.settings.profile else \
+            vram.profile_for(self.vram_class)
         broker.ensure_broker(self.settings)
         broker.wait_for_broker(self.settings, timeout=max(30.0,
                                                           self.settings.broker_connect_timeout))
@@ -74,14 +95,17 @@ class Worker:
         self.info = fleet.WorkerInfo(
             name=self.name, host=socket.gethostname(), pid=os.getpid(), device=device,
             models=[s.name for s in self.specs],
-            queues=[queues.queue_name(s.name) for s in self.specs], started_at=time.time())
+            queues=queues.worker_queues([s.name for s in self.specs], self.vram_class,
+                                        self.settings.vram_classes),
+            vram_class=self.vram_class, profile=profile.name, started_at=time.time())
         self._beat()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
 
         loaded = {}
         for spec in self.specs:
-            self.echo(f"worker {self.name}: loading {spec.name} on {device}")
-            model = pipelines.load_model(spec, self.settings, device)
+            self.echo(f"worker {self.name}: loading {spec.name} on {device} as a "
+                      f"{self.vram_class} GB worker, profile {profile.name}")
+            model = pipelines.load_model(spec, self.settings, device, profile)
             t0 = time.perf_counter()
             pipelines.warm(model)
             self.echo(f"worker {self.name}: {spec.name} loaded in {model.load_seconds:.1f} s, "
@@ -90,10 +114,13 @@ class Worker:
             loaded[spec.name] = model
         self.ctx = WorkerContext(settings=self.settings, store=open_store(self.settings),
                                  models=loaded, render=pipelines.render, name=self.name,
-                                 versions=package_versions(), threads=self.settings.threads)
+                                 versions=package_versions(), threads=self.settings.threads,
+                                 vram_class=self.vram_class)
         self.info.state = fleet.WorkerState.READY
         self._beat()
-        self.echo(f"worker {self.name}: ready, consuming {', '.join(self.info.queues)}")
+        classes = sorted({q.split(".")[-2] for q in self.info.queues}, key=lambda c: -int(c[:-2]))
+        self.echo(f"worker {self.name}: ready ({self.vram_class} GB, {profile.name}); serving "
+                  f"{', '.join(self.info.models)} at {', '.join(classes)} (own class first)")
         return self.ctx
 
     # -- 3-4: consume ---------------------------------------------------------------------

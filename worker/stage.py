@@ -55,6 +55,7 @@ class WorkerContext:
     host: str = field(default_factory=socket.gethostname)
     versions: dict[str, str] = field(default_factory=dict)
     threads: int = 0  # torch threads on CPU (pixels depend on it); 0 = torch's default
+    vram_class: int = 0   # the class this worker declared
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,10 @@ def run_job(ctx: WorkerContext, message: Any) -> Outcome:
         job = Job.decode(message, ctx.settings)
     except ValidationError as exc:
         return Outcome(None, "rejected", f"malformed message, no model work done: {exc}")
+    if ctx.vram_class and job.vram_class > ctx.vram_class:
+        # only a hand-pushed message gets here: routing sends a job to its class or above
+        return Outcome(None, "rejected", f"job {job.id} needs a {job.vram_class} GB worker; "
+                       f"this one is {ctx.vram_class} GB")
     if job.spec.model not in ctx.models:
         # routing sent us a job for a model we do not serve: a configuration error somewhere
         return _fail(ctx, job, None, f"worker {ctx.name} does not serve model {job.spec.model}")
@@ -129,6 +134,8 @@ def _write_images(ctx: WorkerContext, job: Job, record: JobRecord, model: Model,
             "batch": job.batch, "job": job.id, "image": key,
             "model_hash": model.weights_hash, "model_source": model.spec.ref,
             "worker": ctx.name, "host": ctx.host, "device": str(model.device), "threads": ctx.threads,
+            "vram_class": ctx.vram_class, "profile": getattr(model, "profile", ""),
+            "planned_vram_class": job.vram_class,
             "dtype": str(model.dtype).replace("torch.", ""), "attempt": record.attempts,
             "started_at": started, "finished_at": time.time(),
             "timings": {"render_s": round(render_s, 4),

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderTiny,
     EulerDiscreteScheduler,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
@@ -42,7 +43,7 @@ from transformers.utils import logging as hf_logging
 
 NAMES = ("tiny-sdxl", "tiny-sdxl-refiner")
 # Bump when any config below changes: a folder built by an older recipe is then rebuilt.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 MARKER = "farm_tiny.json"
 
 # SDXL's own scheduler config (stabilityai/stable-diffusion-xl-base-1.0 scheduler_config.json).
@@ -62,7 +63,10 @@ VOCAB_SIZE = 2 * 256 + 2
 BOS_ID, EOS_ID = 512, 513
 # one seed per component, the same in base and refiner: with equal configs, text_encoder_2 and
 # the VAE come out identical in both, as in the real pair (base latents decode with either VAE)
-SEEDS = {"text_encoder": 1, "text_encoder_2": 2, "vae": 3, "unet": 4, "refiner_unet": 5}
+SEEDS = {"text_encoder": 1, "text_encoder_2": 2, "vae": 3, "unet": 4, "refiner_unet": 5,
+         "vae_tiny": 6}
+# a tiny TAESD-XL stand-in beside the pipeline, for the profiles that swap in the tiny VAE
+TINY_VAE_FOLDER = "vae_tiny"
 
 _BUILD_LOCK = threading.Lock()  # the global torch RNG is shared by threads
 
@@ -89,6 +93,8 @@ def build_tiny(name: str, dest: Path) -> Path:
             pipe: Any = make_pipeline(name)
             with quiet_progress():
                 pipe.save_pretrained(tmp, safe_serialization=True)
+                _seeded("vae_tiny", _tiny_vae).save_pretrained(tmp / TINY_VAE_FOLDER,
+                                                               safe_serialization=True)
             (tmp / MARKER).write_text(json.dumps({"name": name, "recipe": RECIPE_VERSION}))
             _publish(tmp, dest, name)
         finally:
@@ -221,6 +227,15 @@ def _vae() -> AutoencoderKL:
         in_channels=3, out_channels=3, latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         sample_size=128, scaling_factor=0.13025, force_upcast=True,
+    )
+
+
+def _tiny_vae() -> AutoencoderTiny:
+    # TAESD's shape (3 upsamplings: 8x, 4 latent channels), far fewer channels
+    return AutoencoderTiny(
+        in_channels=3, out_channels=3, latent_channels=4,
+        encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
@@ -22,13 +23,17 @@ def _specs(settings: Settings, *priorities: int) -> list[JobSpec]:
             for i, p in enumerate(priorities)]
 
 
-def _waiting(client: redis.Redis, queue: str) -> list[dict]:
-    """Messages waiting in a queue, in the order a worker would take them."""
+def _message(raw: bytes) -> dict:
+    """The job a Celery message on a Redis list carries (args[0] of its base64 JSON body)."""
+    return json.loads(base64.b64decode(json.loads(raw)["body"]))[0][0]
+
+
+def _waiting(client: redis.Redis, vram_class: int = 4) -> list[dict]:
+    """Messages waiting for a tiny-sdxl worker of `vram_class`, in the order it takes them."""
     out = []
-    for name in queues.redis_lists(queue):
-        for raw in reversed(client.lrange(name, 0, -1)):  # kombu pushes left, pops right
-            body = json.loads(raw)
-            out.append(json.loads(__import__("base64").b64decode(body["body"]))[0][0])
+    for queue in queues.worker_queues(["tiny-sdxl"], vram_class, (4, 8, 24)):
+        for raw in reversed(client.lrange(queue, 0, -1)):  # kombu pushes left, pops right
+            out.append(_message(raw))
     return out
 
 
@@ -50,7 +55,7 @@ def test_submit_writes_the_manifest_and_queues_by_priority(target: Settings) -> 
     assert batch_status(store, result.batch, settings).counts == {"queued": 4}
 
     client = broker.redis_client(settings)
-    waiting = _waiting(client, queues.queue_name("tiny-sdxl"))
+    waiting = _waiting(client)
     # most urgent first, then submission order within a priority
     assert [m["spec"]["priority"] for m in waiting] == [9, 5, 5, 0]
     assert [m["index"] for m in waiting] == [1, 0, 3, 2]
@@ -71,11 +76,29 @@ def test_embedded_broker_starts_on_demand_and_keeps_jobs_across_restart(env: dic
     broker.ensure_broker(settings)  # the append-only file brings the queue back
     try:
         client = broker.redis_client(settings)
-        ids = [m["id"] for m in _waiting(client, queues.queue_name("tiny-sdxl"))]
+        ids = [m["id"] for m in _waiting(client)]
         assert sorted(ids) == sorted(j.id for j in result.jobs)
     finally:
         broker.stop_broker(settings)
     assert not settings.broker_socket.exists()
+
+
+def test_jobs_are_routed_to_the_queue_of_their_model_class_and_priority(redis_url: str,
+                                                                       env: dict[str, str]
+                                                                       ) -> None:
+    settings = Settings.load(env={**env, "FARM_BROKER_URL": redis_url})
+    specs = [JobSpec.from_dict({"prompt": "a", "min_vram": mv, "priority": p}, settings)
+             for mv, p in ((0, 5), (8, 9), (20, 0), (8, 5))]
+    result = submit(settings, specs)
+    client = broker.redis_client(settings)
+    assert [j.vram_class for j in result.jobs] == [4, 8, 24, 8]
+    for job in result.jobs:
+        queue = queues.queue_name("tiny-sdxl", job.vram_class, job.spec.priority)
+        assert job.id in [_message(raw)["id"] for raw in client.lrange(queue, 0, -1)]
+    # what an 8 GB worker would take, in order: its own class by priority, then the 4 GB one;
+    # never the 24 GB job
+    assert [m["index"] for m in _waiting(client, 8)] == [1, 3, 0]
+    assert [m["index"] for m in _waiting(client, 24)] == [2, 1, 3, 0]
 
 
 def test_unreachable_broker_fails_clearly_and_writes_nothing(env: dict[str, str]) -> None:

@@ -98,11 +98,10 @@ def test_worker_rejects_hostile_messages_and_ignores_duplicates(env: dict[str, s
         good = submit(settings, [JobSpec.from_dict({"prompt": "ok", "seed": 1, "steps": 2,
                                                     "width": 64, "height": 64}, settings)])
         app = broker.celery_app(settings)
-        queue = queues.queue_name("tiny-sdxl")
+        queue = queues.queue_name("tiny-sdxl", 80, 5)
         hostile = [
             {"v": 1, "id": "../../etc", "batch": "x", "index": 0, "spec": {}},
-            {"v": 1, "id": good.jobs[0].id, "batch": good.batch, "index": 0,
-             "spec": {**good.jobs[0].spec.to_dict(), "steps": 10**6}},
+            {**good.jobs[0].encode(), "spec": {**good.jobs[0].spec.to_dict(), "steps": 10**6}},
             "not even an object",
         ]
         for message in hostile:

@@ -45,14 +45,16 @@ def test_keys_are_deterministic_per_job_and_image() -> None:
     assert sidecar_key("b", "b-0002", 1) == "batches/b/images/b-0002-1.json"
 
 
-def test_queue_names_and_priority_lists() -> None:
-    assert queues.queue_name("tiny-sdxl") == "farm.tiny-sdxl"
-    assert queues.queue_name("stabilityai/stable-diffusion-xl-base-1.0") == "farm.sdxl-base"
-    path_queue = queues.queue_name("/models/my-sdxl")
-    assert path_queue.startswith("farm.path-") and "/" not in path_queue
-    assert queues.message_priority(9) == 0 and queues.message_priority(0) == 9
-    lists = queues.redis_lists("farm.tiny-sdxl")
-    assert lists[0] == "farm.tiny-sdxl" and lists[-1] == "farm.tiny-sdxl:9" and len(lists) == 10
+def test_queue_names() -> None:
+    assert queues.queue_name("tiny-sdxl", 8, 5) == "farm.tiny-sdxl.8gb.p5"
+    assert queues.queue_name("stabilityai/stable-diffusion-xl-base-1.0", 24, 9) == \
+        "farm.sdxl-base.24gb.p9"
+    path_queue = queues.queue_name("/models/my-sdxl", 12, 0)
+    assert path_queue.startswith("farm.path-") and path_queue.endswith(".12gb.p0")
+    assert "/" not in path_queue
+    with pytest.raises(ValueError):
+        queues.queue_name("tiny-sdxl", 8, 10)
+    assert queues.redis_lists("farm.tiny-sdxl.8gb.p5") == ["farm.tiny-sdxl.8gb.p5"]
 
 
 def test_png_carries_a1111_parameters_and_is_byte_stable() -> None:
@@ -89,7 +91,8 @@ def test_status_counts_and_batch_state(tmp_path) -> None:  # type: ignore[no-unt
     from farm.store import put_json
 
     store = FileStore(tmp_path)
-    jobs = [Job(id=f"b1-{i:04d}", batch="b1", index=i, spec=spec()) for i in range(3)]
+    jobs = [Job(id=f"b1-{i:04d}", batch="b1", index=i, spec=spec(), vram_class=4)
+            for i in range(3)]
     put_json(store, manifest_key("b1"),
              Manifest(batch="b1", created_at=1.0, source="x", defaults={}, jobs=jobs).encode())
     st = batch_status(store, "b1", SETTINGS)

@@ -197,7 +197,7 @@ def test_states_are_their_wire_strings() -> None:
 def a_job() -> Job:
     spec = JobSpec.from_dict({"prompt": "a red fox", "seed": 7, "steps": 4}, SETTINGS)
     return Job(id=job_id("20260101-000000-abc123", 3), batch="20260101-000000-abc123",
-               index=3, spec=spec)
+               index=3, spec=spec, vram_class=8)
 
 
 def test_encode_decode_round_trip_through_json() -> None:
@@ -230,6 +230,10 @@ HOSTILE = {
     "spec-steps-over-cap": (hostile(spec={**a_job().spec.to_dict(), "steps": 10_000}),
                             "steps", "must be an integer from 1 to 150"),
     "spec-not-dict": (hostile(spec="rm -rf"), "job", "must be an object with a prompt"),
+    "vram-missing": ({k: v for k, v in hostile().items() if k != "vram"}, "message.vram",
+                     "must be a VRAM class in GB"),
+    "vram-zero": (hostile(vram=0), "message.vram", "must be a VRAM class in GB"),
+    "vram-text": (hostile(vram="24"), "message.vram", "must be a VRAM class in GB"),
 }
 
 
