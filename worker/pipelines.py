@@ -141,18 +141,29 @@ def load_model(spec: ModelSpec, settings: Settings, device: str,
 
 def _apply_profile(pipe: Any, spec: ModelSpec, settings: Settings, profile: Profile,
                    device: str, dtype: torch.dtype) -> None:
-    """The class's load profile (farm/vram.py). Offloading needs an accelerator: on CPU it is
-    a no-op, but the profile is still chosen, applied where it can be, and recorded."""
-    # 1. the VAE: the tiny one (TAESD-XL) or the fp16-fix one, in place of the model's own
+    """Fetch the VAE the profile wants for this model, then apply the profile."""
+    vae = None
     if profile.vae == "tiny":
         if spec.source == "tiny":
             folder = settings.models_path / spec.ref / tiny.TINY_VAE_FOLDER
-            pipe.vae = _load(spec, lambda: AutoencoderTiny.from_pretrained(folder, dtype=dtype))
+            vae = _load(spec, lambda: AutoencoderTiny.from_pretrained(folder, dtype=dtype))
         else:
-            pipe.vae = _load(spec, lambda: AutoencoderTiny.from_pretrained(TAESD_XL, dtype=dtype))
+            vae = _load(spec, lambda: AutoencoderTiny.from_pretrained(TAESD_XL, dtype=dtype))
     elif profile.vae == "fp16-fix" and dtype == torch.float16 and spec.source != "tiny":
-        # SDXL's own VAE overflows in fp16; the fix is a fine-tune that does not
-        pipe.vae = _load(spec, lambda: AutoencoderKL.from_pretrained(FP16_FIX_VAE, dtype=dtype))
+        # SDXL's own VAE overflows in fp16; the fix is a fine-tune that does not (the tiny
+        # models run in fp32 on CPU, where there is nothing to fix)
+        vae = _load(spec, lambda: AutoencoderKL.from_pretrained(FP16_FIX_VAE, dtype=dtype))
+    apply_profile(pipe, profile, device, dtype, vae)
+
+
+def apply_profile(pipe: Any, profile: Profile, device: str, dtype: torch.dtype,
+                  vae: Any = None) -> None:
+    """The class's load profile (farm/vram.py), with `vae` the replacement VAE it calls for.
+    Offloading needs an accelerator: on CPU it is a no-op, but the profile is still chosen,
+    applied where it can be (VAE, fp8 storage), and recorded."""
+    # 1. the VAE: the tiny one (TAESD-XL) or the fp16-fix one, in place of the model's own
+    if vae is not None:
+        pipe.vae = vae
     # 2. fp8 weight storage: the UNet's weights held as float8, each layer cast up to compute
     if profile.fp8_weights:
         pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn,
@@ -332,5 +343,5 @@ def pixels_digest(images: list[PIL.Image.Image]) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["SCHEDULERS", "LoadedModel", "load_model", "render", "warm", "resolve_device",
+__all__ = ["SCHEDULERS", "LoadedModel", "load_model", "apply_profile", "render", "warm", "resolve_device",
            "make_scheduler", "weight_files", "weights_hash", "pixels_digest"]

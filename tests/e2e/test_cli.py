@@ -135,3 +135,28 @@ def test_stdin_submit_and_control_commands_never_import_torch(env: dict[str, str
         assert "OK" in result.stdout
     finally:
         run_farm(env, "down")
+
+
+def test_a_killed_worker_drops_off_the_list_within_its_heartbeat_ttl(env: dict[str, str]
+                                                                      ) -> None:
+    import signal
+
+    env = {**env, "FARM_HEARTBEAT_INTERVAL": "0.5", "FARM_HEARTBEAT_TTL": "2"}
+    up = run_farm(env, "up", "--workers", "2", "--vram", "8,24", "--device", "cpu")
+    try:
+        assert up.returncode == 0, up.stderr
+        listed = json.loads(run_farm(env, "workers", "--json").stdout)
+        assert sorted((w["name"], w["vram_class"], w["state"]) for w in listed) == [
+            ("local-1", 8, "ready"), ("local-2", 24, "ready")]
+        victim = next(w for w in listed if w["name"] == "local-1")
+        os.kill(victim["pid"], signal.SIGKILL)
+        killed_at = time.monotonic()
+        while time.monotonic() - killed_at < 10:
+            names = [w["name"] for w in json.loads(run_farm(env, "workers", "--json").stdout)]
+            if names == ["local-2"]:
+                break
+            time.sleep(0.3)
+        assert names == ["local-2"]
+        assert time.monotonic() - killed_at < 2 + 6  # the TTL, plus a few CLI starts
+    finally:
+        run_farm(env, "down")

@@ -1,0 +1,99 @@
+"""Full-size SDXL base and refiner with random weights, for GPU measurements.
+
+Compute and memory do not depend on weight values, so random weights time and fill a GPU the
+same as the real ones (configs from ../shared/facts/SDXL.md). Nothing is downloaded: the
+tokenizer is the tiny models' byte-level one (token ids stay below every vocabulary size).
+`tiny=True` gives the tiny models instead, so each GPU script can be smoke-tested on a CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderTiny,
+    EulerDiscreteScheduler,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from worker import tiny
+
+BASE_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
+REFINER_UNET = dict(
+    BASE_UNET, block_out_channels=(384, 768, 1536, 1536),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                      "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=4, attention_head_dim=(6, 12, 24, 24), cross_attention_dim=1280,
+    projection_class_embeddings_input_dim=2560,
+)
+VAE = dict(
+    block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    sample_size=1024, scaling_factor=0.13025, force_upcast=True,
+)
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+              num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768,
+              max_position_embeddings=77)
+CLIP_BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120,
+                 num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu",
+                 projection_dim=1280, max_position_embeddings=77)
+
+
+def _init_small(module: torch.nn.Module) -> torch.nn.Module:
+    """Random weights at a small scale, so fp16 activations stay finite through 70 blocks."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.02)
+    return module
+
+
+def build(role: str, dtype: torch.dtype, *, tiny_models: bool = False,
+          vae: Any = None, text_encoder_2: Any = None) -> Any:
+    """A full-size (or tiny) SDXL pipeline with random weights, on the CPU, in `dtype`.
+    `vae` and `text_encoder_2` let a refiner share the base's, as the real pair does."""
+    if tiny_models:
+        return tiny.make_pipeline("tiny-sdxl" if role == "base" else "tiny-sdxl-refiner").to(
+            dtype=dtype)
+    torch.manual_seed(0)
+    tokenizer = tiny.make_tokenizer()
+    vae = vae or _init_small(AutoencoderKL(**VAE)).to(dtype=dtype)
+    te2 = text_encoder_2 or _init_small(
+        CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG))).to(dtype=dtype)
+    scheduler = EulerDiscreteScheduler.from_config(tiny.SCHEDULER_CONFIG)
+    if role == "base":
+        return StableDiffusionXLPipeline(
+            vae=vae, text_encoder=_init_small(CLIPTextModel(CLIPTextConfig(**CLIP_L))).to(
+                dtype=dtype),
+            text_encoder_2=te2, tokenizer=tokenizer, tokenizer_2=tokenizer,
+            unet=_init_small(UNet2DConditionModel(**BASE_UNET)).to(dtype=dtype),
+            scheduler=scheduler, add_watermarker=False)
+    return StableDiffusionXLImg2ImgPipeline(
+        vae=vae, text_encoder=None, text_encoder_2=te2, tokenizer=None, tokenizer_2=tokenizer,
+        unet=_init_small(UNet2DConditionModel(**REFINER_UNET)).to(dtype=dtype),
+        scheduler=scheduler, requires_aesthetics_score=True, add_watermarker=False)
+
+
+def tiny_vae(dtype: torch.dtype, *, tiny_models: bool = False) -> Any:
+    """TAESD-XL's shape (the real one has 64 channels per block), random weights."""
+    if tiny_models:
+        return tiny._tiny_vae().to(dtype=dtype)
+    return _init_small(AutoencoderTiny()).to(dtype=dtype)
+
+
+def parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
