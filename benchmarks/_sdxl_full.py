@@ -23,7 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from worker import tiny
 
-BASE_UNET = dict(
+BASE_UNET: dict[str, Any] = dict(
     sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
     block_out_channels=(320, 640, 1280),
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -32,7 +32,7 @@ BASE_UNET = dict(
     cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
     addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
 )
-REFINER_UNET = dict(
+REFINER_UNET: dict[str, Any] = dict(
     BASE_UNET, block_out_channels=(384, 768, 1536, 1536),
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
                       "DownBlock2D"),
@@ -40,20 +40,20 @@ REFINER_UNET = dict(
     transformer_layers_per_block=4, attention_head_dim=(6, 12, 24, 24), cross_attention_dim=1280,
     projection_class_embeddings_input_dim=2560,
 )
-VAE = dict(
+VAE: dict[str, Any] = dict(
     block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
     sample_size=1024, scaling_factor=0.13025, force_upcast=True,
 )
-CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+CLIP_L: dict[str, Any] = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
               num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768,
               max_position_embeddings=77)
-CLIP_BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120,
+CLIP_BIGG: dict[str, Any] = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120,
                  num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu",
                  projection_dim=1280, max_position_embeddings=77)
 
 
-def _init_small(module: torch.nn.Module) -> torch.nn.Module:
+def _init_small(module: Any) -> Any:
     """Random weights at a small scale, so fp16 activations stay finite through 70 blocks."""
     with torch.no_grad():
         for p in module.parameters():
@@ -67,8 +67,8 @@ def build(role: str, dtype: torch.dtype, *, tiny_models: bool = False,
     """A full-size (or tiny) SDXL pipeline with random weights, on the CPU, in `dtype`.
     `vae` and `text_encoder_2` let a refiner share the base's, as the real pair does."""
     if tiny_models:
-        return tiny.make_pipeline("tiny-sdxl" if role == "base" else "tiny-sdxl-refiner").to(
-            dtype=dtype)
+        pipe: Any = tiny.make_pipeline("tiny-sdxl" if role == "base" else "tiny-sdxl-refiner")
+        return pipe.to(dtype=dtype)
     torch.manual_seed(0)
     tokenizer = tiny.make_tokenizer()
     vae = vae or _init_small(AutoencoderKL(**VAE)).to(dtype=dtype)
@@ -90,10 +90,9 @@ def build(role: str, dtype: torch.dtype, *, tiny_models: bool = False,
 
 def tiny_vae(dtype: torch.dtype, *, tiny_models: bool = False) -> Any:
     """TAESD-XL's shape (the real one has 64 channels per block), random weights."""
-    if tiny_models:
-        return tiny._tiny_vae().to(dtype=dtype)
-    return _init_small(AutoencoderTiny()).to(dtype=dtype)
+    vae: Any = tiny._tiny_vae() if tiny_models else _init_small(AutoencoderTiny())
+    return vae.to(dtype=dtype)
 
 
-def parameters(module: torch.nn.Module) -> int:
+def parameters(module: Any) -> int:
     return sum(p.numel() for p in module.parameters())
