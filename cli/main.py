@@ -48,11 +48,17 @@ def cli() -> None:
 @click.option("--scheduler", help="euler, euler_a, dpmpp_2m or ddim.")
 @click.option("--priority", type=int, help="0 (lowest) to 9 (most urgent); default 5.")
 @click.option("--min-vram", type=int, help="Run only on workers of at least this many GB.")
+@click.option("--refiner", help="Refiner model: the base denoises up to --switch, it the rest.")
+@click.option("--switch", type=float, help="Where the refiner takes over (0-1, default 0.9).")
+@click.option("--split", type=click.Choice(["auto", "always", "never"]),
+              help="Base and refiner on two workers through the store (always), on one "
+                   "(never), or auto (default).")
 @click.option("--wait", is_flag=True, help="Wait until the batch ends, showing progress.")
 @click.option("--json", "as_json", is_flag=True, help="Print {batch, jobs} as JSON.")
 def submit(prompts: str, model: str | None, steps: int | None, guidance: float | None,
            size: str | None, seed: int | None, n: int | None, negative: str | None,
-           scheduler: str | None, priority: int | None, min_vram: int | None, wait: bool,
+           scheduler: str | None, priority: int | None, min_vram: int | None,
+           refiner: str | None, switch: float | None, split: str | None, wait: bool,
            as_json: bool) -> None:
     """Submit PROMPTS (.txt, .jsonl, .csv, or - for stdin) and print the batch id."""
     from scheduler.parse import detect_format, parse_batch, parse_size
@@ -62,7 +68,8 @@ def submit(prompts: str, model: str | None, steps: int | None, guidance: float |
     defaults: dict[str, Any] = {"model": model, "steps": steps, "guidance": guidance,
                                 "seed": seed, "n": n, "negative_prompt": negative,
                                 "scheduler": scheduler, "priority": priority,
-                                "min_vram": min_vram}
+                                "min_vram": min_vram, "refiner": refiner, "switch": switch,
+                                "split": split}
     if size is not None:
         defaults["width"], defaults["height"] = parse_size(size)
     defaults = {k: v for k, v in defaults.items() if v is not None}

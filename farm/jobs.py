@@ -14,7 +14,6 @@ worker). succeeded, failed and canceled are final.
 from __future__ import annotations
 
 import enum
-import math
 import re
 import secrets
 from dataclasses import asdict, dataclass, fields
@@ -22,6 +21,10 @@ from typing import Any
 
 from farm import models
 from farm.errors import ValidationError
+from farm.rules import check_int as _int
+from farm.rules import check_number as _number
+from farm.rules import check_text as _text
+from farm.rules import unknown_key as _unknown_key
 from farm.settings import Settings
 
 
@@ -59,6 +62,10 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 SCHEDULERS = ("euler", "euler_a", "dpmpp_2m", "ddim")
 PRIORITY_MIN, PRIORITY_MAX, PRIORITY_DEFAULT = 0, 9, 5
 SEED_MAX = 2**32 - 1
+# Where the refiner takes over. diffusers documents 0.8; the SDXL optimisation guide found that
+# 0.8 lets the refiner change the base's composition, while 0.9 keeps it and still sharpens.
+DEFAULT_SWITCH = 0.9
+SPLIT_POLICIES = ("auto", "always", "never")
 GUIDANCE_MAX = 30.0
 MIN_SIDE = 64
 MAX_VRAM_GB = 1024
@@ -82,6 +89,10 @@ class JobSpec:
     scheduler: str
     priority: int
     min_vram: int
+    # the ensemble of expert denoisers: the base denoises up to `switch`, the refiner the rest
+    refiner: str | None = None
+    switch: float = DEFAULT_SWITCH
+    split: str = "auto"         # "auto", "always" (two workers via the store), "never" (one)
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -106,7 +117,7 @@ class JobSpec:
         model_name = data.get("model", models.DEFAULT_MODEL)
         if model_name is None:
             model_name = models.DEFAULT_MODEL
-        model = models.resolve(model_name)
+        model = models.resolve(model_name, role="base")
         steps = _int(data, "steps", 1, settings.max_steps, model.default_steps)
         width = _int(data, "width", MIN_SIDE, settings.max_side, model.default_width)
         height = _int(data, "height", MIN_SIDE, settings.max_side, model.default_height)
@@ -130,9 +141,24 @@ class JobSpec:
         seed = data.get("seed")
         seed = secrets.randbelow(SEED_MAX + 1) if seed is None else _int(data, "seed", 0,
                                                                         SEED_MAX, 0)
+        refiner = data.get("refiner")
+        if refiner is not None:
+            refiner = models.resolve(refiner, role="refiner", field="refiner").name
+        switch = _number(data, "switch", 0.0, 1.0, DEFAULT_SWITCH)
+        if not 0.0 < switch < 1.0:
+            raise ValidationError("switch", "must be between 0 and 1 (exclusive)", switch)
+        if refiner is not None and (round(steps * switch) < 1 or round(steps * switch) >= steps):
+            raise ValidationError("switch", f"must leave at least one of the {steps} steps to "
+                                  "the base and one to the refiner", switch)
+        split = data.get("split", "auto")
+        if split is None:
+            split = "auto"
+        if split not in SPLIT_POLICIES:
+            raise ValidationError("split", f"must be one of {', '.join(SPLIT_POLICIES)}", split)
         return cls(prompt=prompt, negative_prompt=negative, seed=seed, steps=steps,
                    guidance=guidance, width=width, height=height, n=n, model=model.name,
-                   scheduler=scheduler, priority=priority, min_vram=min_vram)
+                   scheduler=scheduler, priority=priority, min_vram=min_vram, refiner=refiner,
+                   switch=switch, split=split)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -142,22 +168,50 @@ class JobSpec:
         return [self.seed + k for k in range(self.n)]
 
 
+# The stages a message can ask for (the README's "Split base → refiner" explains them):
+#   full     no refiner: render the images
+#   base     denoise to `switch`, then hand the latents to a refiner (through the store, or
+#            in memory when this worker also serves the refiner: split policy "auto")
+#   refiner  finish from the stored latents
+#   pair     base and refiner on this one worker, no store round-trip (split policy "never")
+STAGES = ("full", "base", "refiner", "pair")
+
+
 @dataclass(frozen=True)
 class Job:
-    """A JobSpec with its place in a batch: what travels on the queue."""
+    """A JobSpec with its place in a batch and the stage to run: what travels on the queue."""
 
     id: str
     batch: str
     index: int
     spec: JobSpec
-    vram_class: int     # the smallest class that can run it (farm/vram.py), raised by min_vram
+    vram_class: int     # the smallest class that can run its first stage (farm/vram.py)
+    stage: str = "full"
+    refiner_vram_class: int | None = None   # the class of its refiner stage, when split
 
     VERSION = 1
-    FIELDS = ("v", "id", "batch", "index", "spec", "vram")
+    FIELDS = ("v", "id", "batch", "index", "spec", "vram", "stage", "refiner_vram")
+
+    @property
+    def stage_class(self) -> int:
+        """The VRAM class the stage in this message needs."""
+        if self.stage == "refiner" and self.refiner_vram_class is not None:
+            return self.refiner_vram_class
+        return self.vram_class
+
+    @property
+    def stage_model(self) -> str:
+        """The model (or base+refiner pair) whose queues carry this stage."""
+        if self.stage == "refiner" and self.spec.refiner:
+            return self.spec.refiner
+        if self.stage == "pair" and self.spec.refiner:
+            return models.pair_name(self.spec.model, self.spec.refiner)
+        return self.spec.model
 
     def encode(self) -> dict[str, Any]:
         return {"v": self.VERSION, "id": self.id, "batch": self.batch, "index": self.index,
-                "spec": self.spec.to_dict(), "vram": self.vram_class}
+                "spec": self.spec.to_dict(), "vram": self.vram_class, "stage": self.stage,
+                "refiner_vram": self.refiner_vram_class}
 
     @classmethod
     def decode(cls, data: Any, settings: Settings) -> Job:
@@ -189,7 +243,18 @@ class Job:
         if isinstance(spec_data, dict) and spec_data.get("seed") is None:
             raise ValidationError("spec.seed", "must be set in a queued job", None)
         spec = JobSpec.from_dict(spec_data, settings)
-        return cls(id=ident, batch=batch, index=index, spec=spec, vram_class=vram)
+        stage = data.get("stage", "full")
+        allowed = ("full",) if spec.refiner is None else ("base", "refiner", "pair")
+        if stage not in allowed:
+            raise ValidationError("message.stage", f"must be one of {', '.join(allowed)} for "
+                                  "this job", stage)
+        refiner_vram = data.get("refiner_vram")
+        if refiner_vram is not None and (type(refiner_vram) is not int
+                                         or not 0 < refiner_vram <= MAX_VRAM_GB):
+            raise ValidationError("message.refiner_vram", "must be a VRAM class in GB",
+                                  refiner_vram)
+        return cls(id=ident, batch=batch, index=index, spec=spec, vram_class=vram, stage=stage,
+                   refiner_vram_class=refiner_vram)
 
 
 def new_batch_id(now: float) -> str:
@@ -206,62 +271,3 @@ def job_id(batch: str, index: int) -> str:
 
 def is_id(text: str) -> bool:
     return bool(_ID.match(text))
-
-
-# -- field rules ---------------------------------------------------------------------------
-
-
-def _text(data: dict[str, Any], name: str, limit: int, required: bool = False) -> str:
-    value = data.get(name, "")
-    if value is None:
-        value = ""
-    if not isinstance(value, str):
-        raise ValidationError(name, "must be text", value)
-    if required and not value.strip():
-        raise ValidationError(name, "must not be empty", value)
-    if len(value) > limit:
-        # the length, not the text: a 5,000-character prompt does not belong in an error line
-        raise ValidationError(name, f"must be at most {limit} characters", len(value))
-    if "\x00" in value:
-        raise ValidationError(name, "must not contain NUL characters", value)
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates: JSON allows them, UTF-8 does not
-        raise ValidationError(name, "must be valid Unicode text", value) from None
-    return value
-
-
-_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
-
-
-def _unknown_key(data: dict[Any, Any], keys: list[Any], rule: str,
-                 prefix: str = "") -> ValidationError:
-    """Name the unknown key when it is printable; an odd key becomes the value instead."""
-    key = min(keys, key=repr)
-    if isinstance(key, str) and _PLAIN_KEY.match(key):
-        return ValidationError(prefix + key, rule, data[key])
-    return ValidationError(prefix + "key", rule, key)
-
-
-def _int(data: dict[str, Any], name: str, low: int, high: int, default: int) -> int:
-    value = data.get(name)
-    if value is None:
-        return default
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValidationError(name, f"must be an integer from {low} to {high}", value)
-    if not low <= value <= high:
-        raise ValidationError(name, f"must be an integer from {low} to {high}", value)
-    return value
-
-
-def _number(data: dict[str, Any], name: str, low: float, high: float, default: float) -> float:
-    value = data.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValidationError(name, f"must be a number from {low:g} to {high:g}", value)
-    if not low <= value <= high:
-        raise ValidationError(name, f"must be a number from {low:g} to {high:g}", value)
-    return float(value)

@@ -45,29 +45,40 @@ _SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/+@=-]+$")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
 
-def resolve(name: str) -> ModelSpec:
-    """The model a job names, or ValidationError on field `model`."""
+def resolve(name: str, role: str | None = None, field: str = "model") -> ModelSpec:
+    """The model a job names, or ValidationError on `field`. With `role`, the model must be a
+    base ("base") or a refiner ("refiner"); a local path takes the role it is given."""
     if not isinstance(name, str) or not name:
-        raise ValidationError("model", "must be a model name or an absolute path", name)
-    if name in REGISTRY:
-        return REGISTRY[name]
-    if name in ALIASES:
-        return REGISTRY[ALIASES[name]]
+        raise ValidationError(field, "must be a model name or an absolute path", name)
+    if name in REGISTRY or name in ALIASES:
+        spec = REGISTRY[ALIASES.get(name, name)]
+        if role is not None and spec.role != role:
+            others = ", ".join(sorted(m.name for m in REGISTRY.values() if m.role == role))
+            raise ValidationError(field, f"must be a {role} model ({others}), not a "
+                                         f"{spec.role}", name)
+        return spec
     if "://" in name:
-        raise ValidationError("model", "must be a known model name or a local path, not a URL",
+        raise ValidationError(field, "must be a known model name or a local path, not a URL",
                               name)
     if name.startswith("/"):
         parts = PurePosixPath(name).parts
         if ".." in parts or not _SAFE_PATH.match(name):
             raise ValidationError(
-                "model", "must be an absolute path without '..' or unusual characters", name)
-        return ModelSpec(name, "path", name, "base", 1024, 1024, 30)
+                field, "must be an absolute path without '..' or unusual characters", name)
+        return ModelSpec(name, "path", name, role or "base", 1024, 1024, 30)
     known = ", ".join(sorted(REGISTRY))
-    raise ValidationError("model", f"must be one of {known} or an absolute local path", name)
+    raise ValidationError(field, f"must be one of {known} or an absolute local path", name)
+
+
+def pair_name(base: str, refiner: str) -> str:
+    """The route of a job whose base and refiner run on one worker (split policy "never")."""
+    return f"{base}+{refiner}"
 
 
 def queue_slug(name: str) -> str:
     """A model name as it may appear in a queue name (paths become a short stable digest)."""
+    if "+" in name:
+        return "+".join(queue_slug(part) for part in name.split("+", 1))
     if name in REGISTRY:
         return name
     if name in ALIASES:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from farm import models
-from farm.jobs import PRIORITY_MAX, PRIORITY_MIN
+from farm.jobs import PRIORITY_MAX, PRIORITY_MIN, Job
 
 # The one task every worker runs; the scheduler sends it by name, so it never imports the worker.
 RENDER_TASK = "farm.render"
@@ -35,6 +35,21 @@ def queue_name(model: str, vram_class: int, priority: int) -> str:
     return f"{QUEUE_PREFIX}.{models.queue_slug(model)}.{vram_class}gb.p{priority}"
 
 
+def stage_queue(job: Job) -> str:
+    """The queue a job's current stage goes to."""
+    return queue_name(job.stage_model, job.stage_class, job.spec.priority)
+
+
+def routes(model_names: Iterable[str]) -> list[str]:
+    """What a worker serving `model_names` can run: each model, and each base+refiner pair
+    it holds both halves of (split policy "never")."""
+    names = list(dict.fromkeys(model_names))
+    role = {n: models.resolve(n).role for n in names}  # a local path counts as a base
+    bases = [n for n in names if role[n] == "base"]
+    refiners = [n for n in names if role[n] == "refiner"]
+    return names + [models.pair_name(b, r) for b in bases for r in refiners]
+
+
 def worker_queues(model_names: Iterable[str], own_class: int,
                   classes: Iterable[int]) -> list[str]:
     """Every queue a worker of `own_class` serving `model_names` consumes, in the order it
@@ -42,7 +57,7 @@ def worker_queues(model_names: Iterable[str], own_class: int,
     in turn. So it helps smaller cards only when its own class has nothing waiting, and no
     routable queue is left without a consumer: each is served by its own class's workers and
     by every bigger one."""
-    names = list(model_names)
+    names = routes(model_names)
     order = []
     for c in sorted((c for c in classes if c <= own_class), reverse=True):
         for p in PRIORITIES:

@@ -88,6 +88,13 @@ class JobRecord:
     images: list[str] = field(default_factory=list)
     error: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    # per stage ("full", "base", "refiner", "pair"): worker, host, vram_class, profile,
+    # attempts, started_at, finished_at, seconds
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def with_stage(self, stage: str, **info: Any) -> dict[str, dict[str, Any]]:
+        """`stages` with `stage`'s entry updated by `info`."""
+        return {**self.stages, stage: {**self.stages.get(stage, {}), **info}}
 
     def to(self, state: JobState, **changes: Any) -> JobRecord:
         """The next record in the lifecycle; refuses a move jobs.py does not allow."""

@@ -22,13 +22,13 @@ from typing import Any
 from farm.errors import ValidationError
 from farm.jobs import JobSpec
 from farm.settings import Settings
-from scheduler.plan import placement
+from scheduler.plan import plan
 
 FORMATS = ("txt", "jsonl", "csv")
 _EXTENSIONS = {".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
 
 INT_FIELDS = frozenset({"seed", "steps", "width", "height", "n", "priority", "min_vram"})
-NUMBER_FIELDS = frozenset({"guidance"})
+NUMBER_FIELDS = frozenset({"guidance", "switch"})
 
 # ASCII digits only: int() and \d also take "1_000" and other scripts' digits, which no one
 # means in a prompt file. 4000 digits keeps clear of int()'s 4300-digit limit.
@@ -94,7 +94,7 @@ def parse_batch(text: str, fmt: str, defaults: Mapping[str, Any],
     for line, fields in records:
         try:
             spec = JobSpec.from_dict({**base, **fields}, settings)
-            placement(spec, settings)  # a stage no configured class can run is refused here
+            plan(spec, settings)  # a stage no configured class can run is refused here
             specs.append(spec)
         except ValidationError as err:
             raise _at(err, line) from None

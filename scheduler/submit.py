@@ -17,7 +17,7 @@ from farm.jobs import Job, JobSpec, job_id, new_batch_id
 from farm.records import Manifest, manifest_key
 from farm.settings import Settings
 from farm.store import Store, open_store, put_json
-from scheduler.plan import placement
+from scheduler.plan import plan
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,12 @@ def submit(settings: Settings, specs: list[JobSpec], *, source: str = "-",
 
     # 2. the manifest is the record: written once, before any message exists
     batch = new_batch_id(time.time())
-    jobs = [Job(id=job_id(batch, i), batch=batch, index=i, spec=spec,
-                vram_class=placement(spec, settings).vram_class)
-            for i, spec in enumerate(specs)]
+    jobs = []
+    for i, spec in enumerate(specs):
+        p = plan(spec, settings)
+        jobs.append(Job(id=job_id(batch, i), batch=batch, index=i, spec=spec,
+                        vram_class=p.vram_class, stage=p.first_stage,
+                        refiner_vram_class=p.refiner_vram_class))
     manifest = Manifest(batch=batch, created_at=time.time(), source=source,
                         defaults=dict(defaults or {}), jobs=jobs)
     put_json(store, manifest_key(batch), manifest.encode(), create_once=True)
@@ -48,8 +51,7 @@ def submit(settings: Settings, specs: list[JobSpec], *, source: str = "-",
         with app.producer_or_acquire() as producer:
             for job in jobs:
                 app.send_task(queues.RENDER_TASK, args=[job.encode()],
-                              queue=queues.queue_name(job.spec.model, job.vram_class,
-                                                      job.spec.priority),
+                              queue=queues.stage_queue(job),
                               producer=producer, retry=True,
                               retry_policy={"max_retries": 3, "interval_start": 0.2,
                                             "interval_step": 0.5, "interval_max": 2})

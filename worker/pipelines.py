@@ -315,6 +315,52 @@ def render(model: LoadedModel, spec: jobs.JobSpec, *,
     return images
 
 
+def denoise_base(model: LoadedModel, spec: jobs.JobSpec, seed: int, *,
+                 callback: StepCallback | None = None) -> tuple[torch.Tensor, torch.Generator]:
+    """The base half of the ensemble for one image: denoise to `spec.switch`, return the
+    still-scaled latents (1, 4, H/8, W/8) and the generator as it stands after them."""
+    if model.spec.role != "base":
+        raise ValueError(f"{model.name} is a refiner; the base half needs a base model")
+    pipe = model.pipe
+    pipe.scheduler = make_scheduler(model, spec.scheduler)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    result = pipe(
+        prompt=spec.prompt, negative_prompt=spec.negative_prompt or None,
+        width=spec.width, height=spec.height, num_inference_steps=spec.steps,
+        guidance_scale=spec.guidance, denoising_end=spec.switch, output_type="latent",
+        generator=generator, callback_on_step_end=callback,
+    )
+    return result.images, generator
+
+
+def refine(model: LoadedModel, spec: jobs.JobSpec, latents: torch.Tensor,
+           generator: torch.Generator, *,
+           callback: StepCallback | None = None) -> PIL.Image.Image:
+    """The refiner half for one image: continue `latents` from `spec.switch` to the end with
+    the same steps and the base's generator (an ancestral sampler draws from it), decode."""
+    if model.spec.role != "refiner":
+        raise ValueError(f"{model.name} is a base model; the refiner half needs a refiner")
+    pipe = model.pipe
+    pipe.scheduler = make_scheduler(model, spec.scheduler)
+    result = pipe(
+        prompt=spec.prompt, negative_prompt=spec.negative_prompt or None,
+        image=latents.to(device=model.device, dtype=model.dtype),
+        num_inference_steps=spec.steps, denoising_start=spec.switch,
+        guidance_scale=spec.guidance, generator=generator, output_type="pil",
+        callback_on_step_end=callback,
+    )
+    return result.images[0]
+
+
+def ensemble(base: LoadedModel, refiner: LoadedModel, spec: jobs.JobSpec) -> list[PIL.Image.Image]:
+    """Both halves in one process, one generator per image: what a split job must equal."""
+    images = []
+    for seed in spec.image_seeds():
+        latents, generator = denoise_base(base, spec, seed)
+        images.append(refine(refiner, spec, latents, generator))
+    return images
+
+
 def warm(model: LoadedModel) -> float:
     """One tiny render at the model's default size, so the first job skips first-call costs
     (allocator growth, kernel selection, lazy imports). Returns the seconds it took."""
@@ -343,5 +389,6 @@ def pixels_digest(images: list[PIL.Image.Image]) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["SCHEDULERS", "LoadedModel", "load_model", "apply_profile", "render", "warm", "resolve_device",
+__all__ = ["SCHEDULERS", "LoadedModel", "load_model", "apply_profile", "denoise_base", "refine",
+           "ensemble", "render", "warm", "resolve_device",
            "make_scheduler", "weight_files", "weights_hash", "pixels_digest"]

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from farm import broker, fleet, models, queues, vram
+from farm.jobs import Job
 from farm.settings import Settings
 from farm.store import open_store
 from worker.stage import WorkerContext, package_versions, run_job
@@ -115,7 +116,7 @@ class Worker:
         self.ctx = WorkerContext(settings=self.settings, store=open_store(self.settings),
                                  models=loaded, render=pipelines.render, name=self.name,
                                  versions=package_versions(), threads=self.settings.threads,
-                                 vram_class=self.vram_class)
+                                 vram_class=self.vram_class, backend=pipelines)
         self.info.state = fleet.WorkerState.READY
         self._beat()
         classes = sorted({q.split(".")[-2] for q in self.info.queues}, key=lambda c: -int(c[:-2]))
@@ -170,6 +171,13 @@ class Worker:
         @app.task(name=queues.RENDER_TASK, acks_late=True)
         def render_task(message: Any) -> None:
             worker.handle(message)
+
+        def enqueue(job: Job) -> None:
+            app.send_task(queues.RENDER_TASK, args=[job.encode()],
+                          queue=queues.stage_queue(job))
+
+        assert self.ctx is not None
+        self.ctx.enqueue = enqueue
 
         consumer = app.Worker(pool="solo", concurrency=1, queues=self.info.queues,
                               hostname=f"{self.name}@{socket.gethostname()}",

@@ -1,42 +1,29 @@
-"""Running one job on a warm worker: check the message, render, write the images, record it.
+"""Running one stage of a job on a warm worker: check the message, run it, record it.
 
-Every effect is keyed by the job, so a second delivery of the same message does no harm: a job
-whose record is final is skipped, and images are written create-once.
+Every effect is keyed by the job, so a second delivery of the same message does no harm: a stage
+whose work the record shows done is skipped, images are written create-once, intermediates are
+keyed by job. The stages themselves live in worker/split.py (base, refiner, pair) and below
+(full).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from farm import images as pngs
-from farm.errors import AlreadyExists, FarmError, ValidationError
+from farm.errors import FarmError, ValidationError
 from farm.jobs import Job, JobState
-from farm.records import (
-    JobRecord,
-    image_key,
-    read_manifest,
-    read_record,
-    sidecar_key,
-    write_record,
-)
+from farm.records import JobRecord, read_manifest, read_record, write_record
 from farm.settings import Settings
 from farm.store import Store
+from worker.outputs import write_images
 
 log = logging.getLogger("farm.worker")
-
-
-class Model(Protocol):
-    name: str
-    device: str
-    dtype: Any
-    weights_hash: str
-    spec: Any
 
 
 class Renderer(Protocol):
@@ -56,6 +43,16 @@ class WorkerContext:
     versions: dict[str, str] = field(default_factory=dict)
     threads: int = 0  # torch threads on CPU (pixels depend on it); 0 = torch's default
     vram_class: int = 0   # the class this worker declared
+    # the loading/rendering module (worker.pipelines), for the base/refiner halves
+    backend: Any = None
+    # puts the next stage of a job on its queue (the refiner stage after the base)
+    enqueue: Callable[[Job], None] | None = None
+
+    def stage_info(self, model: Any) -> dict[str, Any]:
+        """Who runs a stage, for the record and the sidecar."""
+        return {"worker": self.name, "host": self.host, "device": str(model.device),
+                "vram_class": self.vram_class, "profile": getattr(model, "profile", ""),
+                "model_hash": model.weights_hash}
 
 
 @dataclass(frozen=True)
@@ -71,15 +68,19 @@ def run_job(ctx: WorkerContext, message: Any) -> Outcome:
         job = Job.decode(message, ctx.settings)
     except ValidationError as exc:
         return Outcome(None, "rejected", f"malformed message, no model work done: {exc}")
-    if ctx.vram_class and job.vram_class > ctx.vram_class:
-        # only a hand-pushed message gets here: routing sends a job to its class or above
-        return Outcome(None, "rejected", f"job {job.id} needs a {job.vram_class} GB worker; "
+    if ctx.vram_class and job.stage_class > ctx.vram_class:
+        # only a hand-pushed message gets here: routing sends a stage to its class or above
+        return Outcome(None, "rejected", f"job {job.id} needs a {job.stage_class} GB worker; "
                        f"this one is {ctx.vram_class} GB")
-    if job.spec.model not in ctx.models:
-        # routing sent us a job for a model we do not serve: a configuration error somewhere
-        return _fail(ctx, job, None, f"worker {ctx.name} does not serve model {job.spec.model}")
+    needed: dict[str, list[str | None]] = {
+        "full": [job.spec.model], "base": [job.spec.model], "refiner": [job.spec.refiner],
+        "pair": [job.spec.model, job.spec.refiner]}
+    missing = [m for m in needed[job.stage] if m not in ctx.models]
+    if missing:
+        # routing sent us a stage for a model we do not serve: a configuration error somewhere
+        return _fail(ctx, job, None, f"worker {ctx.name} does not serve model {missing[0]}")
 
-    # 2. a job whose record is final was done already (a duplicate delivery): do nothing
+    # 2. the record decides whether there is anything left to do (duplicates do nothing)
     record = read_record(ctx.store, job.batch, job.id)
     if record is not None and record.state.final:
         log.info("job %s is already %s; skipping the duplicate", job.id, record.state.value)
@@ -91,68 +92,78 @@ def run_job(ctx: WorkerContext, message: Any) -> Outcome:
     if manifest.aborted:
         return _fail(ctx, job, record, f"batch was aborted at submit: {manifest.aborted}",
                      state=JobState.CANCELED)
-
     record = record or JobRecord(job=job.id, batch=job.batch)
-    if record.state != JobState.QUEUED:  # picked up again after a worker died mid-job
-        record = record.to(JobState.QUEUED)
-    started = time.time()
-    record = record.to(JobState.RUNNING, attempts=record.attempts + 1, worker=ctx.name,
-                       started_at=started, error=None)
-    write_record(ctx.store, record)
 
-    # 3. render and write
+    from worker import split  # split builds on this module's helpers
+
     try:
-        model = ctx.models[job.spec.model]
+        if job.stage == "refiner":
+            return split.run_refiner(ctx, job, record)
+        if job.stage == "base":
+            return split.run_base(ctx, job, record)
+        if job.stage == "pair":
+            return split.run_pair(ctx, job, record)
+        return run_full(ctx, job, record)
+    except split.StageFailed as exc:
+        return _fail(ctx, job, exc.record, exc.message)
+
+
+def start(ctx: WorkerContext, job: Job, record: JobRecord, stage: str, model: Any) -> JobRecord:
+    """Record that `stage` starts on this worker (a restarted one counts another attempt)."""
+    if record.state not in (JobState.QUEUED, JobState.LATENTS_READY):
+        # picked up again after a worker died mid-stage
+        back = JobState.LATENTS_READY if record.state == JobState.REFINING else JobState.QUEUED
+        record = record.to(back)
+    state = JobState.REFINING if stage == "refiner" else JobState.RUNNING
+    now = time.time()
+    attempts = record.stages.get(stage, {}).get("attempts", 0) + 1
+    record = record.to(state, attempts=record.attempts + 1, worker=ctx.name, error=None,
+                       started_at=record.started_at or now,
+                       stages=record.with_stage(stage, **ctx.stage_info(model),
+                                                attempts=attempts, started_at=now))
+    write_record(ctx.store, record)
+    return record
+
+
+def finish_stage(record: JobRecord, stage: str) -> dict[str, dict[str, Any]]:
+    now = time.time()
+    began = record.stages.get(stage, {}).get("started_at", now)
+    return record.with_stage(stage, finished_at=now, seconds=round(now - began, 4))
+
+
+def run_full(ctx: WorkerContext, job: Job, record: JobRecord) -> Outcome:
+    """A job without a refiner: render its images, write them, record success."""
+    model = ctx.models[job.spec.model]
+    record = start(ctx, job, record, "full", model)
+    try:
         t0 = time.perf_counter()
         pictures = ctx.render(model, job.spec)
         render_s = time.perf_counter() - t0
+        record = _replace_stages(record, finish_stage(record, "full"))
         t1 = time.perf_counter()
-        keys = _write_images(ctx, job, record, model, pictures, started, render_s)
+        keys = write_images(ctx, job, record, model, pictures, render_s)
         write_s = time.perf_counter() - t1
     except Exception as exc:  # noqa: BLE001 - any failure of a job is recorded, not raised
         log.exception("job %s failed", job.id)
         return _fail(ctx, job, record, f"{type(exc).__name__}: {exc}")
+    return succeed(ctx, record, keys, render_s, write_s)
 
+
+def succeed(ctx: WorkerContext, record: JobRecord, keys: list[str], render_s: float,
+            write_s: float) -> Outcome:
     finished = time.time()
     record = record.to(JobState.SUCCEEDED, images=keys, finished_at=finished,
                        timings={"render_s": round(render_s, 4), "write_s": round(write_s, 4),
-                                "total_s": round(finished - started, 4)})
+                                "total_s": round(finished - (record.started_at or finished),
+                                                 4)})
     write_record(ctx.store, record)
-    return Outcome(job.id, "succeeded")
+    return Outcome(record.job, "succeeded")
 
 
-def _write_images(ctx: WorkerContext, job: Job, record: JobRecord, model: Model,
-                  pictures: list[Any], started: float, render_s: float) -> list[str]:
-    spec = job.spec
-    keys = []
-    for k, (image, seed) in enumerate(zip(pictures, spec.image_seeds(), strict=True)):
-        key = image_key(job.batch, job.id, k)
-        png = pngs.encode_png(image, pngs.a1111_parameters(spec, seed, model.weights_hash))
-        sidecar = {
-            **spec.to_dict(),
-            "seed": seed, "job_seed": spec.seed, "image_index": k,
-            "batch": job.batch, "job": job.id, "image": key,
-            "model_hash": model.weights_hash, "model_source": model.spec.ref,
-            "worker": ctx.name, "host": ctx.host, "device": str(model.device), "threads": ctx.threads,
-            "vram_class": ctx.vram_class, "profile": getattr(model, "profile", ""),
-            "planned_vram_class": job.vram_class,
-            "dtype": str(model.dtype).replace("torch.", ""), "attempt": record.attempts,
-            "started_at": started, "finished_at": time.time(),
-            "timings": {"render_s": round(render_s, 4),
-                        "render_per_image_s": round(render_s / max(1, len(pictures)), 4)},
-            "versions": ctx.versions,
-        }
-        # create-once: a duplicate delivery finds the first copy's objects and keeps them
-        for obj_key, data, ctype in ((key, png, "image/png"),
-                                     (sidecar_key(job.batch, job.id, k),
-                                      json.dumps(sidecar, indent=2, sort_keys=True).encode(),
-                                      "application/json")):
-            try:
-                ctx.store.put(obj_key, data, create_once=True, content_type=ctype)
-            except AlreadyExists:
-                log.info("%s exists already (an earlier attempt wrote it); keeping it", obj_key)
-        keys.append(key)
-    return keys
+def _replace_stages(record: JobRecord, stages: dict[str, dict[str, Any]]) -> JobRecord:
+    from dataclasses import replace
+
+    return replace(record, stages=stages)
 
 
 def _fail(ctx: WorkerContext, job: Job, record: JobRecord | None, error: str,
