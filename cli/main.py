@@ -315,6 +315,22 @@ def workers(as_json: bool) -> None:
 
 
 @cli.command()
+@click.option("--older-than", type=float, default=None,
+              help="Hours since the job ended (default: FARM_INTERMEDIATE_TTL_HOURS, 24).")
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+def clean(older_than: float | None, dry_run: bool) -> None:
+    """Remove base → refiner latents of jobs that ended (failed or canceled) long enough ago."""
+    from scheduler.clean import clean_intermediates
+
+    settings = Settings.load()
+    done = clean_intermediates(open_store(settings), settings, older_than, dry_run)
+    for key in done.deleted:
+        click.echo(("would remove " if dry_run else "removed ") + key)
+    click.echo(f"{len(done.deleted)} intermediate(s) {'to remove' if dry_run else 'removed'}, "
+               f"{done.kept} kept (jobs still running or ended recently)")
+
+
+@cli.command()
 def down() -> None:
     """Stop the local workers and the embedded broker."""
     from cli import local

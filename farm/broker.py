@@ -47,6 +47,10 @@ def celery_app(settings: Settings, name: str = "farm") -> Any:
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout,
+            # how often a worker looks for messages of dead consumers that have passed the
+            # visibility timeout and puts them back: every 10 s (less for short timeouts)
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 4)),
+            "unacked_restore_throttle": 1,
             # one list per queue; the order a worker lists its queues in is the policy
             "priority_steps": queues.PRIORITY_STEPS,
             # a worker serving several queues takes them in the order it lists them

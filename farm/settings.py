@@ -65,6 +65,8 @@ class Settings:
     # workers refresh a heartbeat key this often; it expires after heartbeat_ttl
     heartbeat_interval: float = 5.0
     heartbeat_ttl: float = 20.0
+    # latents of failed split jobs are kept this long, then `farm clean` removes them
+    intermediate_ttl_hours: float = 24.0
     # how long `farm submit` keeps trying an unreachable broker before it gives up
     broker_connect_timeout: float = 10.0
 

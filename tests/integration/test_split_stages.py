@@ -219,3 +219,24 @@ def test_a_duplicate_base_delivery_only_requeues_the_refiner(loaded: dict[str, A
     assert farm.calls["base"] == 1 and [j.stage for j in farm.queued] == ["refiner", "refiner"]
     assert farm.run(farm.queued[0]).state == "succeeded"
     assert farm.run(farm.queued[1]).state == "duplicate"
+
+
+def test_failed_jobs_keep_their_latents_until_farm_clean(loaded: dict[str, Any],
+                                                         tmp_path: Path) -> None:
+    from scheduler.clean import clean_intermediates
+
+    farm = Farm(loaded, tmp_path, ("tiny-sdxl", "tiny-sdxl-refiner"), split="always")
+    farm.run(farm.job)
+    key = handoff.handoff_key(farm.job)
+    # a job still on its way keeps its latents whatever their age
+    assert clean_intermediates(farm.store, farm.settings, older_than_hours=0).deleted == []
+    farm.fail_refine = 99
+    for _ in range(3):
+        farm.run(farm.queued.pop())
+    assert farm.record().state == JobState.FAILED and farm.store.exists(key)
+    kept = clean_intermediates(farm.store, farm.settings)  # failed just now: within 24 h
+    assert kept.deleted == [] and kept.kept == 1
+    dry = clean_intermediates(farm.store, farm.settings, older_than_hours=0, dry_run=True)
+    assert dry.deleted == [key] and farm.store.exists(key)
+    assert clean_intermediates(farm.store, farm.settings, older_than_hours=0).deleted == [key]
+    assert not farm.store.exists(key)
