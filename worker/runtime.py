@@ -137,9 +137,10 @@ class Worker:
             self.done += 1
             self.info.current_job = None
             self.info.state = fleet.WorkerState.READY
-        if outcome.state == "succeeded":
+        # a stage done counts, whether it finished the job or handed it to a refiner
+        if outcome.state in ("succeeded", "latents_ready"):
             self.info.jobs_done += 1
-        elif outcome.state not in ("duplicate",):
+        elif outcome.state in ("failed", "rejected", "canceled"):
             self.info.jobs_failed += 1
         self.echo(f"worker {self.name}: job {outcome.job or '(none)'} {outcome.state}"
                   + (f": {outcome.error}" if outcome.error else ""))
