@@ -56,6 +56,7 @@ def celery_app(settings: Settings, name: str = "farm") -> Any:
             # a worker serving several queues takes them in the order it lists them
             "queue_order_strategy": "priority",
         },
+        broker_use_ssl=tls_options(settings) or None,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         broker_connection_timeout=5,
@@ -70,6 +71,21 @@ def check_url(url: str) -> None:
             f"FARM_BROKER_URL must start with redis://, rediss:// or redis+socket://, got {url!r}")
 
 
+def tls_options(settings: Settings) -> dict[str, Any]:
+    """For rediss:// URLs: verify the server's certificate (against FARM_BROKER_CA_FILE when
+    set, else the system's CAs). Empty for plain connections."""
+    if not settings.effective_broker_url.startswith("rediss://"):
+        return {}
+    import ssl
+
+    options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    if settings.broker_ca_file is not None:
+        if not Path(settings.broker_ca_file).is_file():
+            raise ConfigError(f"FARM_BROKER_CA_FILE {settings.broker_ca_file} does not exist")
+        options["ssl_ca_certs"] = str(settings.broker_ca_file)
+    return options
+
+
 def redis_client(settings: Settings) -> Any:
     """A redis-py client for the farm's own keys (heartbeats, stats)."""
     import redis
@@ -79,7 +95,10 @@ def redis_client(settings: Settings) -> Any:
     if url.startswith("redis+socket://"):
         return redis.Redis(unix_socket_path=url[len("redis+socket://"):],
                            socket_connect_timeout=5, socket_timeout=30)
-    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30)
+    tls = tls_options(settings)
+    if tls:
+        tls = {**tls, "ssl_cert_reqs": "required"}
+    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, **tls)
 
 
 def wait_for_broker(settings: Settings, timeout: float | None = None) -> None:
@@ -98,6 +117,10 @@ def wait_for_broker(settings: Settings, timeout: float | None = None) -> None:
             raise ConfigError(f"the broker refused the credentials in FARM_BROKER_URL: {exc}") \
                 from None
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                raise ConfigError(
+                    f"the broker's TLS certificate is not trusted ({redact(str(exc))}); set "
+                    "FARM_BROKER_CA_FILE to the CA that signed it") from None
             if time.monotonic() + delay > deadline:
                 raise BrokerUnavailable(
                     f"cannot reach the broker at {redact(settings.effective_broker_url)} "

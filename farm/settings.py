@@ -26,6 +26,8 @@ class Settings:
     home: Path = field(default_factory=lambda: Path.home() / ".farm")
     # unset: the embedded Valkey server on a unix socket under `home`, started on demand
     broker_url: str | None = None
+    # the CA that signed a TLS broker's certificate (rediss://); unset: the system's CAs
+    broker_ca_file: Path | None = None
     # unset: a directory under `home`; else file:///path or s3://bucket/prefix
     store_url: str | None = None
     # for S3-compatible stores (MinIO, R2, moto); unset means AWS itself
