@@ -51,6 +51,10 @@ class Settings:
     # measured peak-VRAM figures (JSON rows) replacing the seeded ones
     vram_table: Path | None = None
 
+    # a worker creates this file once it is loaded and warm, and removes it when it stops:
+    # a container's readiness probe checks it (deploy/)
+    ready_file: Path | None = None
+
     # -- caps on what one request may ask for (checked at submit and again by the worker)
     max_steps: int = 150
     # SDXL is trained around 1 MP; 4 MP is already far past useful and near 24 GB of VRAM

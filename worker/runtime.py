@@ -119,6 +119,9 @@ class Worker:
                                  vram_class=self.vram_class, backend=pipelines)
         self.info.state = fleet.WorkerState.READY
         self._beat()
+        if self.settings.ready_file is not None:
+            self.settings.ready_file.parent.mkdir(parents=True, exist_ok=True)
+            self.settings.ready_file.write_text(f"{self.name}\n")
         classes = sorted({q.split(".")[-2] for q in self.info.queues}, key=lambda c: -int(c[:-2]))
         self.echo(f"worker {self.name}: ready ({self.vram_class} GB, {profile.name}); serving "
                   f"{', '.join(self.info.models)} at {', '.join(classes)} (own class first)")
@@ -188,6 +191,8 @@ class Worker:
             consumer.start()
         finally:
             self._stop.set()
+            if self.settings.ready_file is not None:
+                self.settings.ready_file.unlink(missing_ok=True)
             try:
                 fleet.remove(self.redis, self.name or "")
             except Exception:  # noqa: BLE001 - the broker may be gone; the key expires anyway
