@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from farm import broker, fleet, models, queues, vram
@@ -119,9 +120,9 @@ class Worker:
                                  vram_class=self.vram_class, backend=pipelines)
         self.info.state = fleet.WorkerState.READY
         self._beat()
-        if self.settings.ready_file is not None:
-            self.settings.ready_file.parent.mkdir(parents=True, exist_ok=True)
-            self.settings.ready_file.write_text(f"{self.name}\n")
+        if self.ready_file is not None:
+            self.ready_file.parent.mkdir(parents=True, exist_ok=True)
+            self.ready_file.write_text(f"{self.name}\n")
         classes = sorted({q.split(".")[-2] for q in self.info.queues}, key=lambda c: -int(c[:-2]))
         self.echo(f"worker {self.name}: ready ({self.vram_class} GB, {profile.name}); serving "
                   f"{', '.join(self.info.models)} at {', '.join(classes)} (own class first)")
@@ -150,6 +151,13 @@ class Worker:
         if self.max_jobs and self.done >= self.max_jobs:
             self.request_stop()
         self._beat()
+
+    @property
+    def ready_file(self) -> Path | None:
+        """FARM_READY_FILE, with "{name}" replaced by this worker's name."""
+        if self.settings.ready_file is None:
+            return None
+        return Path(str(self.settings.ready_file).replace("{name}", self.name or "worker"))
 
     def request_stop(self) -> None:
         from celery.worker import state as celery_state
@@ -191,8 +199,8 @@ class Worker:
             consumer.start()
         finally:
             self._stop.set()
-            if self.settings.ready_file is not None:
-                self.settings.ready_file.unlink(missing_ok=True)
+            if self.ready_file is not None:
+                self.ready_file.unlink(missing_ok=True)
             try:
                 fleet.remove(self.redis, self.name or "")
             except Exception:  # noqa: BLE001 - the broker may be gone; the key expires anyway

@@ -141,10 +141,13 @@ def test_a_killed_worker_drops_off_the_list_within_its_heartbeat_ttl(env: dict[s
                                                                       ) -> None:
     import signal
 
-    env = {**env, "FARM_HEARTBEAT_INTERVAL": "0.5", "FARM_HEARTBEAT_TTL": "2"}
+    ready = Path(env["FARM_HOME"]) / "ready"
+    env = {**env, "FARM_HEARTBEAT_INTERVAL": "0.5", "FARM_HEARTBEAT_TTL": "2",
+           "FARM_READY_FILE": str(ready / "{name}")}
     up = run_farm(env, "up", "--workers", "2", "--vram", "8,24", "--device", "cpu")
     try:
         assert up.returncode == 0, up.stderr
+        assert sorted(p.name for p in ready.iterdir()) == ["local-1", "local-2"]
         listed = json.loads(run_farm(env, "workers", "--json").stdout)
         assert sorted((w["name"], w["vram_class"], w["state"]) for w in listed) == [
             ("local-1", 8, "ready"), ("local-2", 24, "ready")]
@@ -160,3 +163,4 @@ def test_a_killed_worker_drops_off_the_list_within_its_heartbeat_ttl(env: dict[s
         assert time.monotonic() - killed_at < 2 + 6  # the TTL, plus a few CLI starts
     finally:
         run_farm(env, "down")
+    assert [p.name for p in ready.iterdir()] == ["local-1"]  # -9 left it; a clean stop did not
