@@ -53,13 +53,17 @@ def cli() -> None:
 @click.option("--split", type=click.Choice(["auto", "always", "never"]),
               help="Base and refiner on two workers through the store (always), on one "
                    "(never), or auto (default).")
+@click.option("--preset", type=click.Choice(["balanced", "fast", "quality"]),
+              help="Job defaults from the SDXL guide (default: balanced).")
+@click.option("--snap", is_flag=True, default=None,
+              help="Move sizes that are not a bucket to the nearest bucket (else refused).")
 @click.option("--wait", is_flag=True, help="Wait until the batch ends, showing progress.")
 @click.option("--json", "as_json", is_flag=True, help="Print {batch, jobs} as JSON.")
 def submit(prompts: str, model: str | None, steps: int | None, guidance: float | None,
            size: str | None, seed: int | None, n: int | None, negative: str | None,
            scheduler: str | None, priority: int | None, min_vram: int | None,
-           refiner: str | None, switch: float | None, split: str | None, wait: bool,
-           as_json: bool) -> None:
+           refiner: str | None, switch: float | None, split: str | None, preset: str | None,
+           snap: bool | None, wait: bool, as_json: bool) -> None:
     """Submit PROMPTS (.txt, .jsonl, .csv, or - for stdin) and print the batch id."""
     from scheduler.parse import detect_format, parse_batch, parse_size
     from scheduler.submit import submit as do_submit
@@ -69,13 +73,18 @@ def submit(prompts: str, model: str | None, steps: int | None, guidance: float |
                                 "seed": seed, "n": n, "negative_prompt": negative,
                                 "scheduler": scheduler, "priority": priority,
                                 "min_vram": min_vram, "refiner": refiner, "switch": switch,
-                                "split": split}
+                                "split": split, "preset": preset, "snap": snap}
     if size is not None:
         defaults["width"], defaults["height"] = parse_size(size)
     defaults = {k: v for k, v in defaults.items() if v is not None}
     text = _read_prompts(prompts)
     specs = parse_batch(text, detect_format(prompts), defaults, settings)
     result = do_submit(settings, specs, source=prompts, defaults=defaults)
+    snapped = [j for j in result.jobs if j.spec.snapped_from]
+    if snapped:
+        first = snapped[0].spec
+        click.echo(f"{len(snapped)} job(s) snapped to the nearest bucket (e.g. "
+                   f"{first.snapped_from} → {first.width}x{first.height})", err=True)
     if as_json:
         click.echo(json.dumps({"batch": result.batch, "jobs": [j.id for j in result.jobs]}))
     else:
@@ -240,8 +249,12 @@ def _watch(settings: Settings, batch: str, quiet: bool = False) -> Any:
 @click.option("--vram", default=None,
               help="VRAM class in GB (4, 6, 8, 12, 16, 24, 48, 80) or auto (default).")
 @click.option("--profile", default=None, help="Load profile (default: the class's).")
+@click.option("--compile", "compile_", default=None,
+              type=click.Choice(["inductor", "regional", "none", "onediff"]),
+              help="Compile the UNet (default: inductor on CUDA, none on CPU).")
 def worker(models_: tuple[str, ...], device: str | None, max_jobs: int | None,
-           name: str | None, vram: str | None, profile: str | None) -> None:
+           name: str | None, vram: str | None, profile: str | None,
+           compile_: str | None) -> None:
     """Run one worker in the foreground: load and warm its pipelines, then take jobs."""
     import logging
 
@@ -250,7 +263,7 @@ def worker(models_: tuple[str, ...], device: str | None, max_jobs: int | None,
     logging.getLogger("celery").setLevel(logging.WARNING)
     from worker.runtime import Worker
 
-    settings = Settings.load(device=device, vram=vram, profile=profile)
+    settings = Settings.load(device=device, vram=vram, profile=profile, compile=compile_)
     w = Worker(settings, list(models_), device=settings.device, name=name, max_jobs=max_jobs,
                echo=lambda m: click.echo(m, err=True))
     sys.exit(w.run())
@@ -304,14 +317,22 @@ def workers(as_json: bool) -> None:
         click.echo("no live workers")
         return
     now = time.time()
-    header = ("NAME", "HOST", "DEVICE", "CLASS", "PROFILE", "MODELS", "STATE", "JOB", "DONE",
-              "SEEN")
-    rows = [(w.name, w.host, w.device, f"{w.vram_class} GB", w.profile, ",".join(w.models),
-             w.state, w.current_job or "-", str(w.jobs_done), f"{now - w.last_seen:.0f}s ago")
-            for w in found]
+    header = ("NAME", "HOST", "DEVICE", "CLASS", "PROFILE", "COMPILE", "MODELS", "STATE", "JOB",
+              "DONE", "SEEN")
+    rows = [(w.name, w.host, w.device, f"{w.vram_class} GB", w.profile, _compile_cell(w),
+             ",".join(w.models), w.state, w.current_job or "-", str(w.jobs_done),
+             f"{now - w.last_seen:.0f}s ago") for w in found]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         click.echo("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+
+
+def _compile_cell(w: Any) -> str:
+    c = w.compile or {}
+    if not c or c.get("backend") == "none":
+        return "none"
+    cache = f", cache {c['cache']}" if c.get("cache", "off") != "off" else ""
+    return f"{c.get('backend')} {c.get('state')} {c.get('seconds', 0):.0f}s{cache}"
 
 
 @cli.command()

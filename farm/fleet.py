@@ -36,6 +36,9 @@ class WorkerInfo:
     jobs_failed: int = 0
     started_at: float = 0.0
     last_seen: float = 0.0
+    # backend, state (eager/compiling/compiled), seconds, cache (off/hit/miss/corrupt), graphs,
+    # recompiles (graphs compiled mid-job: a shape no bucket warmed)
+    compile: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def encode(self) -> str:

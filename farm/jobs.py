@@ -19,8 +19,9 @@ import secrets
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from farm import models
+from farm import buckets, models
 from farm.errors import ValidationError
+from farm.presets import DEFAULT_PRESET, PRESETS, VAES
 from farm.rules import check_int as _int
 from farm.rules import check_number as _number
 from farm.rules import check_text as _text
@@ -70,6 +71,9 @@ GUIDANCE_MAX = 30.0
 MIN_SIDE = 64
 MAX_VRAM_GB = 1024
 
+# accepted in a request but not kept: `snap` moves a size that is not a bucket to the nearest
+INPUT_ONLY = ("snap",)
+
 _ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,80}$")
 
 
@@ -93,6 +97,10 @@ class JobSpec:
     refiner: str | None = None
     switch: float = DEFAULT_SWITCH
     split: str = "auto"         # "auto", "always" (two workers via the store), "never" (one)
+    preset: str = DEFAULT_PRESET    # farm/presets.py: its values fill what the job leaves out
+    cfg_cutoff: float = 0.0     # turn classifier-free guidance off after this share of steps
+    vae: str = "default"        # "tiny": decode with TAESD-XL where the worker has it
+    snapped_from: str | None = None  # "WxH" the job asked for before --snap moved it to a bucket
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -100,47 +108,24 @@ class JobSpec:
 
     @classmethod
     def from_dict(cls, data: Any, settings: Settings) -> JobSpec:
-        """Check every field against its rule; fill what is absent from the model's defaults.
-
-        Raises ValidationError naming the first field that breaks a rule.
-        """
+        """Check every field against its rule; fill what is absent from the job's preset, then
+        the model's defaults. Raises ValidationError naming the first field that breaks one."""
         if not isinstance(data, dict):
             raise ValidationError("job", "must be an object with a prompt", data)
-        unknown = [k for k in data if k not in cls.field_names()]
+        unknown = [k for k in data if k not in cls.field_names() and k not in INPUT_ONLY]
         if unknown:
-            allowed = ", ".join(cls.field_names())
+            allowed = ", ".join((*cls.field_names(), *INPUT_ONLY))
             raise _unknown_key(data, unknown, f"is not a known field (known: {allowed})")
         if "prompt" not in data or data["prompt"] is None:
             raise ValidationError("prompt", "is required", show_value=False)
-        prompt = _text(data, "prompt", settings.max_prompt_chars, required=True)
-        negative = _text(data, "negative_prompt", settings.max_prompt_chars)
-        model_name = data.get("model", models.DEFAULT_MODEL)
-        if model_name is None:
-            model_name = models.DEFAULT_MODEL
-        model = models.resolve(model_name, role="base")
+        preset = data.get("preset") or DEFAULT_PRESET
+        if not isinstance(preset, str) or preset not in PRESETS:
+            raise ValidationError("preset", f"must be one of {', '.join(PRESETS)}", preset)
+        # 1. the preset's values where the job gives none
+        data = {**PRESETS[preset], **{k: v for k, v in data.items() if v is not None}}
+        model = models.resolve(data.get("model", models.DEFAULT_MODEL), role="base")
         steps = _int(data, "steps", 1, settings.max_steps, model.default_steps)
-        width = _int(data, "width", MIN_SIDE, settings.max_side, model.default_width)
-        height = _int(data, "height", MIN_SIDE, settings.max_side, model.default_height)
-        for name, side in (("width", width), ("height", height)):
-            if side % 8:
-                raise ValidationError(name, "must be a multiple of 8", side)
-        if width * height > settings.max_pixels:
-            raise ValidationError(
-                "width", f"x height must be at most {settings.max_pixels} pixels",
-                f"{width}x{height}")
-        guidance = _number(data, "guidance", 0.0, GUIDANCE_MAX, 5.0)
-        n = _int(data, "n", 1, settings.max_images_per_job, 1)
-        scheduler = data.get("scheduler", "euler")
-        if scheduler is None:
-            scheduler = "euler"
-        if scheduler not in SCHEDULERS:
-            raise ValidationError("scheduler", f"must be one of {', '.join(SCHEDULERS)}",
-                                  scheduler)
-        priority = _int(data, "priority", PRIORITY_MIN, PRIORITY_MAX, PRIORITY_DEFAULT)
-        min_vram = _int(data, "min_vram", 0, MAX_VRAM_GB, 0)
-        seed = data.get("seed")
-        seed = secrets.randbelow(SEED_MAX + 1) if seed is None else _int(data, "seed", 0,
-                                                                        SEED_MAX, 0)
+        width, height, snapped_from = _size(data, settings, model)
         refiner = data.get("refiner")
         if refiner is not None:
             refiner = models.resolve(refiner, role="refiner", field="refiner").name
@@ -150,15 +135,24 @@ class JobSpec:
         if refiner is not None and (round(steps * switch) < 1 or round(steps * switch) >= steps):
             raise ValidationError("switch", f"must leave at least one of the {steps} steps to "
                                   "the base and one to the refiner", switch)
-        split = data.get("split", "auto")
-        if split is None:
-            split = "auto"
-        if split not in SPLIT_POLICIES:
-            raise ValidationError("split", f"must be one of {', '.join(SPLIT_POLICIES)}", split)
-        return cls(prompt=prompt, negative_prompt=negative, seed=seed, steps=steps,
-                   guidance=guidance, width=width, height=height, n=n, model=model.name,
-                   scheduler=scheduler, priority=priority, min_vram=min_vram, refiner=refiner,
-                   switch=switch, split=split)
+        cfg_cutoff = _number(data, "cfg_cutoff", 0.0, 1.0, 0.0)
+        if cfg_cutoff >= 1.0:
+            raise ValidationError("cfg_cutoff", "must be below 1 (0 keeps CFG on every step)",
+                                  cfg_cutoff)
+        seed = data.get("seed")
+        return cls(
+            prompt=_text(data, "prompt", settings.max_prompt_chars, required=True),
+            negative_prompt=_text(data, "negative_prompt", settings.max_prompt_chars),
+            seed=secrets.randbelow(SEED_MAX + 1) if seed is None else _int(data, "seed", 0,
+                                                                          SEED_MAX, 0),
+            steps=steps, guidance=_number(data, "guidance", 0.0, GUIDANCE_MAX, 5.0),
+            width=width, height=height, n=_int(data, "n", 1, settings.max_images_per_job, 1),
+            model=model.name, scheduler=_choice(data, "scheduler", SCHEDULERS, "euler"),
+            priority=_int(data, "priority", PRIORITY_MIN, PRIORITY_MAX, PRIORITY_DEFAULT),
+            min_vram=_int(data, "min_vram", 0, MAX_VRAM_GB, 0), refiner=refiner, switch=switch,
+            split=_choice(data, "split", SPLIT_POLICIES, "auto"), preset=preset,
+            cfg_cutoff=cfg_cutoff, vae=_choice(data, "vae", VAES, "default"),
+            snapped_from=snapped_from or data.get("snapped_from"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -166,6 +160,41 @@ class JobSpec:
     def image_seeds(self) -> list[int]:
         """Image k of a job uses seed + k, so any one image can be re-rendered alone."""
         return [self.seed + k for k in range(self.n)]
+
+
+def _choice(data: dict[str, Any], name: str, allowed: tuple[str, ...], default: str) -> str:
+    value = data.get(name, default)
+    if value not in allowed:
+        raise ValidationError(name, f"must be one of {', '.join(allowed)}", value)
+    return str(value)
+
+
+def _size(data: dict[str, Any], settings: Settings, model: models.ModelSpec
+          ) -> tuple[int, int, str | None]:
+    """Width and height: multiples of 8, within the caps, and one of the farm's buckets (or
+    snapped to the nearest one when the job says `snap`)."""
+    width = _int(data, "width", MIN_SIDE, settings.max_side, model.default_width)
+    height = _int(data, "height", MIN_SIDE, settings.max_side, model.default_height)
+    for name, side in (("width", width), ("height", height)):
+        if side % 8:
+            raise ValidationError(name, "must be a multiple of 8", side)
+    if width * height > settings.max_pixels:
+        raise ValidationError("width", f"x height must be at most {settings.max_pixels} pixels",
+                              f"{width}x{height}")
+    allowed = settings.bucket_list(model)
+    if (width, height) in allowed:
+        return width, height, None
+    snap = data.get("snap", False)
+    if isinstance(snap, str) and snap.lower() in ("true", "false", "yes", "no", "1", "0"):
+        snap = snap.lower() in ("true", "yes", "1")
+    if not isinstance(snap, bool):
+        raise ValidationError("snap", "must be true or false", snap)
+    if not snap:
+        raise ValidationError("width", f"x height must be one of the buckets "
+                              f"{buckets.describe(allowed)} (or pass --snap)",
+                              f"{width}x{height}")
+    w, h = buckets.nearest(width, height, allowed)
+    return w, h, f"{width}x{height}"
 
 
 # The stages a message can ask for (the README's "Split base → refiner" explains them):

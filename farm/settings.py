@@ -18,6 +18,7 @@ from typing import Any
 from farm.errors import ConfigError
 
 ENV_PREFIX = "FARM_"
+COMPILE_BACKENDS = ("inductor", "regional", "none", "onediff")  # worker/compile.py
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,9 @@ class Settings:
     # a worker's class: a number from vram_classes, or "auto" (CUDA: from the GPU's memory;
     # CPU: the largest class, since a CPU worker has the machine's RAM)
     vram: str = "auto"
+    # a worker's compile backend: inductor, regional, none, onediff; unset: inductor on CUDA,
+    # none on CPU (worker/compile.py)
+    compile: str | None = None
     # a worker's load profile; unset: the one its class implies (farm.vram.PROFILE_BY_CLASS)
     profile: str | None = None
     # measured peak-VRAM figures (JSON rows) replacing the seeded ones
@@ -54,6 +58,10 @@ class Settings:
     # a worker creates this file once it is loaded and warm, and removes it when it stops:
     # a container's readiness probe checks it (deploy/)
     ready_file: Path | None = None
+
+    # the image sizes a farm renders, for every model ("1024x1024,1152x896"); unset: the nine
+    # standard SDXL resolutions, or their eighth-size versions (and 64x64) for tiny models
+    buckets: str | None = None
 
     # -- caps on what one request may ask for (checked at submit and again by the worker)
     max_steps: int = 150
@@ -114,6 +122,13 @@ class Settings:
             classes = ", ".join(str(c) for c in self.vram_classes)
             raise ConfigError(f"vram must be auto or one of the classes {classes}, "
                               f"got {self.vram!r}")
+        if self.compile is not None and self.compile not in COMPILE_BACKENDS:
+            raise ConfigError(f"compile must be one of {', '.join(COMPILE_BACKENDS)}, got "
+                              f"{self.compile!r}")
+        if self.buckets:
+            from farm import buckets
+
+            buckets.parse(self.buckets)
         if self.profile is not None:
             from farm.vram import PROFILES
 
@@ -124,6 +139,14 @@ class Settings:
                      "max_prompt_chars", "max_jobs_per_batch", "visibility_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def bucket_list(self, model: Any) -> tuple[tuple[int, int], ...]:
+        """The sizes jobs for `model` (a farm.models.ModelSpec) may ask for."""
+        from farm import buckets
+
+        if self.buckets:
+            return buckets.parse(self.buckets)
+        return buckets.TINY_BUCKETS if model.source == "tiny" else buckets.SDXL_BUCKETS
 
     # -- derived paths
 

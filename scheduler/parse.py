@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from farm.errors import ValidationError
-from farm.jobs import JobSpec
+from farm.jobs import INPUT_ONLY, JobSpec
 from farm.settings import Settings
 from scheduler.plan import plan
 
@@ -28,7 +28,7 @@ FORMATS = ("txt", "jsonl", "csv")
 _EXTENSIONS = {".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
 
 INT_FIELDS = frozenset({"seed", "steps", "width", "height", "n", "priority", "min_vram"})
-NUMBER_FIELDS = frozenset({"guidance", "switch"})
+NUMBER_FIELDS = frozenset({"guidance", "switch", "cfg_cutoff"})
 
 # ASCII digits only: int() and \d also take "1_000" and other scripts' digits, which no one
 # means in a prompt file. 4000 digits keeps clear of int()'s 4300-digit limit.
@@ -71,7 +71,7 @@ def parse_batch(text: str, fmt: str, defaults: Mapping[str, Any],
     win over them, and what neither gives comes from the model's defaults.
     """
     names = set(JobSpec.field_names())
-    unknown = sorted(set(defaults) - names)
+    unknown = sorted(set(defaults) - names - set(INPUT_ONLY))
     if unknown:
         raise ValueError(f"defaults has keys that are not JobSpec fields: {unknown}")
     base = {k: v for k, v in defaults.items() if v is not None}
@@ -177,7 +177,7 @@ def _csv_records(text: str) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def _header(row: list[str], line: int) -> list[str]:
-    known = JobSpec.field_names()
+    known = (*JobSpec.field_names(), *INPUT_ONLY)
     names = [cell.strip() for cell in row]
     seen: dict[str, int] = {}
     for column, name in enumerate(names, start=1):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -24,39 +25,22 @@ import torch
 from diffusers import (
     AutoencoderKL,
     AutoencoderTiny,
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
 )
 
-from farm import jobs
 from farm.errors import ModelUnavailable
 from farm.models import CHECKPOINT_SUFFIXES, ModelSpec
 from farm.settings import Settings
 from farm.vram import PROFILES, Profile
 from worker import tiny
 
-# job scheduler name -> class, each built from_config of the model's own scheduler config
-SCHEDULERS: dict[str, Any] = {
-    "euler": EulerDiscreteScheduler,
-    "euler_a": EulerAncestralDiscreteScheduler,
-    "dpmpp_2m": DPMSolverMultistepScheduler,
-    "ddim": DDIMScheduler,
-}
-assert set(SCHEDULERS) == set(jobs.SCHEDULERS), "farm.jobs.SCHEDULERS and this map must agree"
-
-# called after every denoising step as callback_on_step_end(pipe, step, timestep, kwargs)
-StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
-
 # the drop-in VAEs the profiles swap in for real SDXL models (Hub ids)
 TAESD_XL = "madebyollin/taesdxl"
 FP16_FIX_VAE = "madebyollin/sdxl-vae-fp16-fix"
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
-WARM_STEPS = 2
+log = logging.getLogger("farm.worker")
 
 
 @dataclass
@@ -72,6 +56,11 @@ class LoadedModel:
     # never from the previous job's, so switching samplers back and forth cannot drift
     scheduler_config: dict[str, Any]
     profile: str = "resident"         # the load profile applied (farm/vram.py)
+    # the VAE the profile chose ("default", "fp16-fix" or "tiny") and the module itself, and the
+    # tiny VAE (TAESD-XL) when the worker has one, for jobs that ask for it (the fast preset)
+    vae_name: str = "default"
+    profile_vae: Any = None
+    tiny_vae: Any = None
 
 
 def resolve_device(device: str) -> str:
@@ -128,32 +117,52 @@ def load_model(spec: ModelSpec, settings: Settings, device: str,
         raise ModelUnavailable(f"cannot load {spec.name}: unknown model source {spec.source!r}")
 
     profile = profile or PROFILES["resident"]
-    _apply_profile(pipe, spec, settings, profile, device, dtype)
+    vae_name = _apply_profile(pipe, spec, settings, profile, device, dtype)
     pipe.set_progress_bar_config(disable=True)
+    tiny_vae = pipe.vae if vae_name == "tiny" else _optional_tiny_vae(spec, settings, device,
+                                                                        dtype)
     return LoadedModel(
         name=spec.name, spec=spec, pipe=pipe, device=device, dtype=dtype,
         weights_hash=weights_hash(weights),
         load_seconds=time.perf_counter() - start,
         scheduler_config=dict(pipe.scheduler.config),
-        profile=profile.name,
+        profile=profile.name, vae_name=vae_name, profile_vae=pipe.vae, tiny_vae=tiny_vae,
     )
 
 
+def _tiny_vae(spec: ModelSpec, settings: Settings, dtype: torch.dtype) -> Any:
+    if spec.source == "tiny":
+        folder = settings.models_path / spec.ref / tiny.TINY_VAE_FOLDER
+        return _load(spec, lambda: AutoencoderTiny.from_pretrained(folder, dtype=dtype))
+    return _load(spec, lambda: AutoencoderTiny.from_pretrained(TAESD_XL, dtype=dtype))
+
+
+def _optional_tiny_vae(spec: ModelSpec, settings: Settings, device: str,
+                       dtype: torch.dtype) -> Any:
+    """The tiny VAE for jobs that ask for it; a worker without one decodes those with its own
+    VAE and says so in the sidecar (`vae_used`)."""
+    try:
+        return _tiny_vae(spec, settings, dtype).to(device)
+    except ModelUnavailable as exc:
+        log.warning("no tiny VAE for %s (%s): jobs asking for it decode with the model's own",
+                    spec.name, exc)
+        return None
+
+
 def _apply_profile(pipe: Any, spec: ModelSpec, settings: Settings, profile: Profile,
-                   device: str, dtype: torch.dtype) -> None:
-    """Fetch the VAE the profile wants for this model, then apply the profile."""
-    vae = None
+                   device: str, dtype: torch.dtype) -> str:
+    """Fetch the VAE the profile wants for this model, apply the profile; returns which VAE
+    the pipeline now decodes with."""
+    vae, name = None, "default"
     if profile.vae == "tiny":
-        if spec.source == "tiny":
-            folder = settings.models_path / spec.ref / tiny.TINY_VAE_FOLDER
-            vae = _load(spec, lambda: AutoencoderTiny.from_pretrained(folder, dtype=dtype))
-        else:
-            vae = _load(spec, lambda: AutoencoderTiny.from_pretrained(TAESD_XL, dtype=dtype))
+        vae, name = _tiny_vae(spec, settings, dtype), "tiny"
     elif profile.vae == "fp16-fix" and dtype == torch.float16 and spec.source != "tiny":
         # SDXL's own VAE overflows in fp16; the fix is a fine-tune that does not (the tiny
         # models run in fp32 on CPU, where there is nothing to fix)
         vae = _load(spec, lambda: AutoencoderKL.from_pretrained(FP16_FIX_VAE, dtype=dtype))
+        name = "fp16-fix"
     apply_profile(pipe, profile, device, dtype, vae)
+    return name
 
 
 def apply_profile(pipe: Any, profile: Profile, device: str, dtype: torch.dtype,
@@ -275,111 +284,6 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-# -- rendering -------------------------------------------------------------------------------
-
-
-def make_scheduler(model: LoadedModel, name: str) -> Any:
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r} (known: {', '.join(SCHEDULERS)})")
-    return SCHEDULERS[name].from_config(model.scheduler_config)
-
-
-def render(model: LoadedModel, spec: jobs.JobSpec, *,
-           callback: StepCallback | None = None) -> list[PIL.Image.Image]:
-    """Render the spec.n images of a job with a base model.
-
-    `callback` is passed to every pipeline call as callback_on_step_end: it runs after each
-    step of image 0, then of image 1, ... (step_index restarts at 0 for each image). To cancel,
-    raise from it: the exception leaves render() (setting pipe._interrupt would only end the
-    current image).
-    """
-    if model.spec.role != "base":
-        raise ValueError(f"{model.name} is a refiner: it refines latents, it cannot render a job")
-    pipe = model.pipe
-    pipe.scheduler = make_scheduler(model, spec.scheduler)
-    images: list[PIL.Image.Image] = []
-    # One call per image rather than a batch: batched kernels may round differently than a
-    # batch of one, and image k must not depend on how many images its job had.
-    for seed in spec.image_seeds():
-        generator = torch.Generator("cpu").manual_seed(seed)
-        result = pipe(
-            prompt=spec.prompt,
-            # None, not "": SDXL base then uses zero negative embeddings, as it was tuned with
-            negative_prompt=spec.negative_prompt or None,
-            width=spec.width, height=spec.height,
-            num_inference_steps=spec.steps, guidance_scale=spec.guidance,
-            num_images_per_prompt=1, generator=generator, output_type="pil",
-            callback_on_step_end=callback,
-        )
-        images.extend(result.images)
-    return images
-
-
-def denoise_base(model: LoadedModel, spec: jobs.JobSpec, seed: int, *,
-                 callback: StepCallback | None = None) -> tuple[torch.Tensor, torch.Generator]:
-    """The base half of the ensemble for one image: denoise to `spec.switch`, return the
-    still-scaled latents (1, 4, H/8, W/8) and the generator as it stands after them."""
-    if model.spec.role != "base":
-        raise ValueError(f"{model.name} is a refiner; the base half needs a base model")
-    pipe = model.pipe
-    pipe.scheduler = make_scheduler(model, spec.scheduler)
-    generator = torch.Generator("cpu").manual_seed(seed)
-    result = pipe(
-        prompt=spec.prompt, negative_prompt=spec.negative_prompt or None,
-        width=spec.width, height=spec.height, num_inference_steps=spec.steps,
-        guidance_scale=spec.guidance, denoising_end=spec.switch, output_type="latent",
-        generator=generator, callback_on_step_end=callback,
-    )
-    return result.images, generator
-
-
-def refine(model: LoadedModel, spec: jobs.JobSpec, latents: torch.Tensor,
-           generator: torch.Generator, *,
-           callback: StepCallback | None = None) -> PIL.Image.Image:
-    """The refiner half for one image: continue `latents` from `spec.switch` to the end with
-    the same steps and the base's generator (an ancestral sampler draws from it), decode."""
-    if model.spec.role != "refiner":
-        raise ValueError(f"{model.name} is a base model; the refiner half needs a refiner")
-    pipe = model.pipe
-    pipe.scheduler = make_scheduler(model, spec.scheduler)
-    result = pipe(
-        prompt=spec.prompt, negative_prompt=spec.negative_prompt or None,
-        image=latents.to(device=model.device, dtype=model.dtype),
-        num_inference_steps=spec.steps, denoising_start=spec.switch,
-        guidance_scale=spec.guidance, generator=generator, output_type="pil",
-        callback_on_step_end=callback,
-    )
-    return result.images[0]
-
-
-def ensemble(base: LoadedModel, refiner: LoadedModel, spec: jobs.JobSpec) -> list[PIL.Image.Image]:
-    """Both halves in one process, one generator per image: what a split job must equal."""
-    images = []
-    for seed in spec.image_seeds():
-        latents, generator = denoise_base(base, spec, seed)
-        images.append(refine(refiner, spec, latents, generator))
-    return images
-
-
-def warm(model: LoadedModel) -> float:
-    """One tiny render at the model's default size, so the first job skips first-call costs
-    (allocator growth, kernel selection, lazy imports). Returns the seconds it took."""
-    start = time.perf_counter()
-    pipe = model.pipe
-    pipe.scheduler = make_scheduler(model, "euler")
-    width, height = model.spec.default_width, model.spec.default_height
-    generator = torch.Generator("cpu").manual_seed(0)
-    if model.spec.role == "refiner":
-        latents = torch.zeros(1, 4, height // 8, width // 8, dtype=model.dtype,
-                              device=model.device)
-        pipe(prompt="warm up", image=latents, num_inference_steps=2 * WARM_STEPS,
-             denoising_start=0.5, generator=generator)
-    else:
-        pipe(prompt="warm up", width=width, height=height, num_inference_steps=WARM_STEPS,
-             generator=generator)
-    return time.perf_counter() - start
-
-
 def pixels_digest(images: list[PIL.Image.Image]) -> str:
     """sha256 over the raw pixels of images: what "byte-identical output" means here."""
     digest = hashlib.sha256()
@@ -389,6 +293,19 @@ def pixels_digest(images: list[PIL.Image.Image]) -> str:
     return digest.hexdigest()
 
 
+# rendering lives in worker/render.py; these names stay importable from here
+from worker.render import (  # noqa: E402
+    SCHEDULERS,
+    denoise_base,
+    ensemble,
+    make_scheduler,
+    refine,
+    render,
+    warm,
+    warm_buckets,
+)
+
 __all__ = ["SCHEDULERS", "LoadedModel", "load_model", "apply_profile", "denoise_base", "refine",
+           "warm_buckets",
            "ensemble", "render", "warm", "resolve_device",
            "make_scheduler", "weight_files", "weights_hash", "pixels_digest"]

@@ -21,6 +21,7 @@ from farm import broker, fleet, models, queues, vram
 from farm.jobs import Job
 from farm.settings import Settings
 from farm.store import open_store
+from worker import compile
 from worker.stage import WorkerContext, package_versions, run_job
 
 log = logging.getLogger("farm.worker")
@@ -94,27 +95,30 @@ class Worker:
         broker.wait_for_broker(self.settings, timeout=max(30.0,
                                                           self.settings.broker_connect_timeout))
         self.redis = broker.redis_client(self.settings)
+        self.compile_backend = self.settings.compile or compile.default_backend(device)
+        compile.check_backend(self.compile_backend)  # before minutes of loading, not after
         self.info = fleet.WorkerInfo(
             name=self.name, host=socket.gethostname(), pid=os.getpid(), device=device,
             models=[s.name for s in self.specs],
             queues=queues.worker_queues([s.name for s in self.specs], self.vram_class,
                                         self.settings.vram_classes),
-            vram_class=self.vram_class, profile=profile.name, started_at=time.time())
+            vram_class=self.vram_class, profile=profile.name, started_at=time.time(),
+            compile={"backend": self.compile_backend, "state": "eager", "seconds": 0.0,
+                     "cache": "off", "graphs": 0, "recompiles": 0})
         self._beat()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
 
+        store = open_store(self.settings)
         loaded = {}
         for spec in self.specs:
             self.echo(f"worker {self.name}: loading {spec.name} on {device} as a "
                       f"{self.vram_class} GB worker, profile {profile.name}")
             model = pipelines.load_model(spec, self.settings, device, profile)
-            t0 = time.perf_counter()
-            pipelines.warm(model)
-            self.echo(f"worker {self.name}: {spec.name} loaded in {model.load_seconds:.1f} s, "
-                      f"warmed in {time.perf_counter() - t0:.1f} s "
+            self.echo(f"worker {self.name}: {spec.name} loaded in {model.load_seconds:.1f} s "
                       f"(weights {model.weights_hash[:12]})")
+            self._compile_and_warm(model, spec, device, profile.name, store)
             loaded[spec.name] = model
-        self.ctx = WorkerContext(settings=self.settings, store=open_store(self.settings),
+        self.ctx = WorkerContext(settings=self.settings, store=store,
                                  models=loaded, render=pipelines.render, name=self.name,
                                  versions=package_versions(), threads=self.settings.threads,
                                  vram_class=self.vram_class, backend=pipelines)
@@ -128,6 +132,39 @@ class Worker:
                   f"{', '.join(self.info.models)} at {', '.join(classes)} (own class first)")
         return self.ctx
 
+    def _compile_and_warm(self, model: Any, spec: models.ModelSpec, device: str,
+                          profile: str, store: Any) -> None:
+        """Compile (fleet cache first) and warm every bucket jobs may bring, once."""
+        assert self.info is not None
+        buckets = self.settings.bucket_list(spec)
+        backend = self.compile_backend
+        report = compile.CompileReport(backend)
+        if backend != "none":
+            report.cache_key = compile.cache_key(model, backend, buckets, profile, device)
+            report.cache = compile.load_cached(store, report.cache_key)
+            compile.wrap(model, backend)
+            report.state = "compiling"
+            self.info.compile.update(state="compiling", cache=report.cache)
+            self._beat()
+        warm_all = getattr(self.backend, "warm_buckets", None)
+        t0 = time.perf_counter()
+        if warm_all is not None:
+            warm_all(model, buckets)
+        else:  # a backend without buckets (the load-test stand-in)
+            self.backend.warm(model)
+        report.seconds = time.perf_counter() - t0
+        if backend != "none":
+            report.state, report.graphs = "compiled", compile.graphs()
+            if report.cache != "hit":
+                compile.save_cached(store, report.cache_key, report)
+        self.info.compile.update(state=report.state, cache=report.cache,
+                                 seconds=round(self.info.compile["seconds"] + report.seconds, 2),
+                                 graphs=report.graphs)
+        verb = "compiled and warmed" if backend != "none" else "warmed"
+        cache = f", fleet cache {report.cache}" if backend != "none" else ""
+        self.echo(f"worker {self.name}: {spec.name} {verb} {len(buckets)} bucket(s) in "
+                  f"{report.seconds:.1f} s ({backend}{cache})")
+
     # -- 3-4: consume ---------------------------------------------------------------------
 
     def handle(self, message: Any) -> None:
@@ -135,6 +172,7 @@ class Worker:
         job_id = message.get("id") if isinstance(message, dict) else None
         self.info.state, self.info.current_job = fleet.WorkerState.BUSY, job_id
         self._beat()
+        graphs = compile.graphs() if self.compile_backend != "none" else 0
         try:
             outcome = run_job(self.ctx, message)
         finally:
@@ -146,6 +184,11 @@ class Worker:
             self.info.jobs_done += 1
         elif outcome.state in ("failed", "rejected", "canceled"):
             self.info.jobs_failed += 1
+        if self.compile_backend != "none" and compile.graphs() > graphs:
+            # a shape no bucket warmed: it compiled mid-job (and will be fast next time)
+            self.info.compile["recompiles"] += compile.graphs() - graphs
+            log.warning("job %s compiled %d new graph(s) mid-job", outcome.job,
+                        compile.graphs() - graphs)
         self.echo(f"worker {self.name}: job {outcome.job or '(none)'} {outcome.state}"
                   + (f": {outcome.error}" if outcome.error else ""))
         if self.max_jobs and self.done >= self.max_jobs:

@@ -40,7 +40,7 @@ def test_up_submit_watch_results_down(env: dict[str, str], home: Path, tmp_path:
         again = run_farm(env, "up", "--workers", "2")
         assert again.returncode == 0 and "already up" in again.stdout
 
-        sub = run_farm(env, "submit", str(prompts), "--steps", "4", "--size", "96x64",
+        sub = run_farm(env, "submit", str(prompts), "--steps", "4", "--size", "152x104",
                        "--seed", "100", "--scheduler", "euler_a", "--n", "2", "--json")
         assert sub.returncode == 0, sub.stderr
         submitted = json.loads(sub.stdout)
@@ -69,16 +69,16 @@ def test_up_submit_watch_results_down(env: dict[str, str], home: Path, tmp_path:
         for png in pngs:
             image = Image.open(png)
             image.load()
-            assert image.size == (96, 64)
+            assert image.size == (152, 104)
             side = json.loads(png.with_suffix(".json").read_text())
-            assert (side["steps"], side["width"], side["height"]) == (4, 96, 64)
+            assert (side["steps"], side["width"], side["height"]) == (4, 152, 104)
             assert side["scheduler"] == "euler_a" and side["worker"] in ("local-1", "local-2")
             assert side["seed"] == 100 + side["image_index"]
             prompts_seen.add(side["prompt"])
         assert prompts_seen == {"a red fox in snow", "an old library, dust in sunbeams",
                                 "a glass teapot on a windowsill"}
         sheet = Image.open(out / "contact-sheet.png")
-        assert sheet.width > 2 * 96
+        assert sheet.width > 2 * 152
     finally:
         down = run_farm(env, "down")
     assert down.returncode == 0 and "stopped 2 worker(s) and the embedded broker" in down.stdout

@@ -85,8 +85,8 @@ def test_killing_the_refiner_mid_stage_reruns_only_the_refiner(env: dict[str, st
     env = {**env, "FARM_VISIBILITY_TIMEOUT": "6"}
     settings = Settings.load(env=env)
     try:
-        spec = JobSpec.from_dict({"prompt": "slow", "seed": 2, "steps": 150, "width": 256,
-                                  "height": 256, "refiner": "tiny-sdxl-refiner",
+        spec = JobSpec.from_dict({"prompt": "slow", "seed": 2, "steps": 150, "width": 128,
+                                  "height": 128, "refiner": "tiny-sdxl-refiner",
                                   "switch": 0.3, "split": "always"}, settings)
         (job,) = submit(settings, [spec]).jobs
         store = open_store(settings)

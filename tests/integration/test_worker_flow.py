@@ -21,9 +21,9 @@ from scheduler.submit import submit
 from tests.conftest import run_farm
 
 REQUEST = [
-    {"prompt": "a lighthouse at dusk", "seed": 3, "steps": 4, "width": 128, "height": 64,
+    {"prompt": "a lighthouse at dusk", "seed": 3, "steps": 4, "width": 192, "height": 80,
      "n": 2, "scheduler": "euler_a", "negative_prompt": "fog", "min_vram": 8},
-    {"prompt": "a bowl of ramen", "seed": 5, "steps": 3, "width": 64, "height": 96,
+    {"prompt": "a bowl of ramen", "seed": 5, "steps": 3, "width": 96, "height": 168,
      "scheduler": "dpmpp_2m", "guidance": 7.5},
     {"prompt": "ünïcödé prompt ✨", "steps": 3, "width": 64, "height": 64, "scheduler": "ddim"},
 ]

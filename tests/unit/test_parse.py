@@ -174,16 +174,16 @@ def test_defaults_come_from_the_model() -> None:
 
 
 def test_cli_defaults_apply_to_every_line() -> None:
-    specs = parse("a\nb\n", "txt", steps=10, width=256, height=256, seed=0)
-    assert {(s.steps, s.width, s.height, s.seed) for s in specs} == {(10, 256, 256, 0)}
+    specs = parse("a\nb\n", "txt", steps=10, width=144, height=112, seed=0)
+    assert {(s.steps, s.width, s.height, s.seed) for s in specs} == {(10, 144, 112, 0)}
 
 
 def test_jsonl_fields_override_defaults_and_null_means_absent() -> None:
     text = ('{"prompt": "a", "steps": 30, "seed": 1}\n\n'
             '{"prompt": "b", "steps": null, "negative_prompt": "blur", "guidance": 7}\n')
-    first, second = parse(text, "jsonl", steps=10, width=256)
-    assert (first.steps, first.width, first.seed) == (30, 256, 1)
-    assert (second.steps, second.width, second.negative_prompt) == (10, 256, "blur")
+    first, second = parse(text, "jsonl", steps=10, width=64, height=64)
+    assert (first.steps, first.width, first.seed) == (30, 64, 1)
+    assert (second.steps, second.width, second.negative_prompt) == (10, 64, "blur")
     assert second.guidance == 7.0 and isinstance(second.guidance, float)
 
 

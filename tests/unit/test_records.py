@@ -58,13 +58,13 @@ def test_queue_names() -> None:
 
 
 def test_png_carries_a1111_parameters_and_is_byte_stable() -> None:
-    s = spec(negative_prompt="blurry", scheduler="euler_a", guidance=7.5, width=128, height=64)
+    s = spec(negative_prompt="blurry", scheduler="euler_a", guidance=7.5, width=192, height=80)
     text = a1111_parameters(s, 7, "abcdef0123456789")
     assert text.splitlines() == [
         "a cat", "Negative prompt: blurry",
-        "Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 7, Size: 128x64, "
+        "Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 7, Size: 192x80, "
         "Model hash: abcdef0123, Model: tiny-sdxl"]
-    img = Image.new("RGB", (128, 64), (10, 20, 30))
+    img = Image.new("RGB", (192, 80), (10, 20, 30))
     a, b = encode_png(img, text), encode_png(img.copy(), text)
     assert a == b
     assert read_parameters(a) == text

@@ -73,7 +73,8 @@ def test_min_vram_raises_the_class_to_the_next_one_up() -> None:
 
 
 def test_a_stage_no_class_can_run_is_refused_at_submit_with_its_line() -> None:
-    settings = Settings.load(env={"FARM_VRAM_CLASSES": "8,12"})
+    settings = Settings.load(env={"FARM_VRAM_CLASSES": "8,12",
+                                  "FARM_BUCKETS": "1024x1024,2048x2048"})
     text = '{"prompt": "ok", "model": "sdxl-base"}\n' \
            '{"prompt": "huge", "model": "sdxl-base", "width": 2048, "height": 2048}\n'
     with pytest.raises(ValidationError) as err:

@@ -1,0 +1,119 @@
+"""Compiled, warm workers on CPU with the tiny model: compiled output equals eager within a
+stated tolerance, buckets warm before the first job, no job compiles again, and the fleet
+compile cache in the store is used by the next worker and survives a corrupt entry."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from farm import broker, models
+from farm.jobs import JobSpec
+from farm.settings import Settings
+from farm.store import open_store
+from scheduler.status import batch_status
+from scheduler.submit import submit
+from tests.conftest import ROOT, farm_cmd, run_farm
+from worker import compile, pipelines
+
+# Compiled kernels may fuse and reorder floating-point work, so pixels may differ from eager by
+# rounding; more than 2 levels of 255 in any channel would be a real difference.
+TOLERANCE = 2
+
+
+@pytest.mark.parametrize("backend", ["regional", "inductor"])
+def test_compiled_output_matches_eager(tmp_path: Path, backend: str) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    settings = Settings(home=tmp_path, threads=1)
+    model = pipelines.load_model(models.TINY_BASE, settings, "cpu")
+    spec = JobSpec.from_dict({"prompt": "a lighthouse", "seed": 4, "steps": 4, "width": 64,
+                              "height": 64, "cfg_cutoff": 0.5}, settings)
+    eager = np.array(pipelines.render(model, spec)[0]).astype(int)
+    compile.wrap(model, backend)
+    pipelines.warm_buckets(model, ((64, 64),))
+    graphs = compile.graphs()
+    compiled = np.array(pipelines.render(model, spec)[0]).astype(int)
+    assert np.abs(compiled - eager).max() <= TOLERANCE
+    assert compile.graphs() == graphs  # the warm-up covered CFG on and off: nothing new
+
+
+def _job(settings: Settings, seed: int, **fields: object) -> JobSpec:
+    return JobSpec.from_dict({"prompt": "warm", "seed": seed, "steps": 4, "width": 64,
+                              "height": 64, **fields}, settings)
+
+
+def _worker(env: dict[str, str], name: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    result = run_farm(env, "worker", "--device", "cpu", "--compile", "regional", "--name", name,
+                      *extra, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_fleet_compile_cache_warm_buckets_and_no_recompiles(env: dict[str, str]) -> None:
+    env = {**env, "FARM_BUCKETS": "64x64"}
+    settings = Settings.load(env=env)
+    store = open_store(settings)
+    try:
+        # 1. a first worker: nothing cached; it compiles every shape before its first job
+        batch = submit(settings, [_job(settings, 1), _job(settings, 2, cfg_cutoff=0.5)]).batch
+        log = _worker(env, "first", "--max-jobs", "2").stderr
+        assert "compiled and warmed 1 bucket(s)" in log and "fleet cache miss" in log
+        assert log.index("compiled and warmed") < log.index("ready") < log.index("succeeded")
+        assert "new graph(s) mid-job" not in log  # neither job compiled anything
+        assert batch_status(store, batch, settings).state == "succeeded"
+        (entry,) = [k for k in store.list_keys("compile-cache/") if k.endswith(".bin")]
+        meta = json.loads(store.get(entry.replace(".bin", ".json")))
+        assert meta["backend"] == "regional" and meta["bytes"] > 0
+
+        # 2. a second worker, started afterwards, uses what the first uploaded; `farm workers`
+        #    shows it
+        proc = subprocess.Popen(farm_cmd("worker", "--device", "cpu", "--compile", "regional",
+                                         "--name", "second"), env=env, cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                live = json.loads(run_farm(env, "workers", "--json").stdout or "[]")
+                if live and live[0]["state"] == "ready":
+                    break
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.5)
+            c = live[0]["compile"]
+            assert (c["backend"], c["state"], c["cache"]) == ("regional", "compiled", "hit")
+            assert c["seconds"] > 0 and c["recompiles"] == 0
+            shown = run_farm(env, "workers").stdout
+            assert "regional compiled" in shown and "cache hit" in shown
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-2000:]
+
+        # 3. a corrupt entry is survived: warned about, compiled afresh, replaced
+        store.put(entry, b"not compile artefacts at all")
+        submit(settings, [_job(settings, 3)])
+        log = _worker(env, "third", "--max-jobs", "1").stderr
+        assert "ignoring the fleet compile cache entry" in log and "fleet cache corrupt" in log
+        assert "succeeded" in log
+        meta = json.loads(store.get(entry.replace(".bin", ".json")))
+        import hashlib
+
+        assert hashlib.sha256(store.get(entry)).hexdigest() == meta["sha256"]
+    finally:
+        broker.stop_broker(settings)
+
+
+def test_onediff_missing_fails_at_boot_with_one_line(env: dict[str, str]) -> None:
+    result = run_farm(env, "worker", "--device", "cpu", "--compile", "onediff",
+                      "--max-jobs", "1", timeout=120)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --compile onediff needs OneDiff") and "Dockerfile" in last
+    assert "loading" not in result.stderr  # it failed before loading anything

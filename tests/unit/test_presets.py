@@ -1,0 +1,88 @@
+"""Presets and shape buckets, as a job sees them at submit."""
+
+from __future__ import annotations
+
+import pytest
+
+from farm import buckets
+from farm.errors import ConfigError, ValidationError
+from farm.jobs import JobSpec
+from farm.presets import PRESETS
+from farm.settings import Settings
+from scheduler.parse import parse_batch
+
+SETTINGS = Settings.load(env={})
+
+
+def spec(**fields: object) -> JobSpec:
+    return JobSpec.from_dict({"prompt": "a cat", **fields}, SETTINGS)
+
+
+def test_fast_preset_fills_steps_cfg_cutoff_and_vae() -> None:
+    s = spec(preset="fast")
+    assert (s.steps, s.cfg_cutoff, s.vae, s.preset) == (30, 0.75, "tiny", "fast")
+
+
+def test_a_jobs_own_fields_win_over_its_preset() -> None:
+    s = spec(preset="fast", steps=12, vae="default")
+    assert (s.steps, s.cfg_cutoff, s.vae) == (12, 0.75, "default")
+
+
+def test_quality_preset_and_the_balanced_default() -> None:
+    q = spec(preset="quality", refiner="tiny-sdxl-refiner")
+    assert (q.steps, q.switch, q.cfg_cutoff) == (50, 0.9, 0.0)
+    b = spec()
+    assert (b.preset, b.steps, b.cfg_cutoff, b.vae) == ("balanced", 20, 0.0, "default")
+    assert set(PRESETS) == {"balanced", "fast", "quality"}
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"preset": "turbo"}, "preset must be one of balanced, fast, quality, got 'turbo'"),
+    ({"preset": ["fast"]}, "preset must be one of balanced, fast, quality, got ['fast']"),
+    ({"cfg_cutoff": 1.0}, "cfg_cutoff must be below 1 (0 keeps CFG on every step), got 1.0"),
+    ({"cfg_cutoff": -0.1}, "cfg_cutoff must be a number from 0 to 1, got -0.1"),
+    ({"vae": "big"}, "vae must be one of default, tiny, got 'big'"),
+    ({"snap": "maybe", "width": 200, "height": 200}, "snap must be true or false, got 'maybe'"),
+])
+def test_bad_preset_fields_name_field_rule_and_value(fields: dict[str, object],
+                                                     message: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        spec(**fields)
+    assert str(err.value) == message
+
+
+def test_a_size_that_is_not_a_bucket_is_refused_with_the_list() -> None:
+    with pytest.raises(ValidationError) as err:
+        parse_batch('{"prompt": "a", "width": 200, "height": 200}\n', "jsonl", {}, SETTINGS)
+    assert str(err.value) == (
+        "line 1: width x height must be one of the buckets 128x128, 144x112, 112x144, 152x104, "
+        "104x152, 168x96, 96x168, 192x80, 80x192, 64x64 (or pass --snap), got '200x200'")
+
+
+def test_snap_moves_to_the_nearest_bucket_and_records_where_from() -> None:
+    s = spec(width=200, height=120, snap=True)
+    assert (s.width, s.height, s.snapped_from) == (168, 96, "200x120")
+    sdxl = spec(model="sdxl-base", width=1000, height=1000, snap="true")
+    assert (sdxl.width, sdxl.height, sdxl.snapped_from) == (1024, 1024, "1000x1000")
+    wide = spec(model="sdxl-base", width=2048, height=768, snap=True)
+    assert (wide.width, wide.height) == (1536, 640)
+    exact = spec(width=144, height=112, snap=True)
+    assert exact.snapped_from is None
+    # the worker checks the message again: a snapped spec stays valid as it travels
+    assert JobSpec.from_dict(sdxl.to_dict(), SETTINGS) == sdxl
+
+
+def test_buckets_are_configurable_and_checked() -> None:
+    s = Settings.load(env={"FARM_BUCKETS": "64x64, 96x64"})
+    assert JobSpec.from_dict({"prompt": "a", "width": 96, "height": 64}, s).width == 96
+    with pytest.raises(ValidationError, match="buckets 64x64, 96x64"):
+        JobSpec.from_dict({"prompt": "a", "width": 128, "height": 128}, s)
+    for bad in ("64x", "65x64", "", "abc"):
+        with pytest.raises(ConfigError, match="FARM_BUCKETS"):
+            Settings.load(env={"FARM_BUCKETS": bad}) if bad else buckets.parse(bad)
+
+
+def test_nearest_prefers_aspect_ratio_then_area() -> None:
+    assert buckets.nearest(1920, 1080, buckets.SDXL_BUCKETS) == (1344, 768)
+    assert buckets.nearest(512, 512, buckets.SDXL_BUCKETS) == (1024, 1024)
+    assert buckets.nearest(600, 1400, buckets.SDXL_BUCKETS) == (640, 1536)

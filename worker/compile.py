@@ -1,0 +1,151 @@
+"""Compiling a warm worker's UNet once, before its first job, with a fleet-wide cache.
+
+    1. look up the fleet cache: compile artefacts another worker uploaded under a key made of
+       everything that makes them valid (torch, device, weights, dtype, backend, buckets...)
+    2. wrap the UNet: `inductor` (torch.compile of the whole UNet), `regional` (only its
+       repeated transformer blocks: much faster to compile), `onediff`, or `none`
+    3. warm every bucket (worker/pipelines.py warm_buckets): this is where compiling happens,
+       for each shape a job can bring (bucket × CFG on/off)
+    4. upload the artefacts when the cache had none (or a corrupt one)
+
+A compiled UNet is specialised to its shapes (dynamic=False): a shape not warmed would compile
+again mid-job, so jobs must name a bucket, and `recompiles()` lets the worker check each job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from farm.errors import ConfigError, FarmError
+from farm.settings import COMPILE_BACKENDS
+from farm.store import Store
+
+log = logging.getLogger("farm.worker")
+
+BACKENDS = COMPILE_BACKENDS
+CACHE_PREFIX = "compile-cache"
+# dynamo keeps this many compiled variants per function before falling back to eager: nine
+# buckets × CFG on/off (the cut-off halves the UNet batch) is 18, and the refiner adds its own
+CACHE_SIZE_LIMIT = 64
+
+ONEDIFF_MISSING = (
+    "--compile onediff needs OneDiff (onediff and onediffx 1.2.0, with SiliconFlow's oneflow or "
+    "nexfort on torch 2.4.0), which this worker does not have; build "
+    "deploy/onediff-worker.Dockerfile, or use --compile inductor")
+
+
+def default_backend(device: str) -> str:
+    """Compiling pays off on a GPU; on a CPU the first compile costs more than it saves."""
+    return "inductor" if device.startswith("cuda") else "none"
+
+
+@dataclass
+class CompileReport:
+    backend: str
+    state: str = "eager"           # eager, compiling, compiled
+    seconds: float = 0.0           # compiling and warming every bucket
+    cache: str = "off"             # off, hit, miss, corrupt
+    cache_key: str = ""
+    graphs: int = 0                # compiled graphs after warming
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ConfigError(f"--compile must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "onediff":
+        try:
+            import onediffx  # noqa: F401
+        except ImportError:
+            raise ConfigError(ONEDIFF_MISSING) from None
+
+
+def wrap(model: Any, backend: str) -> None:
+    """Replace the model's UNet with its compiled form (compiling itself happens on first use)."""
+    if backend == "none":
+        return
+    import torch
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit,
+                                                CACHE_SIZE_LIMIT)
+    pipe = model.pipe
+    if backend == "inductor":
+        pipe.unet = torch.compile(pipe.unet, dynamic=False)
+    elif backend == "regional":
+        pipe.unet.compile_repeated_blocks(dynamic=False)
+    elif backend == "onediff":
+        from onediffx import compile_pipe
+
+        model.pipe = compile_pipe(pipe)
+
+
+def graphs() -> int:
+    """Graphs dynamo compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def cache_key(model: Any, backend: str, buckets: tuple[tuple[int, int], ...], profile: str,
+              device: str) -> str:
+    """Everything that makes compile artefacts valid, hashed into the store key."""
+    import diffusers
+    import torch
+
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+        capability = ".".join(map(str, torch.cuda.get_device_capability(torch.device(device))))
+    else:
+        name, capability = platform.machine(), "cpu"
+    parts = {"torch": torch.__version__, "diffusers": diffusers.__version__,
+             "python": platform.python_version(), "device": name, "capability": capability,
+             "weights": model.weights_hash, "dtype": str(model.dtype), "backend": backend,
+             "buckets": [list(b) for b in buckets], "profile": profile, "model": model.name}
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+    return f"{CACHE_PREFIX}/{model.name}/{digest}"
+
+
+def load_cached(store: Store, key: str) -> str:
+    """Load artefacts from the fleet cache into this process: "hit", "miss" or "corrupt"."""
+    import torch
+
+    try:  # the .json is written last: without it, the entry is not complete
+        meta = json.loads(store.get(f"{key}.json"))
+        blob = store.get(f"{key}.bin")
+    except FarmError:
+        return "miss"
+    except ValueError:
+        log.warning("ignoring the fleet compile cache entry %s: unreadable metadata", key)
+        return "corrupt"
+    try:
+        if hashlib.sha256(blob).hexdigest() != meta.get("sha256"):
+            raise ValueError("checksum mismatch")
+        if torch.compiler.load_cache_artifacts(blob) is None:
+            raise ValueError("torch found nothing it could use")
+    except Exception as exc:  # noqa: BLE001 - a bad entry must never stop a worker
+        log.warning("ignoring the fleet compile cache entry %s: %s", key, exc)
+        return "corrupt"
+    return "hit"
+
+
+def save_cached(store: Store, key: str, report: CompileReport) -> None:
+    import torch
+
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        return
+    blob = saved[0]
+    meta = {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob),
+            "compile_seconds": round(report.seconds, 2), "created_at": time.time(),
+            "backend": report.backend}
+    try:
+        store.put(f"{key}.bin", blob)
+        store.put(f"{key}.json", json.dumps(meta).encode(), content_type="application/json")
+    except FarmError as exc:
+        log.warning("could not upload compile artefacts to %s: %s", key, exc)
