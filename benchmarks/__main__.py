@@ -1,4 +1,7 @@
-"""Run every benchmark (or those named on the command line) and save their figures as JSON."""
+"""Run the benchmarks (or those named on the command line) and save their figures as JSON.
+
+With no names it runs every benchmark but the slow ones (SLOW = True: bench_compile, whose cold
+compiles take minutes on a CPU); `python -m benchmarks compile` runs that one."""
 
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def main(names: list[str]) -> int:
     found = sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__)
                    if m.name.startswith("bench_"))
-    chosen = [n for n in found if not names or n in names or n[len("bench_"):] in names]
+    chosen = [n for n in found if n in names or n[len("bench_"):] in names
+              or (not names and not getattr(importlib.import_module(f"benchmarks.{n}"),
+                                            "SLOW", False))]
     if not chosen:
         print(f"no benchmark matches {names}; available: {', '.join(found)}")
         return 2
