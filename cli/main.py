@@ -375,6 +375,15 @@ def demo(out: Path, n_workers: int) -> None:
     run_demo(Settings.load(), out, n_workers, echo=click.echo)
 
 
+def _register() -> None:
+    from cli.deploy import deploy
+
+    cli.add_command(deploy)
+
+
+_register()
+
+
 def main(argv: list[str] | None = None) -> None:
     cli.main(args=argv, prog_name="farm")
 

@@ -6,6 +6,8 @@ only carries the messages.
     batches/<batch>/jobs/<job>.json          state, attempts, timestamps, worker, error
     batches/<batch>/images/<job>-<k>.png     image k of the job (create-once)
     batches/<batch>/images/<job>-<k>.json    its sidecar: full provenance (create-once)
+    batches/<batch>/intermediate/<job>/...   base → refiner latents (worker/handoff.py)
+    compile-cache/<model>/<key>.bin|.json    compile artefacts for the fleet (worker/compile.py)
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from farm.settings import Settings
 from farm.store import Store, get_json, put_json
 
 BATCHES = "batches"
+# worker/compile.py: compile artefacts shared by the fleet, outside any batch
+COMPILE_CACHE = "compile-cache"
 
 
 def batch_prefix(batch: str) -> str:

@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from farm.errors import ConfigError, FarmError
+from farm.records import COMPILE_CACHE
 from farm.settings import COMPILE_BACKENDS
 from farm.store import Store
 
 log = logging.getLogger("farm.worker")
 
 BACKENDS = COMPILE_BACKENDS
-CACHE_PREFIX = "compile-cache"
+CACHE_PREFIX = COMPILE_CACHE
 # dynamo keeps this many compiled variants per function before falling back to eager: nine
 # buckets × CFG on/off (the cut-off halves the UNet batch) is 18, and the refiner adds its own
 CACHE_SIZE_LIMIT = 64

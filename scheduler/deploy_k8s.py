@@ -1,0 +1,213 @@
+"""Kubernetes + KEDA: a Deployment and a ScaledObject per VRAM class, scaling each class with
+its own backlog and down to zero when idle.
+
+Why each piece looks as it does:
+- A KEDA `redis` trigger reads one list, and a class's stages wait in one list per (route,
+  priority) (farm/queues.py), so a class has one trigger per list, and a scalingModifiers
+  formula sums them: with several triggers the HPA would otherwise take the largest one, not
+  the backlog. Running stages are in no list, so a class scales in while its workers still
+  render; the grace period (above the hard time limit) and the pre-stop drain cover that.
+- Nodes are chosen by GPU memory (the GPU feature discovery label), by the worker's own rule of
+  which class a card belongs to (scheduler/deploy_gpus.py).
+- Ready means warm: the readiness probe checks the file the worker creates once its pipelines
+  are loaded and warmed (FARM_READY_FILE).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from farm import vram
+from scheduler import deploy, deploy_access, deploy_gpus
+
+CONFIG = "farm-config"
+SECRETS = "farm-secrets"
+REDIS = "farm-redis"
+TRIGGER_AUTH = "farm-redis-scaler"
+# how many waiting stages one worker is expected to work off before another is started: a new
+# GPU worker costs minutes (node, image, weights, warm-up), so not one per waiting stage
+BACKLOG_PER_WORKER = 2
+# scale in at most one worker a minute, after five quiet minutes
+SCALE_DOWN = {"stabilizationWindowSeconds": 300,
+              "policies": [{"type": "Pods", "value": 1, "periodSeconds": 60}]}
+# the pre-stop drain: SIGTERM to PID 1 (tini, the image's entrypoint, which passes it to the
+# worker); the worker stops taking work and finishes its stage, and the hook returns once it has
+# exited. Kubernetes' own SIGTERM follows the hook and finds nothing left to stop.
+DRAIN = "kill -TERM 1; while kill -0 1 2>/dev/null; do sleep 1; done"
+WORKER_UID = 10001
+STORE_PLACEHOLDER = "s3://CHANGE-ME-bucket/farm"   # when FARM_STORE_URL was not set   # the worker image's user (deploy/worker.Dockerfile)
+
+
+def _meta(spec: deploy.DeploySpec, name: str, **labels: str) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": spec.namespace}
+    meta["labels"] = {"app.kubernetes.io/part-of": "farm", **labels}
+    return meta
+
+
+def redis_address(spec: deploy.DeploySpec) -> str:
+    return spec.redis_address or f"{REDIS}.{spec.namespace}.svc.cluster.local:6379"
+
+
+def _secret_env(name: str, key: str | None = None) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": SECRETS, "key": key or name}}}
+
+
+def config(spec: deploy.DeploySpec) -> list[dict[str, Any]]:
+    data = {**spec.settings_env, "FARM_STORE_URL": spec.store_url or STORE_PLACEHOLDER}
+    if spec.s3_endpoint_url:
+        data["FARM_S3_ENDPOINT_URL"] = spec.s3_endpoint_url
+    return [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": spec.namespace}},
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(spec, CONFIG),
+             "data": data}]
+
+
+def secret(spec: deploy.DeploySpec) -> dict[str, Any]:
+    """The Secret, with placeholders: fill in before applying (or create it with kubectl)."""
+    values = {var: "CHANGE-ME" for var in deploy_access.REDIS_PASSWORD_VARS.values()}
+    values["REDIS_SCALER_USERNAME"] = deploy_access.REDIS_USERS["scaler"]
+    values.update({"AWS_ACCESS_KEY_ID": "CHANGE-ME", "AWS_SECRET_ACCESS_KEY": "CHANGE-ME"})
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": _meta(spec, SECRETS),
+            "type": "Opaque", "stringData": values}
+
+
+def redis(spec: deploy.DeploySpec) -> list[dict[str, Any]]:
+    """An in-cluster Valkey with a persistent volume and the farm's ACL users."""
+    labels = {"app.kubernetes.io/name": REDIS}
+    args = deploy_access.redis_server_args(lambda var: f"$({var})")
+    probe = {"exec": {"command": ["sh", "-c", "valkey-cli --no-auth-warning --user farm-scaler "
+                                  "--pass \"$REDIS_SCALER_PASSWORD\" ping | grep -q PONG"]},
+             "periodSeconds": 5}
+    pod = {
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 999, "fsGroup": 999},
+        "containers": [{
+            "name": "valkey", "image": deploy.REDIS_IMAGE,
+            "command": ["valkey-server"], "args": ["--dir", "/data", *args],
+            "env": [_secret_env(var) for var in deploy_access.REDIS_PASSWORD_VARS.values()],
+            "ports": [{"containerPort": 6379, "name": "redis"}],
+            "readinessProbe": probe,
+            "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+            "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}},
+        }],
+    }
+    return [
+        {"apiVersion": "v1", "kind": "Service", "metadata": _meta(spec, REDIS, **labels),
+         "spec": {"selector": labels, "ports": [{"port": 6379, "targetPort": "redis",
+                                                 "name": "redis"}]}},
+        {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": _meta(spec, REDIS, **labels),
+         "spec": {"serviceName": REDIS, "replicas": 1, "selector": {"matchLabels": labels},
+                  "template": {"metadata": {"labels": labels}, "spec": pod},
+                  "volumeClaimTemplates": [{
+                      "metadata": {"name": "data"},
+                      "spec": {"accessModes": ["ReadWriteOnce"],
+                               "resources": {"requests": {"storage": "10Gi"}}}}]}},
+    ]
+
+
+def deployment(spec: deploy.DeploySpec, vram_class: int) -> dict[str, Any]:
+    name = deploy.worker_name(vram_class)
+    labels = {"app.kubernetes.io/name": "farm-worker", "app.kubernetes.io/instance": name}
+    shared = set(spec.settings_env)
+    env = [{"name": k, "value": v} for k, v in deploy.worker_env(spec, vram_class).items()
+           if k not in shared]
+    env += [_secret_env(deploy_access.REDIS_PASSWORD_VARS["worker"]),
+            {"name": "FARM_BROKER_URL", "value": deploy_access.broker_url(
+                "worker", redis_address(spec),
+                f"$({deploy_access.REDIS_PASSWORD_VARS['worker']})")},
+            _secret_env("AWS_ACCESS_KEY_ID"), _secret_env("AWS_SECRET_ACCESS_KEY")]
+    # host memory: offloading profiles keep the weights in RAM; a resident pair loads two models
+    memory = "24Gi" if vram.profile_for(vram_class).resident_pair else "16Gi"
+    container = {
+        "name": "worker", "image": spec.image, "args": deploy.worker_args(spec),
+        "envFrom": [{"configMapRef": {"name": CONFIG}}], "env": env,
+        "resources": {"requests": {"cpu": "4", "memory": memory},
+                      "limits": {"nvidia.com/gpu": 1}},
+        # ready only once loaded and warm; no restarts from it, so no liveness on the same file
+        "readinessProbe": {"exec": {"command": ["sh", "-c", 'test -f "$FARM_READY_FILE"']},
+                           "periodSeconds": 5, "failureThreshold": 1},
+        "lifecycle": {"preStop": {"exec": {"command": ["sh", "-c", DRAIN]}}},
+        "volumeMounts": [{"name": "models", "mountPath": deploy.MODEL_CACHE}],
+        "securityContext": {"allowPrivilegeEscalation": False,
+                            "capabilities": {"drop": ["ALL"]}},
+    }
+    pod = {
+        "terminationGracePeriodSeconds": spec.grace_seconds,
+        "affinity": {"nodeAffinity": deploy_gpus.node_affinity(vram_class, spec.classes)},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "securityContext": {"runAsNonRoot": True, "runAsUser": WORKER_UID,
+                            "runAsGroup": WORKER_UID, "fsGroup": WORKER_UID},
+        "containers": [container],
+        # the weights are downloaded per pod; a ReadWriteMany claim here shares them (README)
+        "volumes": [{"name": "models", "emptyDir": {"sizeLimit": "60Gi"}}],
+    }
+    return {"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": _meta(spec, name, **labels),
+            # no replicas: KEDA owns the count (0 when idle)
+            "spec": {"selector": {"matchLabels": labels},
+                     "strategy": {"type": "RollingUpdate",
+                                  "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+                     "template": {"metadata": {"labels": labels}, "spec": pod}}}
+
+
+def trigger_name(list_name: str) -> str:
+    """A name the scalingModifiers formula can use: letters, digits and underscores."""
+    name = re.sub(r"[^a-z0-9]+", "_", list_name.lower()).strip("_")
+    return name if name[:1].isalpha() else f"q_{name}"
+
+
+def scaled_object(spec: deploy.DeploySpec, vram_class: int) -> dict[str, Any]:
+    name = deploy.worker_name(vram_class)
+    lists = deploy.class_lists(spec, vram_class)
+    names = [trigger_name(n) for n in lists]
+    if len(set(names)) != len(names):
+        names = [f"{n}_{i}" for i, n in enumerate(names)]
+    triggers = [{"type": "redis", "name": trigger,
+                 "metadata": {"address": redis_address(spec), "listName": list_name,
+                              "listLength": str(BACKLOG_PER_WORKER),
+                              "activationListLength": "0", "databaseIndex": "0"},
+                 "authenticationRef": {"name": TRIGGER_AUTH}}
+                for trigger, list_name in zip(names, lists, strict=True)]
+    return {
+        "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
+        "metadata": _meta(spec, name),
+        "spec": {
+            "scaleTargetRef": {"name": name},
+            "minReplicaCount": 0,            # no waiting stage of this class: no GPU held
+            "maxReplicaCount": spec.max_replicas,
+            "pollingInterval": 10,
+            "cooldownPeriod": 300,
+            "advanced": {
+                "horizontalPodAutoscalerConfig": {"behavior": {"scaleDown": SCALE_DOWN}},
+                # the class's backlog is the sum of its lists
+                "scalingModifiers": {"formula": " + ".join(names),
+                                     "target": str(BACKLOG_PER_WORKER),
+                                     "activationTarget": "0", "metricType": "AverageValue"},
+            },
+            "triggers": triggers,
+        },
+    }
+
+
+def trigger_auth(spec: deploy.DeploySpec) -> dict[str, Any]:
+    refs = [{"parameter": "username", "name": SECRETS, "key": "REDIS_SCALER_USERNAME"},
+            {"parameter": "password", "name": SECRETS,
+             "key": deploy_access.REDIS_PASSWORD_VARS["scaler"]}]
+    return {"apiVersion": "keda.sh/v1alpha1", "kind": "TriggerAuthentication",
+            "metadata": _meta(spec, TRIGGER_AUTH), "spec": {"secretTargetRef": refs}}
+
+
+def render(spec: deploy.DeploySpec) -> dict[str, str]:
+    head = deploy.header("k8s", spec)
+    files = {"00-config.yaml": deploy.dump_yaml(config(spec), head)}
+    if spec.redis_address is None:
+        files["10-redis.yaml"] = deploy.dump_yaml(redis(spec), head)
+    files["20-keda-auth.yaml"] = deploy.dump_yaml([trigger_auth(spec)], head)
+    for c in spec.classes:
+        files[f"30-worker-{c}gb.yaml"] = deploy.dump_yaml(
+            [deployment(spec, c), scaled_object(spec, c)], head)
+    files["farm.env"] = deploy.farm_env_file(spec)
+    files.update(deploy.store_policy_files(spec))
+    # not applied with the directory: fill it in first, or create the Secret with kubectl
+    files["secrets/farm-secrets.yaml"] = deploy.dump_yaml(
+        [secret(spec)], head + "# Replace every CHANGE-ME (hex passwords), then apply this first.\n")
+    return files

@@ -1,0 +1,81 @@
+"""SkyPilot: a task per VRAM class that runs one worker on a spot GPU in any cloud, pointed at
+the farm's broker and store.
+
+Launch it as a managed job (`sky jobs launch`), once per worker wanted: SkyPilot picks the
+cheapest cloud and region that has one of the class's GPUs as spot capacity, and when the spot
+instance is reclaimed it starts the job again elsewhere. The stage a reclaimed worker held comes
+back from Redis after the visibility timeout, so nothing is lost.
+
+Two ways to get the farm onto the machine:
+- default: `workdir: .` syncs the checkout (run `sky` from the repository root) and `setup`
+  installs it into a virtual environment, with the pinned torch and constraints.txt;
+- `--image REGISTRY/IMAGE:TAG` (a pushed worker image): the task runs inside that image.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from scheduler import deploy, deploy_gpus
+
+UV = "uv==0.13.8"          # installs a Python 3.12 the farm needs on any base image
+TORCH = "torch==2.13.0"    # the worker image's torch; its PyPI build is CUDA 13 (driver >= 580)
+VENV = "~/farm-venv"
+SECRETS = ("FARM_BROKER_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+def uses_image(spec: deploy.DeploySpec) -> bool:
+    """Whether the tasks run in a pushed image rather than installing the checkout."""
+    return spec.image != deploy.DEFAULT_IMAGE
+
+
+def setup_script() -> str:
+    return "\n".join([
+        "set -e",
+        f"pip install -q {UV}",
+        f"uv venv --python 3.12 {VENV}",
+        # TORCH_INDEX_URL: the PyTorch index of an older CUDA when the machine's driver is < 580
+        f'uv pip install -q --python {VENV}/bin/python --index-url "$TORCH_INDEX_URL" {TORCH}',
+        f"uv pip install -q --python {VENV}/bin/python -c constraints.txt '.[worker]'",
+    ]) + "\n"
+
+
+def task(spec: deploy.DeploySpec, vram_class: int) -> dict[str, Any]:
+    envs: dict[str, Any] = {**deploy.worker_env(spec, vram_class),
+                            # null: SkyPilot refuses to launch until --env gives it
+                            "FARM_STORE_URL": spec.store_url}
+    if spec.s3_endpoint_url:
+        envs["FARM_S3_ENDPOINT_URL"] = spec.s3_endpoint_url
+    # nothing probes readiness here; the model cache is the VM's (or the image's) disk
+    envs.pop("FARM_READY_FILE")
+    resources: dict[str, Any] = {
+        "accelerators": deploy_gpus.accelerators(vram_class, spec.classes),
+        "use_spot": True,
+        "disk_size": 100,      # the weights, the venv and the compile caches
+        # restart on errors too (e.g. exit 3: the broker was unreachable for a while)
+        "job_recovery": {"strategy": "FAILOVER", "max_restarts_on_errors": 3},
+    }
+    doc: dict[str, Any] = {"name": deploy.worker_name(vram_class), "resources": resources}
+    command = deploy.worker_command(spec, vram_class)
+    if uses_image(spec):
+        resources["image_id"] = f"docker:{spec.image}"
+        doc["envs"] = envs
+    else:
+        doc["workdir"] = "."
+        doc["envs"] = {**envs, "FARM_HOME": "~/farm-home", "HF_HOME": "~/farm-home/huggingface",
+                       "TORCH_INDEX_URL": "https://pypi.org/simple"}
+        doc["setup"] = setup_script()
+        command = command.replace("exec farm", f"exec {VENV}/bin/farm", 1)
+    # required at launch: `sky jobs launch --secret FARM_BROKER_URL ...`; never in the file
+    doc["secrets"] = {name: None for name in SECRETS}
+    doc["run"] = command + "\n"
+    return doc
+
+
+def render(spec: deploy.DeploySpec) -> dict[str, str]:
+    head = deploy.header("skypilot", spec)
+    files = {f"worker-{c}gb.yaml": deploy.dump_yaml([task(spec, c)], head)
+             for c in spec.classes}
+    files["farm.env"] = deploy.farm_env_file(spec)
+    files.update(deploy.store_policy_files(spec))
+    return files
