@@ -1,0 +1,244 @@
+"""A private farm for one benchmark: its own FARM_HOME in a temporary folder, the embedded
+broker on a unix socket, a file store, and worker processes started and stopped on demand.
+
+    with LocalFarm("overhead") as farm:
+        farm.start_workers(["w1"], kind="farm", max_jobs=40)   # `farm worker`, real pipelines
+        farm.wait_ready(["w1"])
+        ...
+    # every worker process and the broker are stopped, the folder removed, even on error
+
+Workers run as separate processes (each in its own session, so a stop reaches its children),
+so they compete over Redis and the store the way a real fleet does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from farm import broker, fleet
+from farm.records import record_key
+from farm.settings import Settings
+from farm.store import Store, open_store
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def code_version() -> str:
+    """The commit measured, with "-dirty" when the working tree had changes."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=10)
+    except OSError:
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+class BenchError(RuntimeError):
+    """A benchmark could not run (a worker died, a batch did not finish in time)."""
+
+
+class LocalFarm:
+    def __init__(self, label: str) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"farm-bench-{label}-"))
+        self.home = self.tmp / "home"
+        self.logs = self.tmp / "logs"
+        self.logs.mkdir(parents=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("FARM_", "AWS_"))}
+        # FARM_THREADS=1: one torch thread per worker, as CPU workers run by default
+        env.update({"FARM_HOME": str(self.home), "FARM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                    "HF_HUB_OFFLINE": "1"})
+        self.env = env
+        self.settings = Settings.load(env=env)
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        # commands this process sends while a batch runs, so they can be taken out of counts
+        self.own_commands: Counter[str] = Counter()
+
+    # -- life ------------------------------------------------------------------------------
+
+    def __enter__(self) -> LocalFarm:
+        try:
+            broker.ensure_broker(self.settings)
+            broker.wait_for_broker(self.settings)
+            self.redis = broker.redis_client(self.settings)
+            self.store: Store = open_store(self.settings)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc is not None:  # the logs go with the folder: show what the workers said
+            for log in sorted(self.logs.glob("*.log")):
+                print(f"-- {log.name}: {self.log_tail(log.stem, 20)}", file=sys.stderr)
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self.stop_workers(list(self.procs), grace=10.0)
+        finally:
+            try:
+                broker.stop_broker(self.settings)
+            finally:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # -- workers ---------------------------------------------------------------------------
+
+    def start_workers(self, names: list[str], *, kind: str, max_jobs: int | None = None,
+                      stats_dir: Path | None = None) -> None:
+        """kind "farm": `farm worker --device cpu` (tiny-sdxl through diffusers);
+        kind "standin": benchmarks/_standin_worker.py (worker/standin.py, no diffusion)."""
+        for name in names:
+            if kind == "farm":
+                cmd = [sys.executable, "-m", "cli.main", "worker", "--device", "cpu",
+                       "--name", name]
+            elif kind == "standin":
+                cmd = [sys.executable, "-m", "benchmarks._standin_worker", "--name", name]
+                if stats_dir is not None:
+                    cmd += ["--stats", str(stats_dir / f"{name}.json")]
+            else:
+                raise ValueError(f"kind must be farm or standin, got {kind!r}")
+            if max_jobs is not None:
+                cmd += ["--max-jobs", str(max_jobs)]
+            with open(self.logs / f"{name}.log", "ab") as log:
+                self.procs[name] = subprocess.Popen(
+                    cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def wait_ready(self, names: list[str], timeout: float = 180.0) -> float:
+        """Wait until every named worker's heartbeat says "ready"; returns the seconds waited."""
+        start = time.monotonic()
+        while True:
+            ready = {w.name for w in fleet.live_workers(self.redis)
+                     if w.state == fleet.WorkerState.READY}
+            if set(names) <= ready:
+                return time.monotonic() - start
+            self._check_alive(names)
+            if time.monotonic() - start > timeout:
+                raise BenchError(f"workers {sorted(set(names) - ready)} not ready after "
+                                 f"{timeout:g} s; logs in {self.logs}")
+            time.sleep(0.1)
+
+    def wait_consuming(self, names: list[str], timeout: float = 30.0) -> None:
+        """Wait until the named workers' consumers block in BRPOP: a worker reports ready just
+        before its Celery consumer connects, and that start-up (HELLO, PSUBSCRIBE, the unacked
+        restore, ...) must not be counted as the first jobs' cost."""
+        start = time.monotonic()
+        while True:
+            clients = self.redis.client_list()
+            if sum(1 for c in clients if c.get("cmd") == "brpop") >= len(names):
+                break
+            self._check_alive(names)
+            if time.monotonic() - start > timeout:
+                raise BenchError(f"workers {names} not consuming after {timeout:g} s")
+            time.sleep(0.05)
+        time.sleep(1.0)  # the last start-up commands follow the first BRPOP
+
+    def cpu_seconds(self, names: list[str]) -> float:
+        """User + system CPU seconds the named worker processes have used so far."""
+        total = 0
+        for name in names:
+            with open(f"/proc/{self.procs[name].pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+        return total / os.sysconf("SC_CLK_TCK")
+
+    def broker_cpu_seconds(self) -> float:
+        info = self.redis.info("cpu")
+        self.own_commands["info"] += 1
+        return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+    def jobs_done(self, names: list[str]) -> int:
+        """Jobs the named workers finished (succeeded or failed), from their heartbeats, which
+        each worker rewrites right after a job's final record is written."""
+        raws = self.redis.mget([fleet.worker_key(n) for n in names])
+        self.own_commands["mget"] += 1
+        total = 0
+        for raw in raws:
+            if raw is not None:
+                info = fleet.WorkerInfo.decode(raw)
+                total += info.jobs_done + info.jobs_failed
+        return total
+
+    def wait_jobs(self, names: list[str], target: int, timeout: float = 300.0,
+                  interval: float = 0.01) -> None:
+        start = time.monotonic()
+        while self.jobs_done(names) < target:
+            self._check_alive(names)
+            if time.monotonic() - start > timeout:
+                raise BenchError(f"workers {names} did {self.jobs_done(names)} of {target} "
+                                 f"jobs in {timeout:g} s; logs in {self.logs}")
+            time.sleep(interval)
+
+    def stop_workers(self, names: list[str], grace: float = 30.0) -> None:
+        """SIGTERM (a warm shutdown), then SIGKILL after `grace` seconds; always reaps."""
+        procs = [self.procs.pop(n) for n in names if n in self.procs]
+        for proc in procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def _check_alive(self, names: list[str]) -> None:
+        for name in names:
+            proc = self.procs.get(name)
+            if proc is not None and proc.poll() is not None:
+                raise BenchError(f"worker {name} exited with {proc.returncode}: "
+                                 f"{self.log_tail(name)}")
+
+    def log_tail(self, name: str, lines: int = 8) -> str:
+        try:
+            text = (self.logs / f"{name}.log").read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return " | ".join(text.strip().splitlines()[-lines:])
+
+    # -- what the store and Redis say ------------------------------------------------------
+
+    def store_root(self) -> Path:
+        return Path(unquote(urlparse(self.settings.effective_store_url).path))
+
+    def job_times(self, batch: str, job_ids: list[str]) -> list[dict[str, float]]:
+        """Per job: started_at, finished_at, render_s, write_s, total_s from its record, and
+        written_at, when its final record reached the store (the file's modification time)."""
+        out = []
+        for job in job_ids:
+            path = self.store_root() / record_key(batch, job)
+            record = json.loads(path.read_bytes())
+            if record.get("state") != "succeeded":
+                raise BenchError(f"job {job} is {record.get('state')}: {record.get('error')}")
+            timings = record.get("timings") or {}
+            out.append({"started_at": float(record["started_at"]),
+                        "finished_at": float(record["finished_at"]),
+                        "written_at": path.stat().st_mtime,
+                        "render_s": float(timings["render_s"]),
+                        "write_s": float(timings["write_s"]),
+                        "total_s": float(timings["total_s"])})
+        return out
+
+    def command_calls(self) -> Counter[str]:
+        """Calls per Redis command since the server started (INFO commandstats)."""
+        stats: dict[str, Any] = self.redis.info("commandstats")
+        self.own_commands["info"] += 1
+        return Counter({name.removeprefix("cmdstat_"): int(v["calls"])
+                        for name, v in stats.items() if isinstance(v, dict)})

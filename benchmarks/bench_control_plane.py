@@ -1,0 +1,263 @@
+"""Control-plane throughput: jobs per second through the real queue and store, with the
+stand-in stage (worker/standin.py: no diffusion), for 1, 2 and 4 worker processes.
+
+Each run submits N_JOBS jobs to workers that are up and consuming (separate processes: the real
+`Worker` with backend=StandIn) and is timed from the `submit()` call until the last job's final
+record is in the store. Within a round the workers are added 1 -> 2 -> 4 or taken away
+4 -> 2 -> 1, alternating by round, so no variant always runs first or last; every round starts
+fresh workers. With 4 workers a second run sends the same jobs as batches of SMALL_BATCH
+jobs: every job reads its batch manifest whole, so this shows what the batch size costs.
+
+Counted per job:
+  Redis commands   INFO commandstats before the submit and after the last job, less this
+                   process's own polling (MGET of the workers' heartbeats) and INFO calls
+  store calls      every put/get the workers make, counted by the launcher's CountingStore
+                   (over all runs together: the count per job does not depend on the workers)
+  CPU              user + system seconds of the worker processes (/proc) and of Redis (INFO
+                   cpu), and of this process during submit()
+Also: Redis commands per idle worker per second (heartbeats, BRPOP timeouts), how long one
+manifest read takes for this batch and for a 10,000-job batch, and what one status read
+(`farm status`, each refresh of --watch) costs the store.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from benchmarks._farm import LocalFarm, code_version
+from benchmarks._standin_worker import CountingStore
+from benchmarks._stats import machine_busy, spread, summary, table
+from farm.jobs import JobSpec, job_id
+from farm.records import manifest_key, read_manifest
+from farm.store import get_json, put_json
+from scheduler.status import batch_status
+from scheduler.submit import submit
+
+N_JOBS = 400
+STEPS = 8            # denoising steps per job: the stand-in calls the step callback as often
+# Redis commands per job are also counted at these step counts (the step callback may talk to
+# Redis), with PER_STEP_JOBS jobs each: 30 is what an SDXL job runs
+STEP_COUNTS = (8, 30)
+PER_STEP_JOBS = 50
+WORKER_COUNTS = (1, 2, 4)
+SMALL_BATCH = 10
+ROUNDS = 3
+IDLE_WINDOW_S = 5.0   # seconds of an idle fleet to count commands over
+# the largest batch a user may submit (FARM_MAX_JOBS_PER_BATCH's default)
+BIG_BATCH = 10_000
+CPU_PARTS = ("workers", "broker", "submit")
+
+
+def job_specs(farm: LocalFarm, n: int = N_JOBS, steps: int = STEPS) -> list[JobSpec]:
+    return [JobSpec.from_dict({"prompt": f"load test {i}", "seed": i, "steps": steps,
+                               "width": 64, "height": 64}, farm.settings)
+            for i in range(n)]
+
+
+def idle_rate(farm: LocalFarm, names: list[str]) -> dict[str, float]:
+    """Redis commands per second per idle worker, by command."""
+    before = farm.command_calls()
+    time.sleep(IDLE_WINDOW_S)
+    calls = farm.command_calls() - before
+    calls.pop("info", None)
+    return {k: v / len(names) / IDLE_WINDOW_S for k, v in calls.most_common()}
+
+
+def one_run(farm: LocalFarm, names: list[str], batch_size: int, n_jobs: int = N_JOBS,
+            steps: int = STEPS) -> dict[str, Any]:
+    """n_jobs jobs, in batches of `batch_size`, through the named workers (up, consuming)."""
+    specs = job_specs(farm, n_jobs, steps)
+    done_before = farm.jobs_done(names)
+    before = farm.command_calls()
+    polls_before = farm.own_commands["mget"]
+    cpu_workers, cpu_broker = farm.cpu_seconds(names), farm.broker_cpu_seconds()
+    t0, cpu_submit = time.time(), time.process_time()
+    batches = [submit(farm.settings, specs[i:i + batch_size], source="bench-control-plane")
+               for i in range(0, len(specs), batch_size)]
+    t1, cpu_submit = time.time(), time.process_time() - cpu_submit
+    farm.wait_jobs(names, done_before + n_jobs, interval=0.02)
+    cpu_workers = farm.cpu_seconds(names) - cpu_workers
+    cpu_broker = farm.broker_cpu_seconds() - cpu_broker
+    calls = farm.command_calls() - before
+    calls.pop("info", None)
+    calls["mget"] -= farm.own_commands["mget"] - polls_before
+    calls = +calls  # drop zero counts
+
+    jobs = [t for b in batches for t in farm.job_times(b.batch, [j.id for j in b.jobs])]
+    end = max(t["written_at"] for t in jobs)
+    return {
+        "batch": batches[-1].batch,
+        "jobs_per_s": n_jobs / (end - t0),
+        "drain_jobs_per_s": n_jobs / (end - min(t["started_at"] for t in jobs)),
+        "submit_jobs_per_s": n_jobs / (t1 - t0),
+        "redis_commands_per_job": sum(calls.values()) / n_jobs,
+        "redis_commands_by_name_per_job": {k: v / n_jobs for k, v in calls.most_common()},
+        "cpu_ms_per_job": {"workers": cpu_workers / n_jobs * 1000,
+                           "broker": cpu_broker / n_jobs * 1000,
+                           "submit": cpu_submit / n_jobs * 1000},
+    }
+
+
+def set_workers(farm: LocalFarm, up: list[str], count: int, label: str, stats_dir: Path) -> None:
+    """Grow or shrink the running stand-in workers `up` (in place) to `count`."""
+    if count > len(up):
+        new = [f"{label}-{i}" for i in range(len(up), count)]
+        farm.start_workers(new, kind="standin", stats_dir=stats_dir)
+        farm.wait_ready(new)
+        up.extend(new)
+        farm.wait_consuming(up)
+    elif count < len(up):
+        farm.stop_workers(up[count:])
+        del up[count:]
+
+
+def manifest_read(farm: LocalFarm, batch: str, jobs: int, repeat: int = 3) -> dict[str, float]:
+    """Milliseconds for one read_manifest of a batch of `jobs` jobs (a copy of `batch`'s
+    manifest with its job list repeated), what every job of such a batch pays first, and the
+    manifest's size in bytes."""
+    data = get_json(farm.store, manifest_key(batch))
+    if jobs != len(data["jobs"]):
+        copy = f"{batch}-x{jobs}"
+        template = data["jobs"]
+        data = {**data, "batch": copy, "jobs": [
+            {**template[i % len(template)], "id": job_id(copy, i), "index": i}
+            for i in range(jobs)]}
+        put_json(farm.store, manifest_key(copy), data)
+        batch = copy
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        read_manifest(farm.store, batch, farm.settings)
+        times.append((time.perf_counter() - start) * 1000)
+    return {"ms": sorted(times)[len(times) // 2],
+            "bytes": len(farm.store.get(manifest_key(batch)))}
+
+
+def status_read(farm: LocalFarm, batch: str) -> dict[str, Any]:
+    """What one `farm status BATCH` (and each 0.5 s refresh of --watch) costs the store."""
+    store = CountingStore(farm.store)
+    start = time.perf_counter()
+    batch_status(store, batch, farm.settings)
+    return {"ms": (time.perf_counter() - start) * 1000, "store_calls": dict(store.counts)}
+
+
+def variant_figures(got: list[dict[str, Any]]) -> dict[str, Any]:
+    entry: dict[str, Any] = {key: summary([g[key] for g in got]) for key in (
+        "jobs_per_s", "drain_jobs_per_s", "submit_jobs_per_s", "redis_commands_per_job")}
+    names = sorted({n for g in got for n in g["redis_commands_by_name_per_job"]})
+    entry["redis_commands_by_name_per_job"] = {
+        n: round(summary([g["redis_commands_by_name_per_job"].get(n, 0.0)
+                          for g in got])["median"], 3) for n in names}
+    entry["cpu_ms_per_job"] = {p: summary([g["cpu_ms_per_job"][p] for g in got])
+                               for p in CPU_PARTS}
+    return entry
+
+
+def run() -> dict[str, Any]:
+    wall = time.perf_counter()
+    machine = machine_busy()
+    top = max(WORKER_COUNTS)
+    small = f"{top}, batches of {SMALL_BATCH}"
+    runs: dict[str, list[dict[str, Any]]] = {str(k): [] for k in WORKER_COUNTS}
+    runs[small] = []
+    idle: list[dict[str, float]] = []
+    with LocalFarm("control-plane") as farm:
+        stats_dir = farm.tmp / "stats"
+        stats_dir.mkdir()
+        for r in range(ROUNDS):
+            up: list[str] = []
+            order = WORKER_COUNTS if r % 2 == 0 else tuple(reversed(WORKER_COUNTS))
+            for k in order:
+                set_workers(farm, up, k, f"cp{r}", stats_dir)
+                if k == top:
+                    idle.append(idle_rate(farm, up))
+                    runs[small].append(one_run(farm, list(up), SMALL_BATCH))
+                runs[str(k)].append(one_run(farm, list(up), N_JOBS))
+            farm.stop_workers(up)
+        # Redis commands per job against denoising steps, on one worker
+        by_steps: dict[str, float] = {}
+        up = []
+        set_workers(farm, up, 1, "steps", stats_dir)
+        for steps in STEP_COUNTS:
+            counted = one_run(farm, up, PER_STEP_JOBS, PER_STEP_JOBS, steps)
+            by_steps[str(steps)] = counted["redis_commands_per_job"]
+        farm.stop_workers(up)
+        last = runs[str(top)][-1]["batch"]
+        manifest = {str(N_JOBS): manifest_read(farm, last, N_JOBS),
+                    str(BIG_BATCH): manifest_read(farm, last, BIG_BATCH)}
+        status = status_read(farm, last)
+        # every worker counted its store calls and wrote them down when it stopped
+        store_calls: Counter[str] = Counter()
+        stats_jobs = 0
+        for path in stats_dir.glob("*.json"):
+            stats = json.loads(path.read_text())
+            store_calls.update(stats["store_calls"])
+            stats_jobs += stats["jobs"]
+        stats_jobs = max(1, stats_jobs)
+
+    figures: dict[str, Any] = {"jobs_per_run": N_JOBS, "rounds": ROUNDS, "workers": {}}
+    rows = []
+    for name, got in runs.items():
+        entry = figures["workers"][name] = variant_figures(got)
+        rows.append([name, spread(entry["jobs_per_s"]), spread(entry["drain_jobs_per_s"]),
+                     spread(entry["submit_jobs_per_s"], 0),
+                     spread(entry["redis_commands_per_job"], 2),
+                     " / ".join(f"{entry['cpu_ms_per_job'][p]['median']:.1f}"
+                                for p in CPU_PARTS)])
+    main = figures["workers"][str(top)]
+    idle_total = summary([sum(i.values()) for i in idle])
+    figures["redis_commands_per_job"] = main["redis_commands_per_job"]["median"]
+    figures["idle_commands_per_worker_s"] = idle_total
+    figures["idle_commands_by_name_per_worker_s"] = idle[-1]
+    low, high = STEP_COUNTS[0], STEP_COUNTS[-1]
+    per_step = (by_steps[str(high)] - by_steps[str(low)]) / (high - low)
+    figures["redis_commands_per_job_by_steps"] = by_steps
+    figures["redis_commands_per_step"] = per_step
+    figures["redis_commands_per_job_at_0_steps"] = by_steps[str(low)] - per_step * low
+    figures["manifest_read"] = manifest
+    figures["status_read"] = status
+    figures["store_calls_per_job"] = {k: v / stats_jobs for k, v in sorted(store_calls.items())}
+    figures["store_writes_per_job"] = sum(v for k, v in store_calls.items()
+                                          if k.startswith("put")) / stats_jobs
+    figures["store_reads_per_job"] = sum(v for k, v in store_calls.items()
+                                         if not k.startswith("put")) / stats_jobs
+    cpu_ms = sum(main["cpu_ms_per_job"][p]["median"] for p in CPU_PARTS)
+    figures["cpu_bound_jobs_per_s"] = 1000 * machine["cores"] / cpu_ms
+    figures["machine_before"] = machine
+    figures["code"] = code_version()
+    figures["target"] = f">= 300 jobs/s with {top} workers"
+    figures["target_met"] = main["jobs_per_s"]["median"] >= 300
+    figures["wall_s"] = round(time.perf_counter() - wall, 1)
+
+    print(f"{N_JOBS} stand-in jobs of {STEPS} steps per run (no diffusion; 64x64 flat PNG + "
+          f"sidecar), one batch unless said, {ROUNDS} rounds, median (min-max); "
+          f"{machine['cores']} cores shared by Redis, workers and submitter")
+    print(table(["workers", "jobs/s", "drain jobs/s", "submit jobs/s", "Redis cmds/job",
+                 "CPU ms/job workers/Redis/submit"], rows))
+    by_name = ", ".join(f"{n} {v:g}" for n, v in sorted(
+        main["redis_commands_by_name_per_job"].items(), key=lambda kv: -kv[1]) if v >= 0.01)
+    print(f"Redis commands per job ({top} workers): {by_name}")
+    print("Redis commands per job by denoising steps (1 worker): " + ", ".join(
+        f"{k} steps {v:.2f}" for k, v in by_steps.items())
+        + f" -> {per_step:.2f} per step + {figures['redis_commands_per_job_at_0_steps']:.2f}")
+    print(f"idle worker: {spread(idle_total, 2)} Redis commands/s each ("
+          + ", ".join(f"{k} {v:.2f}" for k, v in idle[-1].items()) + ")")
+    print("store calls per job (all runs): " + ", ".join(
+        f"{k} {v:g}" for k, v in figures["store_calls_per_job"].items()))
+    print(f"CPU: {cpu_ms:.1f} CPU-ms per job with {top} workers caps {machine['cores']} cores "
+          f"at about {figures['cpu_bound_jobs_per_s']:.0f} jobs/s")
+    small_m, big_m = manifest[str(N_JOBS)], manifest[str(BIG_BATCH)]
+    print(f"one manifest read (every job does one): {small_m['ms']:.1f} ms / "
+          f"{small_m['bytes'] / 1e3:.0f} kB at {N_JOBS} jobs, {big_m['ms']:.1f} ms / "
+          f"{big_m['bytes'] / 1e6:.1f} MB at {BIG_BATCH} jobs")
+    print(f"one status read of a {N_JOBS}-job batch: {status['ms']:.0f} ms, store calls "
+          + ", ".join(f"{k} {v}" for k, v in sorted(status["store_calls"].items())))
+    print(f"machine before start: {machine['busy_pct']}% of {machine['cores']} cores busy, "
+          f"load average {machine['loadavg_1m']}")
+    print(f"target: >= 300 jobs/s with {top} workers -> "
+          f"{'met' if figures['target_met'] else 'MISSED'}; took {figures['wall_s']} s")
+    return figures
