@@ -138,7 +138,8 @@ def status(batch: str, as_json: bool, watch: bool) -> None:
         if job.images:
             line += f"  {len(job.images)} image(s)"
         if job.error:
-            line += f"  error: {job.error}"
+            kind = job.record.error_kind if job.record else None
+            line += f"  {'worker trouble' if kind == 'worker' else 'error'}: {job.error}"
         if job.waiting:
             line += f"  ({job.waiting})"
         click.echo(line)
@@ -333,6 +334,27 @@ def _compile_cell(w: Any) -> str:
         return "none"
     cache = f", cache {c['cache']}" if c.get("cache", "off") != "off" else ""
     return f"{c.get('backend')} {c.get('state')} {c.get('seconds', 0):.0f}s{cache}"
+
+
+@cli.command()
+@click.argument("target")
+def cancel(target: str) -> None:
+    """Cancel a batch or one job: queued stages never start, running ones stop within a step."""
+    from scheduler.cancel import cancel as do_cancel
+
+    settings = Settings.load()
+    if not _is_id(target):
+        raise NotFound(f"{target!r} is not a batch or job id")
+    result = do_cancel(settings, open_store(settings), target)
+    click.echo(f"batch {result.batch}: {len(result.marked)} canceled, "
+               f"{len(result.stopping)} stopping within one step, "
+               f"{len(result.done)} already finished")
+
+
+def _is_id(text: str) -> bool:
+    from farm.jobs import is_id
+
+    return is_id(text)
 
 
 @cli.command()

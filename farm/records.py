@@ -91,6 +91,8 @@ class JobRecord:
     updated_at: float | None = None
     images: list[str] = field(default_factory=list)
     error: str | None = None
+    # whose fault a failure was: "job" (the work itself raised) or "worker" (workers died)
+    error_kind: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     # per stage ("full", "base", "refiner", "pair"): worker, host, vram_class, profile,
     # attempts, started_at, finished_at, seconds

@@ -76,9 +76,16 @@ class Settings:
     # A task unacked this long is delivered again while the first copy still runs
     # (celery#5935): keep it far above the longest stage, the same on every process.
     visibility_timeout: int = 3600
+    # a stage whose worker died this many times is dead-lettered (a poison job)
+    max_attempts: int = 3
+    # a stage with no denoising step for this long is hung: its worker exits and the stage is
+    # recovered elsewhere (a hung CUDA kernel cannot be interrupted from Python)
+    hang_timeout: float = 300.0
     # workers refresh a heartbeat key this often; it expires after heartbeat_ttl
     heartbeat_interval: float = 5.0
     heartbeat_ttl: float = 20.0
+    # how long a request keeps retrying an unreachable object store before it gives up
+    store_retry_seconds: float = 60.0
     # latents of failed split jobs are kept this long, then `farm clean` removes them
     intermediate_ttl_hours: float = 24.0
     # how long `farm submit` keeps trying an unreachable broker before it gives up

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -139,6 +140,7 @@ class S3Store:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
+        self.retry_seconds = settings.store_retry_seconds
         self.client = boto3.client("s3", endpoint_url=settings.s3_endpoint_url,
                                    region_name=settings.s3_region, config=config)
 
@@ -147,6 +149,20 @@ class S3Store:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _call(self, fn: Any, **kwargs: Any) -> Any:
+        """One S3 request; while the store is unreachable, try again with backoff for up to
+        `store_retry_seconds` (boto3's own retries cover a blip; this covers bad minutes)."""
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 0.5
+        while True:
+            try:
+                return self._call_once(fn, **kwargs)
+            except StoreUnavailable:
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 8.0)
+
+    def _call_once(self, fn: Any, **kwargs: Any) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
         try:

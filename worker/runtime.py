@@ -17,7 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from farm import broker, fleet, models, queues, vram
+from farm import broker, fleet, models, queues, recovery, vram
+from farm.errors import RetryableError
 from farm.jobs import Job
 from farm.settings import Settings
 from farm.store import open_store
@@ -71,6 +72,7 @@ class Worker:
         self.done = 0
         self._stop = threading.Event()
         self.info: fleet.WorkerInfo | None = None
+        self.progress: float | None = None  # monotonic time of the running stage's last step
         self.ctx: WorkerContext | None = None
 
     # -- 1-2: setup, once ---------------------------------------------------------------------
@@ -95,6 +97,10 @@ class Worker:
         broker.wait_for_broker(self.settings, timeout=max(30.0,
                                                           self.settings.broker_connect_timeout))
         self.redis = broker.redis_client(self.settings)
+        back = recovery.recover_own(self.redis, self.name)
+        if back:
+            self.echo(f"worker {self.name}: put back job {back.get('job')}, which this worker "
+                      "name was running when it last stopped")
         self.compile_backend = self.settings.compile or compile.default_backend(device)
         compile.check_backend(self.compile_backend)  # before minutes of loading, not after
         self.info = fleet.WorkerInfo(
@@ -167,15 +173,23 @@ class Worker:
 
     # -- 3-4: consume ---------------------------------------------------------------------
 
-    def handle(self, message: Any) -> None:
+    def handle(self, message: Any, tag: str | None = None, queue: str | None = None) -> None:
         assert self.ctx is not None and self.info is not None
         job_id = message.get("id") if isinstance(message, dict) else None
+        stage = message.get("stage") if isinstance(message, dict) else None
         self.info.state, self.info.current_job = fleet.WorkerState.BUSY, job_id
         self._beat()
+        if tag and queue:
+            # should this process die, the sweep puts the message back from this record
+            recovery.set_inflight(self.redis, self.name or "", tag, queue, job_id, stage)
         graphs = compile.graphs() if self.compile_backend != "none" else 0
+        self.progress = time.monotonic()
         try:
             outcome = run_job(self.ctx, message)
         finally:
+            self.progress = None
+            if tag and queue:
+                recovery.clear_inflight(self.redis, self.name or "")
             self.done += 1
             self.info.current_job = None
             self.info.state = fleet.WorkerState.READY
@@ -220,12 +234,23 @@ class Worker:
         # Containers commonly run as root; JSON-only messages remove the risk the warning is
         # about (pickle), so it is noise here.
         warnings.filterwarnings("ignore", category=SecurityWarning)
+        from celery.exceptions import Reject
+
         app = broker.celery_app(self.settings)
         worker = self
 
-        @app.task(name=queues.RENDER_TASK, acks_late=True)
-        def render_task(message: Any) -> None:
-            worker.handle(message)
+        @app.task(name=queues.RENDER_TASK, acks_late=True, bind=True)
+        def render_task(task: Any, message: Any) -> None:
+            # kombu's Redis transport carries the delivery tag in the message properties
+            tag = (task.request.properties or {}).get("delivery_tag")
+            queue = (task.request.delivery_info or {}).get("routing_key")
+            try:
+                worker.handle(message, tag, queue)
+            except RetryableError as exc:
+                # the broker or store is unwell: hand the stage back rather than lose it
+                log.error("handing job back to its queue: %s", exc)
+                time.sleep(min(5.0, self.settings.heartbeat_interval))
+                raise Reject(str(exc), requeue=True) from None
 
         def enqueue(job: Job) -> None:
             app.send_task(queues.RENDER_TASK, args=[job.encode()],
@@ -233,6 +258,8 @@ class Worker:
 
         assert self.ctx is not None
         self.ctx.enqueue = enqueue
+        self.ctx.canceled = lambda *ids: recovery.is_canceled(self.redis, *ids)
+        self.ctx.on_progress = self._progressed
 
         consumer = app.Worker(pool="solo", concurrency=1, queues=self.info.queues,
                               hostname=f"{self.name}@{socket.gethostname()}",
@@ -262,6 +289,24 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - a missed beat is not a reason to stop work
             log.warning("heartbeat failed: %s", exc)
 
+    def _progressed(self) -> None:
+        self.progress = time.monotonic()
+
     def _heartbeat_loop(self) -> None:
+        """Beat; sweep up dead workers' stages; watch for a hung stage of our own."""
         while not self._stop.wait(self.settings.heartbeat_interval):
             self._beat()
+            try:
+                recovery.sweep(self.redis, self.settings.heartbeat_interval)
+            except Exception as exc:  # noqa: BLE001 - the next sweep (here or elsewhere) retries
+                log.warning("recovery sweep failed: %s", exc)
+            began = self.progress
+            if began is not None and time.monotonic() - began > self.settings.hang_timeout:
+                # No step for hang_timeout: a stuck kernel or driver. Python cannot interrupt
+                # it, so this process leaves: its heartbeat stops, and the sweep of another
+                # worker puts the stage back on its queue (attempts are capped).
+                log.error("job %s made no progress for %.0f s: exiting so another worker can "
+                          "take it", self.info.current_job if self.info else None,
+                          time.monotonic() - began)
+                fleet.remove(self.redis, self.name or "")
+                os._exit(75)

@@ -22,20 +22,19 @@ from farm.jobs import Job, JobState
 from farm.records import JobRecord, write_record
 from worker import handoff
 from worker.outputs import write_images
-from worker.stage import Outcome, WorkerContext, finish_stage, start, succeed
+from worker.stage import (
+    JobCanceled,
+    Outcome,
+    StageFailed,
+    WorkerContext,
+    finish_stage,
+    start,
+    succeed,
+)
 
 log = logging.getLogger("farm.worker")
 
 MAX_REFINER_ATTEMPTS = 3
-
-
-class StageFailed(Exception):
-    """The job fails with `message`; `record` is its latest record."""
-
-    def __init__(self, record: JobRecord, message: str) -> None:
-        super().__init__(message)
-        self.record = record
-        self.message = message
 
 
 def run_base(ctx: WorkerContext, job: Job, record: JobRecord) -> Outcome:
@@ -51,9 +50,11 @@ def run_base(ctx: WorkerContext, job: Job, record: JobRecord) -> Outcome:
     latents, generators = [], []
     try:
         for seed in spec.image_seeds():
-            lat, gen = ctx.backend.denoise_base(base, spec, seed)
+            lat, gen = ctx.backend.denoise_base(base, spec, seed, callback=ctx.step)
             latents.append(lat)
             generators.append(gen)
+    except JobCanceled:
+        raise
     except Exception as exc:  # noqa: BLE001 - the job fails with the base's error
         log.exception("base stage of %s failed", job.id)
         raise StageFailed(record, f"base stage: {type(exc).__name__}: {exc}") from None
@@ -124,8 +125,11 @@ def _refine(ctx: WorkerContext, job: Job, record: JobRecord, latents: list[Any],
         for lat, state in zip(latents, generator_states, strict=True):
             gen = torch.Generator("cpu")
             gen.set_state(state)
-            pictures.append(ctx.backend.refine(refiner, spec, lat, gen))
+            pictures.append(ctx.backend.refine(refiner, spec, lat, gen, callback=ctx.step))
         render_s = time.perf_counter() - t0
+        ctx.step(None, -1, None, {})  # canceled during the last step: write nothing
+    except JobCanceled:
+        raise
     except Exception as exc:  # noqa: BLE001
         log.exception("refiner stage of %s failed", job.id)
         return _retry_refiner(ctx, job, record, f"{type(exc).__name__}: {exc}", latents,

@@ -27,7 +27,7 @@ log = logging.getLogger("farm.worker")
 
 
 class Renderer(Protocol):
-    def __call__(self, model: Any, spec: Any) -> list[Any]: ...
+    def __call__(self, model: Any, spec: Any, *, callback: Any = None) -> list[Any]: ...
 
 
 @dataclass
@@ -47,12 +47,42 @@ class WorkerContext:
     backend: Any = None
     # puts the next stage of a job on its queue (the refiner stage after the base)
     enqueue: Callable[[Job], None] | None = None
+    # True when `farm cancel` named any of these ids (the job, its batch); None: never
+    canceled: Callable[..., bool] | None = None
+    # called after every denoising step (hang detection); set by the worker runtime
+    on_progress: Callable[[], None] | None = None
+    job: Job | None = None  # the job being run, for the step callback
+
+    def step(self, pipe: Any, step_index: int, timestep: Any,
+             kwargs: dict[str, Any]) -> dict[str, Any]:
+        """After every denoising step: note progress, and stop at once if canceled."""
+        if self.on_progress is not None:
+            self.on_progress()
+        if self.canceled is not None and self.job is not None and self.canceled(
+                self.job.id, self.job.batch):
+            raise JobCanceled(self.job.id)
+        return kwargs
 
     def stage_info(self, model: Any) -> dict[str, Any]:
         """Who runs a stage, for the record and the sidecar."""
         return {"worker": self.name, "host": self.host, "device": str(model.device),
                 "vram_class": self.vram_class, "profile": getattr(model, "profile", ""),
                 "model_hash": model.weights_hash}
+
+
+class StageFailed(Exception):
+    """The job fails with `message`; `record` is its latest record; `kind` says whose fault:
+    "job" (the work itself raised) or "worker" (workers kept dying running it)."""
+
+    def __init__(self, record: JobRecord, message: str, kind: str = "job") -> None:
+        super().__init__(message)
+        self.record = record
+        self.message = message
+        self.kind = kind
+
+
+class JobCanceled(Exception):
+    """Raised from the step callback when `farm cancel` named the job or its batch."""
 
 
 @dataclass(frozen=True)
@@ -93,9 +123,12 @@ def run_job(ctx: WorkerContext, message: Any) -> Outcome:
         return _fail(ctx, job, record, f"batch was aborted at submit: {manifest.aborted}",
                      state=JobState.CANCELED)
     record = record or JobRecord(job=job.id, batch=job.batch)
+    if ctx.canceled is not None and ctx.canceled(job.id, job.batch):
+        return _fail(ctx, job, record, "canceled before it started", JobState.CANCELED)
 
     from worker import split  # split builds on this module's helpers
 
+    ctx.job = job
     try:
         if job.stage == "refiner":
             return split.run_refiner(ctx, job, record)
@@ -104,19 +137,31 @@ def run_job(ctx: WorkerContext, message: Any) -> Outcome:
         if job.stage == "pair":
             return split.run_pair(ctx, job, record)
         return run_full(ctx, job, record)
-    except split.StageFailed as exc:
-        return _fail(ctx, job, exc.record, exc.message)
+    except StageFailed as exc:
+        return _fail(ctx, job, exc.record, exc.message, kind=exc.kind)
+    except JobCanceled:
+        latest = read_record(ctx.store, job.batch, job.id) or record
+        return _fail(ctx, job, latest, "canceled while running", JobState.CANCELED)
+    finally:
+        ctx.job = None
 
 
 def start(ctx: WorkerContext, job: Job, record: JobRecord, stage: str, model: Any) -> JobRecord:
-    """Record that `stage` starts on this worker (a restarted one counts another attempt)."""
+    """Record that `stage` starts on this worker (a restarted one counts another attempt).
+    A stage whose workers died `max_attempts` times is dead-lettered instead."""
+    done = record.stages.get(stage, {}).get("attempts", 0)
     if record.state not in (JobState.QUEUED, JobState.LATENTS_READY):
         # picked up again after a worker died mid-stage
+        if done >= ctx.settings.max_attempts:
+            workers = record.stages.get(stage, {}).get("worker", "?")
+            raise StageFailed(record, f"dead-lettered: the worker died running its {stage} "
+                              f"stage {done} times (last on {workers}); a poison job? see "
+                              "the worker logs", kind="worker")
         back = JobState.LATENTS_READY if record.state == JobState.REFINING else JobState.QUEUED
         record = record.to(back)
     state = JobState.REFINING if stage == "refiner" else JobState.RUNNING
     now = time.time()
-    attempts = record.stages.get(stage, {}).get("attempts", 0) + 1
+    attempts = done + 1
     record = record.to(state, attempts=record.attempts + 1, worker=ctx.name, error=None,
                        started_at=record.started_at or now,
                        stages=record.with_stage(stage, **ctx.stage_info(model),
@@ -137,20 +182,39 @@ def run_full(ctx: WorkerContext, job: Job, record: JobRecord) -> Outcome:
     record = start(ctx, job, record, "full", model)
     try:
         t0 = time.perf_counter()
-        pictures = ctx.render(model, job.spec)
+        pictures = ctx.render(model, job.spec, callback=ctx.step)
         render_s = time.perf_counter() - t0
         record = _replace_stages(record, finish_stage(record, "full"))
         t1 = time.perf_counter()
+        ctx.step(None, -1, None, {})  # canceled during the last step: write nothing
         keys = write_images(ctx, job, record, model, pictures, render_s)
         write_s = time.perf_counter() - t1
+    except JobCanceled:
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure of a job is recorded, not raised
         log.exception("job %s failed", job.id)
         return _fail(ctx, job, record, f"{type(exc).__name__}: {exc}")
     return succeed(ctx, record, keys, render_s, write_s)
 
 
+def superseded(ctx: WorkerContext, record: JobRecord) -> bool:
+    """True when another attempt took over this job (a worker presumed dead that was not), or
+    it was canceled, while this one ran: then this attempt's result is discarded."""
+    latest = read_record(ctx.store, record.batch, record.job)
+    if latest is None:
+        return False
+    if latest.state.final or latest.attempts > record.attempts:
+        log.warning("job %s: attempt %d was superseded (the record is now %s, attempt %d); "
+                    "discarding its result", record.job, record.attempts, latest.state.value,
+                    latest.attempts)
+        return True
+    return False
+
+
 def succeed(ctx: WorkerContext, record: JobRecord, keys: list[str], render_s: float,
             write_s: float) -> Outcome:
+    if superseded(ctx, record):
+        return Outcome(record.job, "superseded")
     finished = time.time()
     record = record.to(JobState.SUCCEEDED, images=keys, finished_at=finished,
                        timings={"render_s": round(render_s, 4), "write_s": round(write_s, 4),
@@ -167,10 +231,13 @@ def _replace_stages(record: JobRecord, stages: dict[str, dict[str, Any]]) -> Job
 
 
 def _fail(ctx: WorkerContext, job: Job, record: JobRecord | None, error: str,
-          state: JobState = JobState.FAILED) -> Outcome:
+          state: JobState = JobState.FAILED, kind: str = "job") -> Outcome:
     record = record or JobRecord(job=job.id, batch=job.batch)
+    if record.attempts and superseded(ctx, record):
+        return Outcome(job.id, "superseded")
     if not record.state.final:
-        record = record.to(state, error=error, finished_at=time.time(), worker=ctx.name)
+        record = record.to(state, error=error, finished_at=time.time(), worker=ctx.name,
+                           error_kind=kind if state == JobState.FAILED else None)
         try:
             write_record(ctx.store, record)
         except FarmError as exc:
