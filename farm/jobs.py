@@ -17,7 +17,7 @@ import enum
 import re
 import secrets
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from farm import buckets, models
 from farm.errors import ValidationError
@@ -102,9 +102,13 @@ class JobSpec:
     vae: str = "default"        # "tiny": decode with TAESD-XL where the worker has it
     snapped_from: str | None = None  # "WxH" the job asked for before --snap moved it to a bucket
 
+    _FIELDS: ClassVar[tuple[str, ...]] = ()  # set below: asked for once per field of a job
+
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
+        if not cls._FIELDS:
+            cls._FIELDS = tuple(f.name for f in fields(cls))
+        return cls._FIELDS
 
     @classmethod
     def from_dict(cls, data: Any, settings: Settings) -> JobSpec:

@@ -101,12 +101,49 @@ def sweep(client: Any, lock_seconds: float) -> list[dict[str, Any]]:
     return recovered
 
 
-# -- cancel flags: cheap to check after every denoising step ------------------------------
+# -- cancel: a flag to check before a stage, a broadcast to stop a running one ----------------
+
+CANCEL_CHANNEL = "farm:cancel"
 
 
 def set_canceled(client: Any, ident: str, ttl_seconds: int = 7 * 24 * 3600) -> None:
+    """Flag a batch or job as canceled and tell every worker at once (pub/sub): a running
+    stage stops after its current step without any Redis command per step."""
     client.set(CANCEL + ident, "1", ex=ttl_seconds)
+    client.publish(CANCEL_CHANNEL, ident)
 
 
 def is_canceled(client: Any, *idents: str) -> bool:
     return bool(client.exists(*(CANCEL + i for i in idents)))
+
+
+class CancelListener:
+    """The ids canceled since this worker started, from the broadcast (a background thread).
+    A broadcast missed while disconnected is caught by the flag check before each stage."""
+
+    def __init__(self, client: Any) -> None:
+        self.ids: set[str] = set()
+        self._client = client
+        self._thread: Any = None
+
+    def start(self) -> None:
+        import threading
+
+        self._thread = threading.Thread(target=self._listen, name="cancel", daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        while True:
+            try:
+                pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(CANCEL_CHANNEL)
+                for message in pubsub.listen():
+                    data = message.get("data")
+                    if isinstance(data, bytes):
+                        self.ids.add(data.decode())
+            except Exception as exc:  # noqa: BLE001 - reconnect; the flag check covers the gap
+                log.warning("cancel listener reconnecting: %s", exc)
+                time.sleep(1.0)
+
+    def canceled(self, *idents: str) -> bool:
+        return any(i in self.ids for i in idents)

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from farm import fleet, queues
+from farm import fleet, queues, recovery
 from farm.records import COMPILE_CACHE as CACHE_PREFIX
 
 ROLES = ("worker", "cli", "scaler")
@@ -43,6 +43,8 @@ PIDBOX_LISTS = "*.celery.pidbox"
 # Celery's fanout exchanges on Redis are pub/sub channels named /<db>.<exchange>. kombu listens
 # with PSUBSCRIBE, whose argument an ACL matches literally, so these name the database.
 CHANNELS = ("/{db}.celery.pidbox", "/{db}.celeryev*")
+# `farm cancel` broadcasts here; every worker listens (farm/recovery.py)
+CANCEL_CHANNEL = recovery.CANCEL_CHANNEL
 
 _DATA = ["+@read", "+@write", "+@transaction"]
 _SAFE = ["-@dangerous", "-@admin"]
@@ -54,11 +56,12 @@ def redis_rules(role: str, db: int = 0) -> list[str]:
     if role == "worker":
         keys = [QUEUE_KEYS, FARM_KEYS, KOMBU_BINDINGS, *KOMBU_UNACKED, PIDBOX_LISTS]
         return [*base, *(f"~{k}" for k in keys), *(f"&{c.format(db=db)}" for c in CHANNELS),
-                *_DATA, "+@pubsub", "+@scripting",
+                f"&{CANCEL_CHANNEL}", *_DATA, "+@pubsub", "+@scripting",
                 "+time", *_SAFE]  # kombu's Lua scripts read the server clock
     if role == "cli":
         keys = [QUEUE_KEYS, FARM_KEYS, KOMBU_BINDINGS]
-        return [*base, *(f"~{k}" for k in keys), *_DATA, *_SAFE]
+        return [*base, *(f"~{k}" for k in keys), f"&{CANCEL_CHANNEL}", *_DATA, "+publish",
+                *_SAFE]
     if role == "scaler":
         return [*base, f"%R~{QUEUE_KEYS}", "+llen", "+type", "+exists"]
     raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
@@ -123,6 +126,9 @@ def s3_policy(role: str, bucket: str, prefix: str = "") -> dict[str, Any]:
              "Resource": [_arn(bucket, prefix, "batches/*/manifest.json")]},
             {"Sid": "ReadBatches", "Effect": "Allow", "Action": ["s3:GetObject"],
              "Resource": [_arn(bucket, prefix, "batches/*")]},
+            # `farm cancel` marks jobs that are not running canceled at once
+            {"Sid": "CancelRecords", "Effect": "Allow", "Action": ["s3:PutObject"],
+             "Resource": [_arn(bucket, prefix, "batches/*/jobs/*")]},
             {"Sid": "CleanIntermediates", "Effect": "Allow", "Action": ["s3:DeleteObject"],
              "Resource": [_arn(bucket, prefix, "batches/*/intermediate/*")]},
             listing,

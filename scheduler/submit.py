@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from farm import broker, queues
+from farm import broker, queues, recovery
 from farm.errors import BrokerUnavailable, FarmError
 from farm.jobs import Job, JobSpec, job_id, new_batch_id
 from farm.records import Manifest, manifest_key
@@ -61,6 +61,10 @@ def submit(settings: Settings, specs: list[JobSpec], *, source: str = "-",
             aborted = Manifest(**{**manifest.__dict__, "aborted": reason})
             put_json(store, manifest_key(batch), aborted.encode())
         except FarmError:
+            pass
+        try:  # workers drop the messages that did get through: the batch is canceled
+            recovery.set_canceled(broker.redis_client(settings), batch)
+        except Exception:  # noqa: BLE001 - the broker is what just failed; status says aborted
             pass
         raise BrokerUnavailable(f"nothing was submitted: {reason}") from None
     finally:

@@ -258,7 +258,10 @@ class Worker:
 
         assert self.ctx is not None
         self.ctx.enqueue = enqueue
+        listener = recovery.CancelListener(broker.redis_client(self.settings))
+        listener.start()
         self.ctx.canceled = lambda *ids: recovery.is_canceled(self.redis, *ids)
+        self.ctx.canceled_now = listener.canceled
         self.ctx.on_progress = self._progressed
 
         consumer = app.Worker(pool="solo", concurrency=1, queues=self.info.queues,

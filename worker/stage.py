@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from farm.errors import FarmError, ValidationError
 from farm.jobs import Job, JobState
-from farm.records import JobRecord, read_manifest, read_record, write_record
+from farm.records import JobRecord, read_record, write_record
 from farm.settings import Settings
 from farm.store import Store
 from worker.outputs import write_images
@@ -47,8 +47,10 @@ class WorkerContext:
     backend: Any = None
     # puts the next stage of a job on its queue (the refiner stage after the base)
     enqueue: Callable[[Job], None] | None = None
-    # True when `farm cancel` named any of these ids (the job, its batch); None: never
+    # True when `farm cancel` named any of these ids (the job, its batch): `canceled` asks
+    # Redis (before a stage), `canceled_now` a local set fed by a broadcast (after each step)
     canceled: Callable[..., bool] | None = None
+    canceled_now: Callable[..., bool] | None = None
     # called after every denoising step (hang detection); set by the worker runtime
     on_progress: Callable[[], None] | None = None
     job: Job | None = None  # the job being run, for the step callback
@@ -58,7 +60,7 @@ class WorkerContext:
         """After every denoising step: note progress, and stop at once if canceled."""
         if self.on_progress is not None:
             self.on_progress()
-        if self.canceled is not None and self.job is not None and self.canceled(
+        if self.canceled_now is not None and self.job is not None and self.canceled_now(
                 self.job.id, self.job.batch):
             raise JobCanceled(self.job.id)
         return kwargs
@@ -115,13 +117,7 @@ def run_job(ctx: WorkerContext, message: Any) -> Outcome:
     if record is not None and record.state.final:
         log.info("job %s is already %s; skipping the duplicate", job.id, record.state.value)
         return Outcome(job.id, "duplicate")
-    try:
-        manifest = read_manifest(ctx.store, job.batch, ctx.settings)
-    except FarmError as exc:
-        return _fail(ctx, job, record, f"cannot read the batch manifest: {exc}")
-    if manifest.aborted:
-        return _fail(ctx, job, record, f"batch was aborted at submit: {manifest.aborted}",
-                     state=JobState.CANCELED)
+    # (a batch whose submit broke part-way is flagged canceled too: see scheduler/submit.py)
     record = record or JobRecord(job=job.id, batch=job.batch)
     if ctx.canceled is not None and ctx.canceled(job.id, job.batch):
         return _fail(ctx, job, record, "canceled before it started", JobState.CANCELED)

@@ -199,12 +199,12 @@ def test_s3_down_then_back_mid_batch(s3_env: dict[str, str], redis_url: str) -> 
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         server.start()  # moto keeps its buckets in this process: the data is still there
         assert _wait_done(settings, result.batch, timeout=300) == "succeeded"
+        store = open_store(settings)
+        for job in result.jobs:
+            assert store.exists(f"batches/{job.batch}/images/{job.id}-0.png")
     finally:
         _stop(worker)
         server.stop()
-    store = open_store(settings)
-    for job in result.jobs:
-        assert store.exists(f"batches/{job.batch}/images/{job.id}-0.png")
 
 
 @pytest.mark.parametrize("bad", ["not json at all", json.dumps({"v": 1})])

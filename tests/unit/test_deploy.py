@@ -306,7 +306,9 @@ def test_s3_policies_allow_what_each_role_writes() -> None:
                    for s in policy["Statement"])
 
     assert allowed(cli, "s3:PutObject", manifest_key("20261129-151200-3fa9c1"))
-    assert not allowed(cli, "s3:PutObject", record_key("20261129-151200-3fa9c1", "j-0000"))
+    # `farm cancel` marks jobs canceled; images stay the workers' alone
+    assert allowed(cli, "s3:PutObject", record_key("20261129-151200-3fa9c1", "j-0000"))
+    assert not allowed(cli, "s3:PutObject", "batches/b/images/j-0000-0.png")
     assert allowed(worker, "s3:PutObject", record_key("20261129-151200-3fa9c1", "j-0000"))
     assert allowed(worker, "s3:DeleteObject", "batches/b/intermediate/j/latents.safetensors")
     assert not allowed(worker, "s3:PutObject", "elsewhere/x")
