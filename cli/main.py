@@ -129,10 +129,16 @@ def status(batch: str, as_json: bool, watch: bool) -> None:
     else:
         result = batch_status(open_store(settings), _batch_id(batch), settings)
     result = result.with_fleet(_live_workers(settings)) if not result.finished else result
+    lost = not result.finished and _broker_lost(settings, result.batch)
     if as_json:
-        click.echo(json.dumps(result.to_json(), indent=2))
+        click.echo(json.dumps({**result.to_json(), "broker_lost": lost}, indent=2))
         return
     click.echo(f"batch {result.batch}: {result.state}  " + _counts(result.counts))
+    if lost:
+        waiting = len(result.jobs) - result.done
+        click.echo(f"warning: the broker has no record of this batch: it lost its data (a "
+                   f"restart without persistence?), so its {waiting} unfinished job(s) will "
+                   f"never run; `farm resubmit {result.batch}` queues them again", err=True)
     for job in result.jobs:
         line = f"  {job.id}  {job.state.value:<9}"
         if job.images:
@@ -143,6 +149,21 @@ def status(batch: str, as_json: bool, watch: bool) -> None:
         if job.waiting:
             line += f"  ({job.waiting})"
         click.echo(line)
+
+
+def _broker_lost(settings: Settings, batch: str) -> bool:
+    """True when the broker answers but has no note of the batch (scheduler/submit.py)."""
+    import redis
+
+    from farm import broker
+    from scheduler.submit import batch_marker
+
+    if settings.embedded and not broker.embedded_running(settings):
+        return False  # not running is not lost: its append-only file comes back with it
+    try:
+        return not broker.redis_client(settings).exists(batch_marker(batch))
+    except (redis.RedisError, OSError):
+        return False
 
 
 def _live_workers(settings: Settings) -> list[Any]:
@@ -334,6 +355,17 @@ def _compile_cell(w: Any) -> str:
         return "none"
     cache = f", cache {c['cache']}" if c.get("cache", "off") != "off" else ""
     return f"{c.get('backend')} {c.get('state')} {c.get('seconds', 0):.0f}s{cache}"
+
+
+@cli.command()
+@click.argument("batch")
+def resubmit(batch: str) -> None:
+    """Queue again the unfinished jobs of a batch (after the broker lost its data)."""
+    from scheduler.submit import resubmit as do_resubmit
+
+    settings = Settings.load()
+    again = do_resubmit(settings, _batch_id(batch))
+    click.echo(f"queued {len(again)} unfinished job(s) of {batch} again")
 
 
 @cli.command()

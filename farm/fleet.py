@@ -76,3 +76,41 @@ def live_workers(client: Any) -> list[WorkerInfo]:
         except (ValueError, TypeError):
             continue
     return workers
+
+
+# -- settings every process of a farm must agree on --------------------------------------------
+
+SETTINGS_KEY = "farm:fleet-settings"
+SHARED_SETTINGS = ("vram_classes", "buckets", "visibility_timeout", "max_attempts")
+
+
+def shared_settings(settings: Any) -> dict[str, Any]:
+    return {name: getattr(settings, name) for name in SHARED_SETTINGS}
+
+
+def check_shared(client: Any, settings: Any, *, claim_ttl: float | None = None) -> None:
+    """Refuse (ConfigError) settings that differ from those of the live workers. A worker
+    claims the key (`claim_ttl`) and keeps it alive with its heartbeat; once no worker is left
+    it expires and a farm may restart with new settings."""
+    from farm.errors import ConfigError
+
+    mine = shared_settings(settings)
+    encoded = json.dumps(mine, sort_keys=True, default=list)
+    if claim_ttl is not None:
+        client.set(SETTINGS_KEY, encoded, nx=True, px=int(claim_ttl * 1000))
+    raw = client.get(SETTINGS_KEY)
+    if raw is None:
+        return
+    theirs = json.loads(raw)
+    for name in SHARED_SETTINGS:
+        ours = json.loads(json.dumps(mine[name], default=list))
+        if theirs.get(name) != ours:
+            raise ConfigError(
+                f"FARM_{name.upper()} is {_show(ours)} here but {_show(theirs.get(name))} on "
+                "the live workers; every process of a farm must agree")
+    if claim_ttl is not None:
+        client.set(SETTINGS_KEY, encoded, xx=True, px=int(claim_ttl * 1000))
+
+
+def _show(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)

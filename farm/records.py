@@ -60,7 +60,8 @@ class Manifest:
             "version": 1, "batch": self.batch, "created_at": self.created_at,
             "source": self.source, "defaults": self.defaults, "aborted": self.aborted,
             "jobs": [{"id": j.id, "index": j.index, "spec": j.spec.to_dict(),
-                      "vram": j.vram_class,
+                      "vram": j.vram_class, "stage": j.stage,
+                      "refiner_vram": j.refiner_vram_class,
                       "images": [image_key(self.batch, j.id, k) for k in range(j.spec.n)]}
                      for j in self.jobs],
         }
@@ -70,7 +71,8 @@ class Manifest:
         try:
             batch = data["batch"]
             jobs = [Job(id=j["id"], batch=batch, index=j["index"],
-                        spec=JobSpec.from_dict(j["spec"], settings), vram_class=int(j["vram"]))
+                        spec=JobSpec.from_dict(j["spec"], settings), vram_class=int(j["vram"]),
+                        stage=j.get("stage", "full"), refiner_vram_class=j.get("refiner_vram"))
                     for j in data["jobs"]]
             return cls(batch=batch, created_at=float(data["created_at"]),
                        source=data.get("source", ""), defaults=data.get("defaults", {}),

@@ -74,8 +74,10 @@ class Settings:
 
     # -- reliability (DESIGN.md §6)
     # A task unacked this long is delivered again while the first copy still runs
-    # (celery#5935): keep it far above the longest stage, the same on every process.
-    visibility_timeout: int = 3600
+    # (celery#5935): it must stay far above the longest stage (farm/limits.py checks it), the
+    # same on every process. Dead workers are recovered from their heartbeats within a minute
+    # (farm/recovery.py); this is only the backstop, so it can be long.
+    visibility_timeout: int = 86400
     # a stage whose worker died this many times is dead-lettered (a poison job)
     max_attempts: int = 3
     # a stage with no denoising step for this long is hung: its worker exits and the stage is
@@ -143,9 +145,14 @@ class Settings:
                 raise ConfigError(f"profile must be one of {', '.join(PROFILES)}, "
                                   f"got {self.profile!r}")
         for name in ("max_steps", "max_pixels", "max_side", "max_images_per_job",
-                     "max_prompt_chars", "max_jobs_per_batch", "visibility_timeout"):
+                     "max_prompt_chars", "max_jobs_per_batch", "visibility_timeout",
+                     "max_attempts"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        from farm.limits import check_visibility
+
+        check_visibility(self.visibility_timeout, self.max_steps, self.max_pixels,
+                         self.max_images_per_job)
 
     def bucket_list(self, model: Any) -> tuple[tuple[int, int], ...]:
         """The sizes jobs for `model` (a farm.models.ModelSpec) may ask for."""

@@ -11,13 +11,19 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from farm import broker, queues, recovery
+from farm import broker, fleet, queues, recovery
 from farm.errors import BrokerUnavailable, FarmError
 from farm.jobs import Job, JobSpec, job_id, new_batch_id
 from farm.records import Manifest, manifest_key
 from farm.settings import Settings
 from farm.store import Store, open_store, put_json
 from scheduler.plan import plan
+
+BATCH_MARKER_SECONDS = 30 * 24 * 3600
+
+
+def batch_marker(batch: str) -> str:
+    return f"farm:batch:{batch}"
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,8 @@ def submit(settings: Settings, specs: list[JobSpec], *, source: str = "-",
     broker.ensure_broker(settings)
     broker.wait_for_broker(settings)
     store = store or open_store(settings)
+    client = broker.redis_client(settings)
+    fleet.check_shared(client, settings)  # planned with the classes and buckets workers use
     app = broker.celery_app(settings)
 
     # 2. the manifest is the record: written once, before any message exists
@@ -55,6 +63,9 @@ def submit(settings: Settings, specs: list[JobSpec], *, source: str = "-",
                               producer=producer, retry=True,
                               retry_policy={"max_retries": 3, "interval_start": 0.2,
                                             "interval_step": 0.5, "interval_max": 2})
+        # the broker's own note of the batch: if it is ever missing while jobs wait, the broker
+        # lost its data (farm status says so; farm resubmit queues them again)
+        client.set(batch_marker(batch), len(jobs), ex=BATCH_MARKER_SECONDS)
     except Exception as exc:
         reason = f"enqueue failed after the manifest was written: {exc}"
         try:
@@ -70,3 +81,38 @@ def submit(settings: Settings, specs: list[JobSpec], *, source: str = "-",
     finally:
         app.close()
     return Submitted(batch=batch, jobs=jobs)
+
+
+def resubmit(settings: Settings, batch: str, store: Store | None = None) -> list[Job]:
+    """Queue again every job of `batch` that has not ended, at the stage it stands at (for a
+    broker that lost its data: status says when). Idempotent: a job that meanwhile runs or
+    ends is skipped by its worker."""
+    from farm.jobs import JobState
+    from farm.records import read_manifest, read_records
+
+    broker.ensure_broker(settings)
+    broker.wait_for_broker(settings)
+    store = store or open_store(settings)
+    manifest = read_manifest(store, batch, settings)
+    records = read_records(store, batch)
+    app = broker.celery_app(settings)
+    again = []
+    try:
+        with app.producer_or_acquire() as producer:
+            for job in manifest.jobs:
+                record = records.get(job.id)
+                if record is not None and record.state.final:
+                    continue
+                if record is not None and record.state in (JobState.LATENTS_READY,
+                                                           JobState.REFINING):
+                    from dataclasses import replace
+
+                    job = replace(job, stage="refiner")
+                app.send_task(queues.RENDER_TASK, args=[job.encode()],
+                              queue=queues.stage_queue(job), producer=producer)
+                again.append(job)
+        broker.redis_client(settings).set(batch_marker(batch), len(manifest.jobs),
+                                          ex=BATCH_MARKER_SECONDS)
+    finally:
+        app.close()
+    return again

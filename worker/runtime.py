@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from farm import broker, fleet, models, queues, recovery, vram
+from farm import broker, fleet, limits, models, queues, recovery, vram
 from farm.errors import RetryableError
 from farm.jobs import Job
 from farm.settings import Settings
@@ -52,6 +52,16 @@ def resolve_class(settings: Settings, device: str) -> int:
     return max(settings.vram_classes)
 
 
+def _hard_limit(message: Any) -> float:
+    """The running stage's hard limit (farm/limits.py), from its message as far as it reads."""
+    try:
+        spec = message["spec"]
+        return limits.stage_seconds(int(spec["steps"]), int(spec["width"]),
+                                    int(spec["height"]), int(spec.get("n", 1)))
+    except (KeyError, TypeError, ValueError):
+        return limits.FLOOR_SECONDS
+
+
 def default_name(device: str) -> str:
     return f"{socket.gethostname()}-{device.replace(':', '')}-{os.getpid()}"
 
@@ -73,6 +83,7 @@ class Worker:
         self._stop = threading.Event()
         self.info: fleet.WorkerInfo | None = None
         self.progress: float | None = None  # monotonic time of the running stage's last step
+        self.deadline: float | None = None  # when the running stage passes its hard limit
         self.ctx: WorkerContext | None = None
 
     # -- 1-2: setup, once ---------------------------------------------------------------------
@@ -97,6 +108,7 @@ class Worker:
         broker.wait_for_broker(self.settings, timeout=max(30.0,
                                                           self.settings.broker_connect_timeout))
         self.redis = broker.redis_client(self.settings)
+        fleet.check_shared(self.redis, self.settings, claim_ttl=3 * self.settings.heartbeat_ttl)
         back = recovery.recover_own(self.redis, self.name)
         if back:
             self.echo(f"worker {self.name}: put back job {back.get('job')}, which this worker "
@@ -184,6 +196,7 @@ class Worker:
             recovery.set_inflight(self.redis, self.name or "", tag, queue, job_id, stage)
         graphs = compile.graphs() if self.compile_backend != "none" else 0
         self.progress = time.monotonic()
+        self.deadline = self.progress + _hard_limit(message)
         try:
             outcome = run_job(self.ctx, message)
         finally:
@@ -300,11 +313,16 @@ class Worker:
         while not self._stop.wait(self.settings.heartbeat_interval):
             self._beat()
             try:
+                fleet.check_shared(self.redis, self.settings,
+                                   claim_ttl=3 * self.settings.heartbeat_ttl)
                 recovery.sweep(self.redis, self.settings.heartbeat_interval)
             except Exception as exc:  # noqa: BLE001 - the next sweep (here or elsewhere) retries
                 log.warning("recovery sweep failed: %s", exc)
             began = self.progress
-            if began is not None and time.monotonic() - began > self.settings.hang_timeout:
+            over = self.deadline is not None and began is not None and \
+                time.monotonic() > self.deadline
+            if began is not None and (over or time.monotonic() - began >
+                                      self.settings.hang_timeout):
                 # No step for hang_timeout: a stuck kernel or driver. Python cannot interrupt
                 # it, so this process leaves: its heartbeat stops, and the sweep of another
                 # worker puts the stage back on its queue (attempts are capped).

@@ -13,15 +13,24 @@ workers (`denoise_base`, `refine`) need worker.pipelines and raise NotImplemente
 
     Worker(settings, ["tiny-sdxl"], device="cpu", backend=worker.standin)         # instant
     Worker(settings, ["tiny-sdxl"], device="cpu", backend=StandIn(render_seconds=2.0))
+
+Test tool - a poison job: `StandIn(crash_on="TEXT")` (the launcher's `--crash-on TEXT`, in
+benchmarks/_standin_worker.py) makes the render of any job whose prompt contains TEXT kill its
+own process with `os._exit(1)` half-way through its steps, the way a segfaulting GPU kernel
+takes a worker down: no exception, no `finally`, no failure record, the heartbeat simply stops.
+The fault tests use it to prove the attempt cap and the dead letter (tests/e2e/test_poison.py).
+Never set it on a real farm.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import PIL.Image
 
@@ -53,12 +62,17 @@ def seed_colour(seed: int) -> tuple[int, int, int]:
 
 
 class StandIn:
-    """The stand-in backend; `render_seconds` makes each image take that long (a sleep)."""
+    """The stand-in backend; `render_seconds` makes each image take that long (a sleep).
 
-    def __init__(self, render_seconds: float = 0.0) -> None:
+    `crash_on` is a test tool: a job whose prompt contains it kills this process mid-render
+    (os._exit(1), as a segfaulting kernel would). None or "" (the default) never crashes.
+    """
+
+    def __init__(self, render_seconds: float = 0.0, crash_on: str | None = None) -> None:
         if render_seconds < 0:
             raise ValueError(f"render_seconds must be 0 or more, got {render_seconds}")
         self.render_seconds = render_seconds
+        self.crash_on = crash_on or None
 
     def load_model(self, spec: ModelSpec, settings: Settings, device: str,
                    profile: Any = None) -> StandInModel:
@@ -79,17 +93,27 @@ class StandIn:
         """spec.n flat images of spec.width x spec.height; image k's colour comes from seed+k.
 
         `callback` is called once per image and step, as the real pipeline would, so a
-        canceling callback raises out of here the same way.
+        canceling callback raises out of here the same way. A poison prompt (`crash_on`) ends
+        the process half-way through the first image's steps.
         """
+        poison = self.crash_on is not None and self.crash_on in spec.prompt
         images = []
         for seed in spec.image_seeds():
             if self.render_seconds:
                 time.sleep(self.render_seconds)
-            if callback is not None:
-                for step in range(spec.steps):
+            for step in range(spec.steps):
+                if callback is not None:
                     callback(None, step, None, {})
+                if poison and step >= spec.steps // 2:
+                    self._crash(spec)
             images.append(PIL.Image.new("RGB", (spec.width, spec.height), seed_colour(seed)))
         return images
+
+    def _crash(self, spec: JobSpec) -> NoReturn:
+        """Die as a segfaulting kernel would: at once, with no cleanup and no record."""
+        print(f"standin: prompt contains the crash-on text {self.crash_on!r}: exiting with "
+              "status 1 mid-render (a test tool)", file=sys.stderr, flush=True)
+        os._exit(1)
 
     def ensemble(self, base: StandInModel, refiner: StandInModel,
                  spec: JobSpec) -> list[PIL.Image.Image]:

@@ -225,3 +225,46 @@ def test_garbage_on_a_queue_is_refused_without_model_work(env: dict[str, str], b
         broker.stop_broker(settings)
 
 
+
+
+def test_a_broker_that_lost_its_data_is_reported_and_resubmit_recovers(
+        redis_url: str, env: dict[str, str]) -> None:
+    import redis
+
+    env = {**env, "FARM_BROKER_URL": redis_url}
+    settings = Settings.load(env=env)
+    result = submit(settings, [_slow(settings, i, steps=2) for i in range(3)])
+    redis.Redis.from_url(redis_url).flushdb()  # a restart without persistence
+    status = run_farm(env, "status", result.batch)
+    assert "the broker has no record of this batch" in status.stderr
+    assert f"farm resubmit {result.batch}" in status.stderr
+    assert json.loads(run_farm(env, "status", result.batch, "--json").stdout)["broker_lost"]
+    again = run_farm(env, "resubmit", result.batch)
+    assert again.returncode == 0 and "queued 3 unfinished job(s)" in again.stdout
+    log = run_farm(env, "worker", "--device", "cpu", "--max-jobs", "3", timeout=300).stderr
+    assert log.count("succeeded") == 3
+    assert batch_status(open_store(settings), result.batch, settings).state == "succeeded"
+    assert "no record" not in run_farm(env, "status", result.batch).stderr
+
+
+def test_processes_with_different_fleet_settings_are_refused(env: dict[str, str]) -> None:
+    settings = Settings.load(env=env)
+    worker = _start(env, "reference")
+    try:
+        deadline = time.monotonic() + 120
+        while not json.loads(run_farm(env, "workers", "--json").stdout or "[]"):
+            assert time.monotonic() < deadline and worker.poll() is None
+            time.sleep(0.3)
+        odd = {**env, "FARM_VRAM_CLASSES": "8,24"}
+        refused = run_farm(odd, "submit", "-", input="a cat\n")
+        assert refused.returncode == 2
+        assert refused.stderr.strip() == (
+            "error: FARM_VRAM_CLASSES is 8,24 here but 4,6,8,12,16,24,48,80 on the live "
+            "workers; every process of a farm must agree")
+        other = run_farm({**env, "FARM_BUCKETS": "64x64"}, "worker", "--device", "cpu",
+                         "--max-jobs", "1", timeout=120)
+        assert other.returncode == 2 and "FARM_BUCKETS is 64x64 here" in other.stderr
+        assert run_farm(env, "submit", "-", input="a cat\n").returncode == 0
+    finally:
+        _stop(worker)
+        broker.stop_broker(settings)

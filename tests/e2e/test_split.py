@@ -81,8 +81,8 @@ def test_split_job_runs_on_two_workers_and_equals_the_one_process_ensemble(
 
 
 def test_killing_the_refiner_mid_stage_reruns_only_the_refiner(env: dict[str, str]) -> None:
-    # a short visibility timeout so the killed worker's message comes back within seconds
-    env = {**env, "FARM_VISIBILITY_TIMEOUT": "6"}
+    # fast heartbeats: the killed worker's stage comes back within seconds (farm/recovery.py)
+    env = {**env, "FARM_HEARTBEAT_INTERVAL": "0.5", "FARM_HEARTBEAT_TTL": "2"}
     settings = Settings.load(env=env)
     try:
         spec = JobSpec.from_dict({"prompt": "slow", "seed": 2, "steps": 150, "width": 128,

@@ -451,7 +451,7 @@ def test_farm_deploy_writes_the_files(target: str, tmp_path: Path,
     (["--classes", "8,x"], "--classes must be a comma-separated list"),
     (["--model", "https://example.com/model"], "not a URL"),
     (["--max-replicas", "0"], "--max-replicas must be at least 1"),
-    (["--hard-limit", "4000"], "FARM_VISIBILITY_TIMEOUT (3600 s) must be above"),
+    (["--hard-limit", "90000"], "FARM_VISIBILITY_TIMEOUT (86400 s) must be above"),
     (["--redis", "nohost"], "--redis must be host:port"),
 ])
 def test_farm_deploy_refuses_bad_input(args: list[str], message: str, tmp_path: Path) -> None:

@@ -54,3 +54,20 @@ def test_a_long_home_moves_the_socket_somewhere_short(tmp_path: Path) -> None:
     s = Settings.load(env={"FARM_HOME": str(deep)})
     assert len(str(s.broker_socket)) < 100
     assert s.broker_socket == Settings.load(env={"FARM_HOME": str(deep)}).broker_socket
+
+
+def test_visibility_timeout_must_stay_above_the_longest_stage() -> None:
+    from farm.limits import longest_stage, stage_seconds
+
+    assert stage_seconds(30, 512, 512) == 150.0            # the floor (30 + 2 x 30 = 90)
+    assert stage_seconds(30, 1024, 1024) == 30 + 2 * 30 * 4  # 1024² is four 512² units
+    assert stage_seconds(150, 2048, 2048) == 30 + 2 * 150 * 16
+    longest = longest_stage(150, 2048 * 2048, 8)
+    assert Settings.load(env={}).visibility_timeout >= 1.25 * longest
+    with pytest.raises(ConfigError, match=r"FARM_VISIBILITY_TIMEOUT must be at least 1.25 x "
+                                          r"the longest stage's hard limit \(38430 s"):
+        Settings.load(env={"FARM_VISIBILITY_TIMEOUT": "3600"})
+    # lower caps make a shorter timeout safe
+    small = {"FARM_VISIBILITY_TIMEOUT": "3600", "FARM_MAX_PIXELS": str(1024 * 1024),
+             "FARM_MAX_IMAGES_PER_JOB": "1"}
+    assert Settings.load(env=small).visibility_timeout == 3600
