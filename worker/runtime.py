@@ -277,12 +277,30 @@ class Worker:
         self.ctx.canceled_now = listener.canceled
         self.ctx.on_progress = self._progressed
 
-        consumer = app.Worker(pool="solo", concurrency=1, queues=self.info.queues,
-                              hostname=f"{self.name}@{socket.gethostname()}",
-                              loglevel="WARNING", quiet=True, without_gossip=True,
-                              without_mingle=True, without_heartbeat=True)
+        from celery.worker import state as celery_state
+
+        crashes: list[float] = []
         try:
-            consumer.start()
+            while True:
+                consumer = app.Worker(pool="solo", concurrency=1, queues=self.info.queues,
+                                      hostname=f"{self.name}@{socket.gethostname()}",
+                                      loglevel="WARNING", quiet=True, without_gossip=True,
+                                      without_mingle=True, without_heartbeat=True)
+                consumer.start()
+                if not consumer.exitcode or celery_state.should_stop is not None \
+                        or celery_state.should_terminate is not None:
+                    break  # asked to stop (SIGTERM, --max-jobs): not a crash
+                # The consumer died under us: a message that is not even JSON kills kombu's
+                # Redis reader, for one. It was popped already, so consume again, with the
+                # models still warm; give up only when it keeps happening.
+                now = time.monotonic()
+                crashes = [t for t in crashes if now - t < 60] + [now]
+                if len(crashes) > 5:
+                    self.echo(f"worker {self.name}: the consumer crashed {len(crashes)} times "
+                              "in a minute; giving up")
+                    break
+                self.echo(f"worker {self.name}: the consumer stopped unexpectedly (exit "
+                          f"{consumer.exitcode}); consuming again")
         finally:
             self._stop.set()
             if self.ready_file is not None:
