@@ -1,12 +1,16 @@
 """Run one worker process with the stand-in backend (worker/standin.py: no diffusion).
 
     python -m benchmarks._standin_worker --name lt-1 [--max-jobs N] [--render-seconds S]
-                                         [--stats counts.json]
+                                         [--stats counts.json] [--crash-on TEXT]
 
 Settings come from FARM_* variables as for `farm worker`. Load tests start several of these as
 separate processes so they really compete over Redis and the store. With `--stats` the worker
 counts every store call it makes (by operation and by kind of object) and writes the counts
 there as JSON when it exits.
+
+`--crash-on TEXT` is a test tool (a poison job): the worker kills itself (os._exit(1)) in the
+middle of rendering any job whose prompt contains TEXT, as a segfaulting GPU kernel would; see
+worker/standin.py. tests/e2e/test_poison.py uses it.
 """
 
 from __future__ import annotations
@@ -75,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", action="append", default=[])
     parser.add_argument("--render-seconds", type=float, default=0.0)
     parser.add_argument("--stats", type=Path, default=None)
+    parser.add_argument("--crash-on", metavar="TEXT", default=None,
+                        help="test tool: exit at once (status 1) mid-render of any job whose "
+                             "prompt contains TEXT, as a crashing GPU kernel would")
     args = parser.parse_args(argv)
 
     from worker.runtime import Worker
@@ -85,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
 
     worker = Worker(Settings.load(), args.model or ["tiny-sdxl"], device="cpu", name=args.name,
                     max_jobs=args.max_jobs, echo=echo,
-                    backend=StandIn(render_seconds=args.render_seconds))
+                    backend=StandIn(render_seconds=args.render_seconds,
+                                    crash_on=args.crash_on))
     counting: CountingStore | None = None
     if args.stats is not None:
         ctx = worker.setup()
