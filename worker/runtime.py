@@ -104,6 +104,8 @@ class Worker:
         self.vram_class = resolve_class(self.settings, device)
         profile = vram.PROFILES[self.settings.profile] if self.settings.profile else \
             vram.profile_for(self.vram_class)
+        self.compile_backend = self.settings.compile or compile.default_backend(device)
+        compile.check_backend(self.compile_backend)  # before the broker and minutes of loading
         broker.ensure_broker(self.settings)
         broker.wait_for_broker(self.settings, timeout=max(30.0,
                                                           self.settings.broker_connect_timeout))
@@ -113,8 +115,6 @@ class Worker:
         if back:
             self.echo(f"worker {self.name}: put back job {back.get('job')}, which this worker "
                       "name was running when it last stopped")
-        self.compile_backend = self.settings.compile or compile.default_backend(device)
-        compile.check_backend(self.compile_backend)  # before minutes of loading, not after
         self.info = fleet.WorkerInfo(
             name=self.name, host=socket.gethostname(), pid=os.getpid(), device=device,
             models=[s.name for s in self.specs],

@@ -120,3 +120,5 @@ def test_onediff_missing_fails_at_boot_with_one_line(env: dict[str, str]) -> Non
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: --compile onediff needs OneDiff") and "Dockerfile" in last
     assert "loading" not in result.stderr  # it failed before loading anything
+    # ... and before starting an embedded broker it would have left behind
+    assert not (Path(env["FARM_HOME"]) / "run" / "broker.pid").exists()
