@@ -237,6 +237,16 @@ class Worker:
         celery_state.should_stop = 0  # the consumer loop exits cleanly before the next job
 
     def run(self) -> int:
+        import signal
+
+        from celery.worker import state as celery_state
+
+        def early_term(signum: int, frame: Any) -> None:
+            # SIGTERM before Celery's consumer has installed its own handler (it may arrive
+            # as soon as the heartbeat says ready): stop cleanly, as a warm shutdown would
+            celery_state.should_stop = 0
+
+        signal.signal(signal.SIGTERM, early_term)
         if self.ctx is None:
             self.setup()
         assert self.info is not None
@@ -277,16 +287,16 @@ class Worker:
         self.ctx.canceled_now = listener.canceled
         self.ctx.on_progress = self._progressed
 
-        from celery.worker import state as celery_state
-
         crashes: list[float] = []
+        exitcode = 0
         try:
-            while True:
+            while celery_state.should_stop is None:
                 consumer = app.Worker(pool="solo", concurrency=1, queues=self.info.queues,
                                       hostname=f"{self.name}@{socket.gethostname()}",
                                       loglevel="WARNING", quiet=True, without_gossip=True,
                                       without_mingle=True, without_heartbeat=True)
                 consumer.start()
+                exitcode = int(consumer.exitcode or 0)
                 if not consumer.exitcode or celery_state.should_stop is not None \
                         or celery_state.should_terminate is not None:
                     break  # asked to stop (SIGTERM, --max-jobs): not a crash
@@ -310,7 +320,7 @@ class Worker:
             except Exception:  # noqa: BLE001 - the broker may be gone; the key expires anyway
                 pass
             self.echo(f"worker {self.name}: stopped after {self.done} jobs")
-        return int(consumer.exitcode or 0)
+        return exitcode
 
     # -- heartbeat -------------------------------------------------------------------------
 
