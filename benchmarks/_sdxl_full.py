@@ -8,6 +8,7 @@ tokenizer is the tiny models' byte-level one (token ids stay below every vocabul
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -63,18 +64,26 @@ def _init_small(module: Any) -> Any:
 
 
 def build(role: str, dtype: torch.dtype, *, tiny_models: bool = False,
-          vae: Any = None, text_encoder_2: Any = None) -> Any:
-    """A full-size (or tiny) SDXL pipeline with random weights, on the CPU, in `dtype`.
-    `vae` and `text_encoder_2` let a refiner share the base's, as the real pair does."""
+          vae: Any = None, text_encoder_2: Any = None, device: str = "cpu") -> Any:
+    """A full-size (or tiny) SDXL pipeline with random weights, on `device`, in `dtype`.
+    `vae` and `text_encoder_2` let a refiner share the base's, as the real pair does. Building
+    on the GPU takes seconds where filling 3.5 B random weights on a CPU takes minutes."""
     if tiny_models:
         pipe: Any = tiny.make_pipeline("tiny-sdxl" if role == "base" else "tiny-sdxl-refiner")
-        return pipe.to(dtype=dtype)
+        return pipe.to(device=device, dtype=dtype)
     torch.manual_seed(0)
+    # the scheduler keeps its tables on the CPU, so it is made outside the device context
+    scheduler = EulerDiscreteScheduler.from_config(tiny.SCHEDULER_CONFIG)
+    with torch.device(device):
+        return _build_full(role, dtype, vae, text_encoder_2, scheduler)
+
+
+def _build_full(role: str, dtype: torch.dtype, vae: Any, text_encoder_2: Any,
+                scheduler: Any) -> Any:
     tokenizer = tiny.make_tokenizer()
     vae = vae or _init_small(AutoencoderKL(**VAE)).to(dtype=dtype)
     te2 = text_encoder_2 or _init_small(
         CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG))).to(dtype=dtype)
-    scheduler = EulerDiscreteScheduler.from_config(tiny.SCHEDULER_CONFIG)
     if role == "base":
         return StableDiffusionXLPipeline(
             vae=vae, text_encoder=_init_small(CLIPTextModel(CLIPTextConfig(**CLIP_L))).to(
@@ -88,10 +97,22 @@ def build(role: str, dtype: torch.dtype, *, tiny_models: bool = False,
         scheduler=scheduler, requires_aesthetics_score=True, add_watermarker=False)
 
 
-def tiny_vae(dtype: torch.dtype, *, tiny_models: bool = False) -> Any:
+def tiny_vae(dtype: torch.dtype, *, tiny_models: bool = False, device: str = "cpu") -> Any:
     """TAESD-XL's shape (the real one has 64 channels per block), random weights."""
-    vae: Any = tiny._tiny_vae() if tiny_models else _init_small(AutoencoderTiny())
+    if tiny_models:
+        small: Any = tiny._tiny_vae()
+        return small.to(device=device, dtype=dtype)
+    with torch.device(device):
+        vae: Any = _init_small(AutoencoderTiny())
     return vae.to(dtype=dtype)
+
+
+def fp16_fix_vae(vae: Any) -> Any:
+    """A copy of `vae` shaped and configured as madebyollin/sdxl-vae-fp16-fix: it decodes in
+    fp16 (force_upcast false), where SDXL's own VAE is upcast to fp32 for the decode."""
+    fixed = copy.deepcopy(vae)
+    fixed.register_to_config(force_upcast=False)
+    return fixed
 
 
 def parameters(module: Any) -> int:

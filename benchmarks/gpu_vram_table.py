@@ -51,6 +51,12 @@ def measure(pipe: Any, role: str, width: int, height: int, steps: int, device: s
     return torch.cuda.max_memory_allocated() / 2**30
 
 
+def save(path: str, gpu: str, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w") as f:
+        json.dump({"about": f"measured by benchmarks/gpu_vram_table.py on {gpu}", "rows": rows},
+                  f, indent=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="vram-measured.json")
@@ -66,9 +72,14 @@ def main() -> None:
     gpu = "cpu (smoke run)" if smoke else torch.cuda.get_device_name(0)
 
     t0 = time.perf_counter()
-    base = _sdxl_full.build("base", dtype, tiny_models=smoke)
+    # built on the GPU (seconds, not minutes), then parked on the CPU: each profile places its
+    # own copy, and the peak counts only what that placement puts on the GPU
+    base = _sdxl_full.build("base", dtype, tiny_models=smoke, device=device)
     refiner = _sdxl_full.build("refiner", dtype, tiny_models=smoke, vae=base.vae,
-                               text_encoder_2=base.text_encoder_2)
+                               text_encoder_2=base.text_encoder_2, device=device)
+    base, refiner = base.to("cpu"), refiner.to("cpu")
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
     print(f"built base ({_sdxl_full.parameters(base.unet) / 1e9:.2f} B UNet params) and refiner "
           f"in {time.perf_counter() - t0:.0f} s on {gpu}")
     rows = []
@@ -76,8 +87,9 @@ def main() -> None:
         profile = vram.PROFILES[name]
         for role, original in (("base", base), ("refiner", refiner)):
             pipe = copy.deepcopy(original)
-            vae = _sdxl_full.tiny_vae(dtype, tiny_models=smoke) if profile.vae == "tiny" \
-                else None
+            vae = (_sdxl_full.tiny_vae(dtype, tiny_models=smoke) if profile.vae == "tiny"
+                   else _sdxl_full.fp16_fix_vae(pipe.vae) if profile.vae == "fp16-fix"
+                   else None)
             apply_profile(pipe, profile, device, dtype, vae)
             partner = None
             if profile.resident_pair:  # the other model of the pair sits on the GPU too
@@ -88,7 +100,7 @@ def main() -> None:
                     peak = measure(pipe, role, width, height, args.steps, device, smoke)
                 except torch.cuda.OutOfMemoryError:
                     peak = float("inf")
-                print(f"{MODEL_OF[role]:<13} {name:<19} {bucket}  {peak:7.2f} GB")
+                print(f"{MODEL_OF[role]:<13} {name:<19} {bucket}  {peak:7.2f} GB", flush=True)
                 if peak != float("inf"):
                     rows.append({"model": MODEL_OF[role], "stage": role, "profile": name,
                                  "bucket": bucket, "peak_gb": round(peak, 2),
@@ -97,9 +109,7 @@ def main() -> None:
             del pipe, partner
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
-    with open(args.out, "w") as f:
-        json.dump({"about": f"measured by benchmarks/gpu_vram_table.py on {gpu}",
-                   "rows": [] if smoke else rows}, f, indent=1)
+            save(args.out, gpu, [] if smoke else rows)  # as it goes: a cut-short run keeps rows
     print(f"wrote {len(rows) if not smoke else 0} rows to {args.out} "
           f"in {time.perf_counter() - t0:.0f} s")
 

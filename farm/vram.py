@@ -2,9 +2,9 @@
 
 A worker declares a class (`--vram 8`, or auto-detected from the GPU). Its class picks a load
 profile (PROFILE_BY_CLASS). The scheduler gives every stage the smallest class whose profile
-fits the stage's peak VRAM, read from a table per (model, stage, profile, pixel bucket) that is
-seeded from the SDXL optimisation guide's figures (vram_table.json) and replaceable by measured
-ones (FARM_VRAM_TABLE, written by benchmarks/gpu_vram_table.py).
+fits the stage's peak VRAM, read from a table per (model, stage, profile, pixel bucket)
+(vram_table.json, measured on an H200 by benchmarks/gpu_vram_table.py) and replaceable by one
+measured on your own GPUs (FARM_VRAM_TABLE).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ DEFAULT_CLASSES = (4, 6, 8, 12, 16, 24, 48, 80)
 DETECT_TOLERANCE = 0.95
 # Leave this share of a class free for fragmentation and other processes. Calibrated so the
 # guide's own assignments hold (model offload at 5.77 GB runs on 6 GB cards, lean at 6.91 GB on
-# 8 GB): a class is nominal GiB, the figures are torch's peak allocated memory.
+# 8 GB; measured on an H200: 5.23 and 7.07): a class is nominal GiB, the figures are torch's peak
+# allocated memory.
 HEADROOM = 0.97
 
 
