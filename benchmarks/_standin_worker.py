@@ -2,6 +2,7 @@
 
     python -m benchmarks._standin_worker --name lt-1 [--max-jobs N] [--render-seconds S]
                                          [--stats counts.json] [--crash-on TEXT]
+                                         [--hang-on TEXT]
 
 Settings come from FARM_* variables as for `farm worker`. Load tests start several of these as
 separate processes so they really compete over Redis and the store. With `--stats` the worker
@@ -82,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crash-on", metavar="TEXT", default=None,
                         help="test tool: exit at once (status 1) mid-render of any job whose "
                              "prompt contains TEXT, as a crashing GPU kernel would")
+    parser.add_argument("--hang-on", metavar="TEXT", default=None,
+                        help="test tool: stop making step progress (sleep for good) mid-render "
+                             "of any job whose prompt contains TEXT, as a stuck kernel would")
     args = parser.parse_args(argv)
 
     from worker.runtime import Worker
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     worker = Worker(Settings.load(), args.model or ["tiny-sdxl"], device="cpu", name=args.name,
                     max_jobs=args.max_jobs, echo=echo,
                     backend=StandIn(render_seconds=args.render_seconds,
-                                    crash_on=args.crash_on))
+                                    crash_on=args.crash_on, hang_on=args.hang_on))
     counting: CountingStore | None = None
     if args.stats is not None:
         ctx = worker.setup()

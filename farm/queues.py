@@ -40,6 +40,16 @@ def stage_queue(job: Job) -> str:
     return queue_name(job.stage_model, job.stage_class, job.spec.priority)
 
 
+def job_queues(job: Job) -> set[str]:
+    """Every queue a job's messages can wait on: its first stage's, and its refiner's if split."""
+    from dataclasses import replace
+
+    names = {stage_queue(job)}
+    if job.refiner_vram_class is not None and job.spec.refiner:
+        names.add(stage_queue(replace(job, stage="refiner")))
+    return names
+
+
 def routes(model_names: Iterable[str]) -> list[str]:
     """What a worker serving `model_names` can run: each model, and each base+refiner pair
     it holds both halves of (split policy "never")."""

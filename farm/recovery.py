@@ -8,13 +8,32 @@ key has expired belongs to a dead worker, so its message is moved from kombu's `
 straight back onto its queue, where the next free worker takes it. That takes the heartbeat TTL
 plus one sweep (about half a minute with the defaults) instead of an hour; Flamenco's
 one-minute worker timeout is the same idea.
+
+Two gaps remain between kombu taking a message and the worker recording it, and a `kill -9`
+can land in either; both are closed here:
+
+- after kombu's `unacked` write, before the in-flight record: the message sits in `unacked`
+  with no record naming it. The sweep restores such orphans once they are older than the
+  heartbeat TTL (`restore_orphans`).
+- after BRPOP took the message, before kombu's `unacked` write (kombu#305): the message is
+  nowhere in Redis. Submit notes every job of a batch in `farm:open:<batch>`, and a worker
+  removes a job when it ends. Reconciling (`missing_jobs`) finds a job that is open while its
+  batch's queues are empty and no unacknowledged message carries it; missing for a heartbeat
+  TTL, the worker runs it again from the batch's manifest. A second delivery is harmless:
+  workers skip a job that has ended, and discard a superseded attempt.
+
+A message put back gets a fresh delivery tag: kombu keys `unacked` by tag, and a late ack from
+a worker wrongly presumed dead must not remove the entry of the worker now holding it.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import time
+import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from farm.fleet import worker_key
@@ -24,6 +43,11 @@ log = logging.getLogger("farm.recovery")
 INFLIGHT = "farm:inflight:"
 SWEEP_LOCK = "farm:sweep-lock"
 CANCEL = "farm:cancel:"
+ACTIVE_BATCHES = "farm:active-batches"   # batches with jobs that have not ended
+OPEN = "farm:open:"                     # + batch: ids of its jobs that have not ended
+MISSING = "farm:missing"                # job -> when reconciling first found it nowhere
+RECONCILE_LOCK = "farm:reconcile-lock"
+OPEN_SECONDS = 30 * 24 * 3600
 # kombu's Redis transport keeps unacknowledged messages here (its defaults; we never change them)
 UNACKED, UNACKED_INDEX = "unacked", "unacked_index"
 
@@ -36,6 +60,15 @@ def set_inflight(client: Any, worker: str, tag: str, queue: str, job: str | None
 
 def clear_inflight(client: Any, worker: str) -> None:
     client.delete(INFLIGHT + worker)
+
+
+def end_inflight(client: Any, worker: str) -> None:
+    """The stage ended; its message is acked just after this. The record stays (marked ended)
+    until the next stage replaces it, so that between now and the ack no sweep takes the
+    message for an orphan."""
+    raw = client.get(INFLIGHT + worker)
+    if raw is not None:
+        client.set(INFLIGHT + worker, json.dumps({**json.loads(raw), "ended": time.time()}))
 
 
 def restore(client: Any, tag: str, queue: str) -> bool:
@@ -55,6 +88,8 @@ def restore(client: Any, tag: str, queue: str) -> bool:
                 try:
                     payload["headers"]["redelivered"] = True
                     payload["properties"]["delivery_info"]["redelivered"] = True
+                    # a fresh tag: a late ack of the old one must not touch the new holder's
+                    payload["properties"]["delivery_tag"] = str(uuid.uuid4())
                 except (KeyError, TypeError):
                     pass
                 pipe.multi()
@@ -78,27 +113,136 @@ def recover_own(client: Any, worker: str) -> dict[str, Any] | None:
     return info if restored else None
 
 
-def sweep(client: Any, lock_seconds: float) -> list[dict[str, Any]]:
-    """Put back the stages of workers whose heartbeat has expired. One sweeper at a time."""
+def sweep(client: Any, lock_seconds: float, orphan_seconds: float | None = None
+          ) -> list[dict[str, Any]]:
+    """Put back the stages of workers whose heartbeat has expired, and (with `orphan_seconds`)
+    unacknowledged messages that old which no in-flight record claims. One sweeper at a time."""
     if not client.set(SWEEP_LOCK, "1", nx=True, px=max(1, int(lock_seconds * 1000))):
         return []
     recovered = []
+    claimed = set()
     for key in client.scan_iter(match=INFLIGHT + "*", count=500):
         name = key.decode() if isinstance(key, bytes) else key
         worker = name[len(INFLIGHT):]
-        if client.exists(worker_key(worker)):
-            continue
         raw = client.get(name)
         if raw is None:
             continue
         info = json.loads(raw)
+        if client.exists(worker_key(worker)):
+            claimed.add(info["tag"])
+            continue
         if restore(client, info["tag"], info["queue"]):
             info["worker"] = worker
             recovered.append(info)
             log.warning("worker %s stopped beating while running %s (%s); its stage is "
                         "queued again", worker, info.get("job"), info.get("stage"))
         client.delete(name)
+    if orphan_seconds is not None:
+        recovered += restore_orphans(client, orphan_seconds, claimed)
     return recovered
+
+
+def restore_orphans(client: Any, older_than: float, claimed: set[str]) -> list[dict[str, Any]]:
+    """Unacknowledged messages older than `older_than` seconds that no live worker's in-flight
+    record claims: their worker died between kombu's `unacked` write and its own record. A
+    worker writes that record within milliseconds of taking a message, so an old unclaimed
+    entry has no one behind it."""
+    restored = []
+    old = client.zrangebyscore(UNACKED_INDEX, "-inf", time.time() - older_than)
+    for raw_tag in old:
+        tag = raw_tag.decode() if isinstance(raw_tag, bytes) else raw_tag
+        if tag in claimed:
+            continue
+        raw = client.hget(UNACKED, tag)
+        if raw is None:
+            continue
+        try:
+            entry = json.loads(raw)
+            queue = entry[2]   # kombu keeps [payload, exchange, routing key]
+            job = message_job(entry[0])
+        except (ValueError, IndexError, TypeError):
+            continue
+        if restore(client, tag, queue):
+            log.warning("an unacknowledged message (job %s) had no worker behind it for %.0f s: "
+                        "queued again", job, older_than)
+            restored.append({"tag": tag, "queue": queue, "job": job, "stage": None,
+                             "worker": None})
+    return restored
+
+
+def message_job(payload: dict[str, Any]) -> str | None:
+    """The job id a kombu payload carries (Celery protocol 2: body = [args, kwargs, embed])."""
+    try:
+        body = payload["body"]
+        if payload.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        job = args[0].get("id")
+        return job if isinstance(job, str) else None
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+        return None
+
+
+# -- reconciling: jobs whose message vanished (killed between BRPOP and the unacked write) ----
+
+def open_jobs(client: Any, batch: str, jobs: Iterable[str]) -> None:
+    """Note a batch's jobs as open (at submit, after every message was sent)."""
+    ids = list(jobs)
+    if not ids:
+        return
+    with client.pipeline(transaction=False) as pipe:
+        for i in range(0, len(ids), 1000):
+            pipe.sadd(OPEN + batch, *ids[i:i + 1000])
+        pipe.expire(OPEN + batch, OPEN_SECONDS)
+        pipe.sadd(ACTIVE_BATCHES, batch)
+        pipe.execute()
+
+
+def job_ended(client: Any, batch: str, job: str) -> None:
+    client.srem(OPEN + batch, job)
+
+
+def active_batches(client: Any) -> list[str]:
+    return sorted(b.decode() if isinstance(b, bytes) else b
+                  for b in client.smembers(ACTIVE_BATCHES))
+
+
+def missing_jobs(client: Any, batch: str, queue_names: Iterable[str], grace: float
+                 ) -> list[str]:
+    """Open jobs of `batch` whose message has been nowhere for `grace` seconds: not waiting
+    (only asked once the batch's queues are empty), not unacknowledged. A batch with no open job
+    is done: it leaves the active set."""
+    open_ids = {j.decode() if isinstance(j, bytes) else j for j in client.smembers(OPEN + batch)}
+    if not open_ids:
+        with client.pipeline() as pipe:
+            pipe.srem(ACTIVE_BATCHES, batch)
+            pipe.delete(OPEN + batch)
+            pipe.execute()
+        return []
+    if any(client.llen(q) for q in queue_names):
+        return []   # messages are waiting: any open job may be among them
+    held = set()
+    for raw in client.hvals(UNACKED):
+        try:
+            held.add(message_job(json.loads(raw)[0]))
+        except (ValueError, IndexError, TypeError):
+            continue
+    now = time.time()
+    nowhere = open_ids - held
+    missing = []
+    for job in sorted(open_ids):
+        if job not in nowhere:
+            client.hdel(MISSING, job)
+            continue
+        client.hsetnx(MISSING, job, now)
+        first = float(client.hget(MISSING, job) or now)
+        if now - first >= grace:
+            missing.append(job)
+    return missing
+
+
+def forget_missing(client: Any, job: str) -> None:
+    client.hdel(MISSING, job)
 
 
 # -- cancel: a flag to check before a stage, a broadcast to stop a running one ----------------

@@ -63,6 +63,9 @@ def submit(settings: Settings, specs: list[JobSpec], *, source: str = "-",
                               producer=producer, retry=True,
                               retry_policy={"max_retries": 3, "interval_start": 0.2,
                                             "interval_step": 0.5, "interval_max": 2})
+        # the jobs workers look for until each ends, should a message vanish with a killed
+        # worker (farm/recovery.py: reconciling)
+        recovery.open_jobs(client, batch, [job.id for job in jobs])
         # the broker's own note of the batch: if it is ever missing while jobs wait, the broker
         # lost its data (farm status says so; farm resubmit queues them again)
         client.set(batch_marker(batch), len(jobs), ex=BATCH_MARKER_SECONDS)
@@ -111,8 +114,9 @@ def resubmit(settings: Settings, batch: str, store: Store | None = None) -> list
                 app.send_task(queues.RENDER_TASK, args=[job.encode()],
                               queue=queues.stage_queue(job), producer=producer)
                 again.append(job)
-        broker.redis_client(settings).set(batch_marker(batch), len(manifest.jobs),
-                                          ex=BATCH_MARKER_SECONDS)
+        client = broker.redis_client(settings)
+        recovery.open_jobs(client, batch, [job.id for job in again])
+        client.set(batch_marker(batch), len(manifest.jobs), ex=BATCH_MARKER_SECONDS)
     finally:
         app.close()
     return again

@@ -23,9 +23,13 @@ from farm.jobs import Job
 from farm.settings import Settings
 from farm.store import open_store
 from worker import compile
+from worker.drain import Drain
 from worker.stage import WorkerContext, package_versions, run_job
 
 log = logging.getLogger("farm.worker")
+
+# outcomes after which the job has its final record (a duplicate: some earlier delivery's)
+ENDED = ("succeeded", "failed", "canceled", "duplicate")
 
 
 def resolve_device(requested: str) -> str:
@@ -202,10 +206,13 @@ class Worker:
         finally:
             self.progress = None
             if tag and queue:
-                recovery.clear_inflight(self.redis, self.name or "")
+                recovery.end_inflight(self.redis, self.name or "")
             self.done += 1
             self.info.current_job = None
             self.info.state = fleet.WorkerState.READY
+        if outcome.job and outcome.state in ENDED and isinstance(message, dict):
+            # the job has its final record: reconciling stops looking for its message
+            recovery.job_ended(self.redis, str(message.get("batch")), outcome.job)
         # a stage done counts, whether it finished the job or handed it to a refiner
         if outcome.state in ("succeeded", "latents_ready"):
             self.info.jobs_done += 1
@@ -236,14 +243,30 @@ class Worker:
             self.info.state = fleet.WorkerState.DRAINING
         celery_state.should_stop = 0  # the consumer loop exits cleanly before the next job
 
+    def _watch_stop(self) -> Drain:
+        """The stop request a running stage consults at each step (worker/drain.py): Celery's
+        warm shutdown on SIGTERM (or SIGINT) notes its time; the grace is FARM_STOP_GRACE."""
+        from celery import signals
+
+        drain = Drain(self.settings.stop_grace)
+
+        def shutting_down(**_: Any) -> None:
+            drain.request()
+
+        signals.worker_shutting_down.connect(shutting_down, weak=False)
+        return drain
+
     def run(self) -> int:
         import signal
 
         from celery.worker import state as celery_state
 
+        drain = self._watch_stop()
+
         def early_term(signum: int, frame: Any) -> None:
             # SIGTERM before Celery's consumer has installed its own handler (it may arrive
             # as soon as the heartbeat says ready): stop cleanly, as a warm shutdown would
+            drain.request()
             celery_state.should_stop = 0
 
         signal.signal(signal.SIGTERM, early_term)
@@ -286,6 +309,8 @@ class Worker:
         self.ctx.canceled = lambda *ids: recovery.is_canceled(self.redis, *ids)
         self.ctx.canceled_now = listener.canceled
         self.ctx.on_progress = self._progressed
+        self.ctx.drain = drain
+        threading.Thread(target=self._reconcile_loop, name="reconcile", daemon=True).start()
 
         crashes: list[float] = []
         exitcode = 0
@@ -317,6 +342,7 @@ class Worker:
                 self.ready_file.unlink(missing_ok=True)
             try:
                 fleet.remove(self.redis, self.name or "")
+                recovery.clear_inflight(self.redis, self.name or "")  # its stage was acked
             except Exception:  # noqa: BLE001 - the broker may be gone; the key expires anyway
                 pass
             self.echo(f"worker {self.name}: stopped after {self.done} jobs")
@@ -336,6 +362,63 @@ class Worker:
     def _progressed(self) -> None:
         self.progress = time.monotonic()
 
+    def _reconcile_loop(self) -> None:
+        """Find jobs whose message vanished (farm/recovery.py) and queue them again. Its own
+        thread: it reads the store, which must never delay a heartbeat."""
+        manifests: dict[str, Any] = {}
+        while not self._stop.wait(self.settings.heartbeat_interval):
+            try:
+                self.reconcile(manifests)
+            except Exception as exc:  # noqa: BLE001 - the next round (here or elsewhere) retries
+                log.warning("reconciling open jobs failed: %s", exc)
+
+    def reconcile(self, manifests: dict[str, Any]) -> list[str]:
+        """One round, by one worker of the fleet at a time; returns the jobs queued again."""
+        from dataclasses import replace
+
+        from farm.errors import NotFound
+        from farm.jobs import JobState
+        from farm.records import read_manifest, read_record
+
+        assert self.ctx is not None and self.ctx.enqueue is not None
+        every = max(self.settings.heartbeat_interval, self.settings.heartbeat_ttl / 2)
+        if not self.redis.set(recovery.RECONCILE_LOCK, self.name or "", nx=True,
+                              px=int(every * 1000)):
+            return []
+        again = []
+        for batch in recovery.active_batches(self.redis):
+            if batch not in manifests:
+                if len(manifests) > 256:
+                    manifests.clear()
+                try:
+                    manifests[batch] = read_manifest(self.ctx.store, batch, self.settings)
+                except NotFound:  # cleaned away: nothing left to look for
+                    self.redis.srem(recovery.ACTIVE_BATCHES, batch)
+                    self.redis.delete(recovery.OPEN + batch)
+                    continue
+            manifest = manifests[batch]
+            if manifest.aborted:
+                continue
+            jobs = {j.id: j for j in manifest.jobs}
+            names = set().union(*(queues.job_queues(j) for j in manifest.jobs))
+            for job_id in recovery.missing_jobs(self.redis, batch, names,
+                                                grace=self.settings.heartbeat_ttl):
+                recovery.forget_missing(self.redis, job_id)
+                job = jobs.get(job_id)
+                record = read_record(self.ctx.store, batch, job_id)
+                if job is None or (record is not None and record.state.final):
+                    recovery.job_ended(self.redis, batch, job_id)
+                    continue
+                if record is not None and record.state in (JobState.LATENTS_READY,
+                                                           JobState.REFINING):
+                    job = replace(job, stage="refiner")
+                log.warning("job %s was in no queue and held by no worker for %.0f s (its "
+                            "message was lost with a worker): queued again", job_id,
+                            self.settings.heartbeat_ttl)
+                self.ctx.enqueue(job)
+                again.append(job_id)
+        return again
+
     def _heartbeat_loop(self) -> None:
         """Beat; sweep up dead workers' stages; watch for a hung stage of our own."""
         while not self._stop.wait(self.settings.heartbeat_interval):
@@ -343,7 +426,8 @@ class Worker:
             try:
                 fleet.check_shared(self.redis, self.settings,
                                    claim_ttl=3 * self.settings.heartbeat_ttl)
-                recovery.sweep(self.redis, self.settings.heartbeat_interval)
+                recovery.sweep(self.redis, self.settings.heartbeat_interval,
+                               orphan_seconds=self.settings.heartbeat_ttl)
             except Exception as exc:  # noqa: BLE001 - the next sweep (here or elsewhere) retries
                 log.warning("recovery sweep failed: %s", exc)
             began = self.progress

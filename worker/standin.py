@@ -19,7 +19,10 @@ benchmarks/_standin_worker.py) makes the render of any job whose prompt contains
 own process with `os._exit(1)` half-way through its steps, the way a segfaulting GPU kernel
 takes a worker down: no exception, no `finally`, no failure record, the heartbeat simply stops.
 The fault tests use it to prove the attempt cap and the dead letter (tests/e2e/test_poison.py).
-Never set it on a real farm.
+Test tool - a hung stage: `StandIn(hang_on="TEXT")` (`--hang-on TEXT`) makes the render of such
+a job stop making step progress half-way (it sleeps for good, as a stuck kernel or driver
+would), so the worker's watchdog must notice (tests/e2e/test_faults.py). Never set either on a
+real farm.
 """
 
 from __future__ import annotations
@@ -68,11 +71,13 @@ class StandIn:
     (os._exit(1), as a segfaulting kernel would). None or "" (the default) never crashes.
     """
 
-    def __init__(self, render_seconds: float = 0.0, crash_on: str | None = None) -> None:
+    def __init__(self, render_seconds: float = 0.0, crash_on: str | None = None,
+                 hang_on: str | None = None) -> None:
         if render_seconds < 0:
             raise ValueError(f"render_seconds must be 0 or more, got {render_seconds}")
         self.render_seconds = render_seconds
         self.crash_on = crash_on or None
+        self.hang_on = hang_on or None
 
     def load_model(self, spec: ModelSpec, settings: Settings, device: str,
                    profile: Any = None) -> StandInModel:
@@ -97,6 +102,7 @@ class StandIn:
         the process half-way through the first image's steps.
         """
         poison = self.crash_on is not None and self.crash_on in spec.prompt
+        hang = self.hang_on is not None and self.hang_on in spec.prompt
         images = []
         for seed in spec.image_seeds():
             if self.render_seconds:
@@ -106,6 +112,11 @@ class StandIn:
                     callback(None, step, None, {})
                 if poison and step >= spec.steps // 2:
                     self._crash(spec)
+                if hang and step >= spec.steps // 2:
+                    print(f"standin: prompt contains the hang-on text {self.hang_on!r}: no more "
+                          "step progress (a test tool)", file=sys.stderr, flush=True)
+                    while True:
+                        time.sleep(3600)
             images.append(PIL.Image.new("RGB", (spec.width, spec.height), seed_colour(seed)))
         return images
 

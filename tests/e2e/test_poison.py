@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from farm import broker
@@ -111,6 +112,21 @@ class StandInFleet:
         return "\n".join(out)
 
 
+@contextlib.contextmanager
+def sigterm_cleans_up() -> Iterator[None]:
+    """Turn a SIGTERM to the test run (a canceled CI job, a stray kill) into an exception, so
+    the test's `finally` still stops its workers and the broker instead of leaving them."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _record(settings: Settings, batch: str, job: str) -> JobRecord:
     record = read_record(open_store(settings), batch, job)
     assert record is not None, f"{job} has no record"
@@ -124,67 +140,69 @@ def test_a_poison_job_is_dead_lettered_and_blocks_nothing(env: dict[str, str],
     fleet = StandInFleet(env, tmp_path / "logs", "--crash-on", POISON, "--render-seconds",
                          "0.05")
     began = time.monotonic()
-    try:
-        broker.ensure_broker(settings)
-        broker.wait_for_broker(settings)
-        for slot in ("poison-a", "poison-b", "poison-c"):
-            fleet.start(slot)
-        # the poison job first, so the first free worker takes it ahead of the rest
-        specs = [JobSpec.from_dict({"prompt": f"{POISON} crashes its worker" if i == 0 else
-                                    f"an ordinary job {i}", "seed": i, "steps": 4,
-                                    "width": 64, "height": 64}, settings) for i in range(10)]
-        result = submit(settings, specs, source="test-poison")
-        poison, others = result.jobs[0], result.jobs[1:]
-        # a failure that is the job's own fault, for `farm status` to contrast with: the
-        # stand-in has no latents, so a split base stage raises (see worker/standin.py)
-        plain = submit(settings, [JobSpec.from_dict(
-            {"prompt": "needs latents", "seed": 1, "steps": 4, "width": 64, "height": 64,
-             "refiner": "tiny-sdxl-refiner", "split": "always", "switch": 0.5}, settings)]).jobs[0]
-
-        store = open_store(settings)
-        deadline = time.monotonic() + 90
-        while not (batch_status(store, result.batch, settings).finished
-                   and batch_status(store, plain.batch, settings).finished):
-            fleet.supervise()
-            assert time.monotonic() < deadline, fleet.tails()
-            time.sleep(0.1)
-        elapsed = time.monotonic() - began
-
-        # the poison job: three attempts, each on a worker that died, then the dead letter
-        record = _record(settings, poison.batch, poison.id)
-        assert record.state == JobState.FAILED, (record, fleet.tails())
-        assert record.attempts == settings.max_attempts == 3, record
-        assert record.stages["full"]["attempts"] == 3, record.stages
-        assert record.error_kind == "worker", record
-        assert record.error is not None and "dead-lettered" in record.error, record.error
-        assert len(fleet.crashes()) == 3, fleet.exits  # one death per attempt, no more
-        images = store.list_keys(f"batches/{result.batch}/images/")
-        assert not [k for k in images if f"/{poison.id}-" in k], images
-
-        # every other job succeeded once, with one image, while the poison job was retried
-        for job in others:
-            other = _record(settings, job.batch, job.id)
-            assert other.state == JobState.SUCCEEDED and other.attempts == 1, other
-            pngs = [k for k in images if f"/{job.id}-" in k and k.endswith(".png")]
-            assert pngs == [f"batches/{job.batch}/images/{job.id}-0.png"], pngs
-            assert other.finished_at is not None and record.finished_at is not None
-            assert other.finished_at < record.finished_at, "the poison job blocked the rest"
-
-        # `farm status` tells a failing worker from a failing job
-        out = run_farm(env, "status", result.batch)
-        assert out.returncode == 0, out.stderr
-        (line,) = [ln for ln in out.stdout.splitlines() if poison.id in ln]
-        assert "failed" in line and "worker trouble: dead-lettered" in line, out.stdout
-        assert "succeeded=9" in out.stdout and "failed=1" in out.stdout, out.stdout
-        assert out.stdout.count("1 image(s)") == 9, out.stdout
-        out = run_farm(env, "status", plain.batch)
-        (line,) = [ln for ln in out.stdout.splitlines() if plain.id in ln]
-        assert "failed" in line and "  error: " in line and "worker trouble" not in line, line
-        assert _record(settings, plain.batch, plain.id).error_kind == "job"
-        print(f"poison: dead-lettered after {record.attempts} attempts, "
-              f"{len(fleet.crashes())} worker deaths, batch done in {elapsed:.1f} s")
-    finally:
+    with sigterm_cleans_up():
         try:
-            fleet.stop()
+            broker.ensure_broker(settings)
+            broker.wait_for_broker(settings)
+            for slot in ("poison-a", "poison-b", "poison-c"):
+                fleet.start(slot)
+            # the poison job first, so the first free worker takes it ahead of the rest
+            specs = [JobSpec.from_dict({"prompt": f"{POISON} crashes its worker" if i == 0 else
+                                        f"an ordinary job {i}", "seed": i, "steps": 4,
+                                        "width": 64, "height": 64}, settings) for i in range(10)]
+            result = submit(settings, specs, source="test-poison")
+            poison, others = result.jobs[0], result.jobs[1:]
+            # a failure that is the job's own fault, for `farm status` to contrast with: the
+            # stand-in has no latents, so a split base stage raises (see worker/standin.py)
+            needs_latents = {"prompt": "needs latents", "seed": 1, "steps": 4, "width": 64,
+                             "height": 64, "refiner": "tiny-sdxl-refiner", "split": "always",
+                             "switch": 0.5}
+            plain = submit(settings, [JobSpec.from_dict(needs_latents, settings)]).jobs[0]
+
+            store = open_store(settings)
+            deadline = time.monotonic() + 90
+            while not (batch_status(store, result.batch, settings).finished
+                       and batch_status(store, plain.batch, settings).finished):
+                fleet.supervise()
+                assert time.monotonic() < deadline, fleet.tails()
+                time.sleep(0.1)
+            elapsed = time.monotonic() - began
+
+            # the poison job: three attempts, each on a worker that died, then the dead letter
+            record = _record(settings, poison.batch, poison.id)
+            assert record.state == JobState.FAILED, (record, fleet.tails())
+            assert record.attempts == settings.max_attempts == 3, record
+            assert record.stages["full"]["attempts"] == 3, record.stages
+            assert record.error_kind == "worker", record
+            assert record.error is not None and "dead-lettered" in record.error, record.error
+            assert len(fleet.crashes()) == 3, fleet.exits  # one death per attempt, no more
+            images = store.list_keys(f"batches/{result.batch}/images/")
+            assert not [k for k in images if f"/{poison.id}-" in k], images
+
+            # every other job succeeded once, with one image, while the poison job was retried
+            for job in others:
+                other = _record(settings, job.batch, job.id)
+                assert other.state == JobState.SUCCEEDED and other.attempts == 1, other
+                pngs = [k for k in images if f"/{job.id}-" in k and k.endswith(".png")]
+                assert pngs == [f"batches/{job.batch}/images/{job.id}-0.png"], pngs
+                assert other.finished_at is not None and record.finished_at is not None
+                assert other.finished_at < record.finished_at, "the poison job blocked the rest"
+
+            # `farm status` tells a failing worker from a failing job
+            out = run_farm(env, "status", result.batch)
+            assert out.returncode == 0, out.stderr
+            (line,) = [ln for ln in out.stdout.splitlines() if poison.id in ln]
+            assert "failed" in line and "worker trouble: dead-lettered" in line, out.stdout
+            assert "succeeded=9" in out.stdout and "failed=1" in out.stdout, out.stdout
+            assert out.stdout.count("1 image(s)") == 9, out.stdout
+            out = run_farm(env, "status", plain.batch)
+            (line,) = [ln for ln in out.stdout.splitlines() if plain.id in ln]
+            assert "failed" in line and "  error: " in line and "worker trouble" not in line, line
+            assert _record(settings, plain.batch, plain.id).error_kind == "job"
+            print(f"poison: dead-lettered after {record.attempts} attempts, "
+                  f"{len(fleet.crashes())} worker deaths, batch done in {elapsed:.1f} s")
         finally:
-            broker.stop_broker(settings)
+            try:
+                fleet.stop()
+            finally:
+                broker.stop_broker(settings)
