@@ -39,6 +39,19 @@ def read_workers(settings: Settings) -> list[LocalWorker]:
     return [LocalWorker(**w) for w in data.get("workers", [])]
 
 
+def is_worker(worker: LocalWorker) -> bool:
+    """Whether `worker.pid` still runs that farm worker (its command line names it). Without
+    /proc (not Linux), trust the state file."""
+    try:
+        with open(f"/proc/{worker.pid}/cmdline", "rb") as f:
+            args = f.read().decode(errors="replace").split("\0")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return "worker" in args and worker.name in args
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -113,8 +126,9 @@ def _wait_ready(settings: Settings, started: list[LocalWorker], echo: Callable[[
 
 
 def stop_workers(settings: Settings, workers: list[LocalWorker], grace: float = 60.0) -> int:
-    """SIGTERM (warm shutdown: the current job finishes), then SIGKILL after `grace` s."""
-    live = [w for w in workers if alive(w.pid)]
+    """SIGTERM (warm shutdown: the current job finishes), then SIGKILL after `grace` s.
+    Only processes that are still the workers `up` started: a pid is reused once it exits."""
+    live = [w for w in workers if alive(w.pid) and is_worker(w)]
     for w in live:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(w.pid, signal.SIGTERM)

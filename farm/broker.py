@@ -228,6 +228,8 @@ def stop_broker(settings: Settings, timeout: float = 10.0) -> bool:
         pid = _read_pid(_pidfile(settings))
         if pid is None and not embedded_running(settings):
             return False
+        if pid is not None and not _is_valkey(pid):
+            pid = None  # a stale pid file: that number now belongs to another process
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)  # valkey saves the AOF and exits
@@ -249,6 +251,18 @@ def _read_pid(path: Path) -> int | None:
         return int(path.read_text().strip())
     except (FileNotFoundError, ValueError):
         return None
+
+
+def _is_valkey(pid: int) -> bool:
+    """Whether `pid` runs a Valkey server: pids are reused, so one read from a pid file left
+    behind may now be anything. Without /proc (not Linux), trust the pid file."""
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except FileNotFoundError:
+        return False           # no such process
+    except OSError:
+        return True            # no /proc, or not ours to read: cannot tell
+    return "valkey" in Path(exe).name
 
 
 def _alive(pid: int) -> bool:
