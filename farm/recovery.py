@@ -53,22 +53,18 @@ UNACKED, UNACKED_INDEX = "unacked", "unacked_index"
 
 
 def set_inflight(client: Any, worker: str, tag: str, queue: str, job: str | None,
-                 stage: str | None) -> None:
-    client.set(INFLIGHT + worker, json.dumps({"tag": tag, "queue": queue, "job": job,
-                                              "stage": stage, "since": time.time()}))
+                 stage: str | None, ended: bool = False) -> None:
+    """Record the message a worker runs. `ended`: the stage ended and its message is acked
+    just after this; the record stays until the next stage replaces it, so that between now
+    and the ack no sweep takes the message for an orphan."""
+    info = {"tag": tag, "queue": queue, "job": job, "stage": stage, "since": time.time()}
+    if ended:
+        info["ended"] = info["since"]
+    client.set(INFLIGHT + worker, json.dumps(info))
 
 
 def clear_inflight(client: Any, worker: str) -> None:
     client.delete(INFLIGHT + worker)
-
-
-def end_inflight(client: Any, worker: str) -> None:
-    """The stage ended; its message is acked just after this. The record stays (marked ended)
-    until the next stage replaces it, so that between now and the ack no sweep takes the
-    message for an orphan."""
-    raw = client.get(INFLIGHT + worker)
-    if raw is not None:
-        client.set(INFLIGHT + worker, json.dumps({**json.loads(raw), "ended": time.time()}))
 
 
 def restore(client: Any, tag: str, queue: str) -> bool:

@@ -206,7 +206,8 @@ class Worker:
         finally:
             self.progress = None
             if tag and queue:
-                recovery.end_inflight(self.redis, self.name or "")
+                recovery.set_inflight(self.redis, self.name or "", tag, queue, job_id, stage,
+                                      ended=True)
             self.done += 1
             self.info.current_job = None
             self.info.state = fleet.WorkerState.READY
