@@ -45,7 +45,7 @@ SWEEP_LOCK = "farm:sweep-lock"
 CANCEL = "farm:cancel:"
 ACTIVE_BATCHES = "farm:active-batches"   # batches with jobs that have not ended
 OPEN = "farm:open:"                     # + batch: ids of its jobs that have not ended
-MISSING = "farm:missing"                # job -> when reconciling first found it nowhere
+MISSING = "farm:missing:"               # + batch: job -> when reconciling first found it nowhere
 RECONCILE_LOCK = "farm:reconcile-lock"
 OPEN_SECONDS = 30 * 24 * 3600
 # kombu's Redis transport keeps unacknowledged messages here (its defaults; we never change them)
@@ -182,7 +182,8 @@ def message_job(payload: dict[str, Any]) -> str | None:
 # -- reconciling: jobs whose message vanished (killed between BRPOP and the unacked write) ----
 
 def open_jobs(client: Any, batch: str, jobs: Iterable[str]) -> None:
-    """Note a batch's jobs as open (at submit, after every message was sent)."""
+    """Note a batch's jobs as open, before their messages are sent (a job that ends at once
+    must find itself there to remove). Reconciling looks at the batch only once `activate`d."""
     ids = list(jobs)
     if not ids:
         return
@@ -190,8 +191,12 @@ def open_jobs(client: Any, batch: str, jobs: Iterable[str]) -> None:
         for i in range(0, len(ids), 1000):
             pipe.sadd(OPEN + batch, *ids[i:i + 1000])
         pipe.expire(OPEN + batch, OPEN_SECONDS)
-        pipe.sadd(ACTIVE_BATCHES, batch)
         pipe.execute()
+
+
+def activate(client: Any, batch: str) -> None:
+    """Every message of the batch was sent: from now on a job found nowhere is missing."""
+    client.sadd(ACTIVE_BATCHES, batch)
 
 
 def job_ended(client: Any, batch: str, job: str) -> None:
@@ -212,7 +217,7 @@ def missing_jobs(client: Any, batch: str, queue_names: Iterable[str], grace: flo
     if not open_ids:
         with client.pipeline() as pipe:
             pipe.srem(ACTIVE_BATCHES, batch)
-            pipe.delete(OPEN + batch)
+            pipe.delete(OPEN + batch, MISSING + batch)
             pipe.execute()
         return []
     if any(client.llen(q) for q in queue_names):
@@ -225,20 +230,22 @@ def missing_jobs(client: Any, batch: str, queue_names: Iterable[str], grace: flo
             continue
     now = time.time()
     nowhere = open_ids - held
-    missing = []
-    for job in sorted(open_ids):
-        if job not in nowhere:
-            client.hdel(MISSING, job)
-            continue
-        client.hsetnx(MISSING, job, now)
-        first = float(client.hget(MISSING, job) or now)
-        if now - first >= grace:
-            missing.append(job)
-    return missing
+    seen = {(k.decode() if isinstance(k, bytes) else k): float(v)
+            for k, v in client.hgetall(MISSING + batch).items()}
+    found_again = [job for job in open_ids & held if job in seen]
+    new = {job: now for job in nowhere if job not in seen}
+    with client.pipeline(transaction=False) as pipe:
+        if found_again:
+            pipe.hdel(MISSING + batch, *found_again)
+        if new:
+            pipe.hset(MISSING + batch, mapping=new)
+            pipe.expire(MISSING + batch, OPEN_SECONDS)
+        pipe.execute()
+    return sorted(job for job in nowhere if job in seen and now - seen[job] >= grace)
 
 
-def forget_missing(client: Any, job: str) -> None:
-    client.hdel(MISSING, job)
+def forget_missing(client: Any, batch: str, job: str) -> None:
+    client.hdel(MISSING + batch, job)
 
 
 # -- cancel: a flag to check before a stage, a broadcast to stop a running one ----------------

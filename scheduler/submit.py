@@ -54,8 +54,11 @@ def submit(settings: Settings, specs: list[JobSpec], *, source: str = "-",
                         defaults=dict(defaults or {}), jobs=jobs)
     put_json(store, manifest_key(batch), manifest.encode(), create_once=True)
 
-    # 3. one message per job, on one connection
+    # 3. one message per job, on one connection; first the jobs are noted as open until each
+    # ends, so that workers can find one whose message vanished with a killed worker
+    # (farm/recovery.py: reconciling)
     try:
+        recovery.open_jobs(client, batch, [job.id for job in jobs])
         with app.producer_or_acquire() as producer:
             for job in jobs:
                 app.send_task(queues.RENDER_TASK, args=[job.encode()],
@@ -63,9 +66,7 @@ def submit(settings: Settings, specs: list[JobSpec], *, source: str = "-",
                               producer=producer, retry=True,
                               retry_policy={"max_retries": 3, "interval_start": 0.2,
                                             "interval_step": 0.5, "interval_max": 2})
-        # the jobs workers look for until each ends, should a message vanish with a killed
-        # worker (farm/recovery.py: reconciling)
-        recovery.open_jobs(client, batch, [job.id for job in jobs])
+        recovery.activate(client, batch)
         # the broker's own note of the batch: if it is ever missing while jobs wait, the broker
         # lost its data (farm status says so; farm resubmit queues them again)
         client.set(batch_marker(batch), len(jobs), ex=BATCH_MARKER_SECONDS)
@@ -99,8 +100,12 @@ def resubmit(settings: Settings, batch: str, store: Store | None = None) -> list
     manifest = read_manifest(store, batch, settings)
     records = read_records(store, batch)
     app = broker.celery_app(settings)
+    client = broker.redis_client(settings)
     again = []
     try:
+        recovery.open_jobs(client, batch, [job.id for job in manifest.jobs
+                                           if job.id not in records
+                                           or not records[job.id].state.final])
         with app.producer_or_acquire() as producer:
             for job in manifest.jobs:
                 record = records.get(job.id)
@@ -114,9 +119,8 @@ def resubmit(settings: Settings, batch: str, store: Store | None = None) -> list
                 app.send_task(queues.RENDER_TASK, args=[job.encode()],
                               queue=queues.stage_queue(job), producer=producer)
                 again.append(job)
-        client = broker.redis_client(settings)
-        recovery.open_jobs(client, batch, [job.id for job in again])
         client.set(batch_marker(batch), len(manifest.jobs), ex=BATCH_MARKER_SECONDS)
+        recovery.activate(client, batch)
     finally:
         app.close()
     return again

@@ -395,7 +395,7 @@ class Worker:
                     manifests[batch] = read_manifest(self.ctx.store, batch, self.settings)
                 except NotFound:  # cleaned away: nothing left to look for
                     self.redis.srem(recovery.ACTIVE_BATCHES, batch)
-                    self.redis.delete(recovery.OPEN + batch)
+                    self.redis.delete(recovery.OPEN + batch, recovery.MISSING + batch)
                     continue
             manifest = manifests[batch]
             if manifest.aborted:
@@ -404,7 +404,7 @@ class Worker:
             names = set().union(*(queues.job_queues(j) for j in manifest.jobs))
             for job_id in recovery.missing_jobs(self.redis, batch, names,
                                                 grace=self.settings.heartbeat_ttl):
-                recovery.forget_missing(self.redis, job_id)
+                recovery.forget_missing(self.redis, batch, job_id)
                 job = jobs.get(job_id)
                 record = read_record(self.ctx.store, batch, job_id)
                 if job is None or (record is not None and record.state.final):

@@ -44,6 +44,9 @@ MIN_KILLS = 5         # kills while the batch still had jobs to run
 RUN_LIMIT_S = 150.0   # the run ends here even with jobs left: they count as lost
 STALL_S = 30.0        # ...and earlier when no job has ended for this long
 SUCCESS = re.compile(r"worker (\S+): job (\S+) succeeded")
+RECOVERY_PATHS = {"heartbeat sweep": "stopped beating while running",
+                  "orphan sweep": "had no worker behind it",
+                  "reconciling": "was in no queue and held by no worker"}
 
 
 def _wait_ready(client: object, names: set[str], crew: StandInFleet, timeout: float = 60) -> None:
@@ -171,8 +174,12 @@ def test_a_1000_job_burst_with_random_kills_loses_and_duplicates_nothing(
                         if k.endswith(".json")}
             # ...and who said they finished each job, from every worker's log (killed ones too)
             successes: Counter[str] = Counter()
+            paths: Counter[str] = Counter()  # how lost stages came back (farm/recovery.py)
             for log in (tmp_path / "logs").glob("*.log"):
-                successes.update(job for _, job in SUCCESS.findall(log.read_text(errors="replace")))
+                text = log.read_text(errors="replace")
+                successes.update(job for _, job in SUCCESS.findall(text))
+                for path, marker in RECOVERY_PATHS.items():
+                    paths[path] += text.count(marker)
             done = lost = duplicated = retried = 0
             missing: list[str] = []
             for job in result.jobs:
@@ -191,7 +198,8 @@ def test_a_1000_job_burst_with_random_kills_loses_and_duplicates_nothing(
             line = (f"load: {N_JOBS} jobs, {N_WORKERS} workers, {kills} kills: done {done}, "
                     f"lost {lost}, duplicated {duplicated} in {elapsed:.1f} s")
             print(f"\n{line} ({mid_stage} kills mid-stage, {retried} jobs ran again after their "
-                  f"worker was killed, {len(crew.crashes())} workers died on their own)")
+                  f"worker was killed, {len(crew.crashes())} workers died on their own; "
+                  f"recovered by: " + ", ".join(f"{k} {v}" for k, v in paths.items()) + ")")
             assert (done, lost, duplicated) == (N_JOBS, 0, 0), "\n".join(
                 [line, *missing[:20], "live workers at the end:", *workers])
             assert kills >= MIN_KILLS, line
