@@ -213,15 +213,18 @@ def missing_jobs(client: Any, batch: str, queue_names: Iterable[str], grace: flo
     """Open jobs of `batch` whose message has been nowhere for `grace` seconds: not waiting
     (only asked once the batch's queues are empty), not unacknowledged. A batch with no open job
     is done: it leaves the active set."""
-    open_ids = {j.decode() if isinstance(j, bytes) else j for j in client.smembers(OPEN + batch)}
-    if not open_ids:
+    if not client.scard(OPEN + batch):
         with client.pipeline() as pipe:
             pipe.srem(ACTIVE_BATCHES, batch)
             pipe.delete(OPEN + batch, MISSING + batch)
             pipe.execute()
         return []
-    if any(client.llen(q) for q in queue_names):
-        return []   # messages are waiting: any open job may be among them
+    with client.pipeline(transaction=False) as pipe:
+        for q in queue_names:
+            pipe.llen(q)
+        if any(pipe.execute()):
+            return []   # messages are waiting: any open job may be among them
+    open_ids = {j.decode() if isinstance(j, bytes) else j for j in client.smembers(OPEN + batch)}
     held = set()
     for raw in client.hvals(UNACKED):
         try:
