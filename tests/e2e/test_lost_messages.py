@@ -16,11 +16,14 @@ the broker's visibility timeout (24 h, unchanged here) would.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from farm import broker, queues, recovery
 from farm.jobs import JobSpec, JobState
@@ -74,68 +77,63 @@ def _finish(settings: Settings, result: Submitted, crew: StandInFleet, limit: fl
     return time.monotonic() - began
 
 
-def test_a_message_lost_between_brpop_and_unacked_is_queued_again(
-        env: dict[str, str], tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _farm(env: dict[str, str], tmp_path: Path) -> Iterator[tuple[Settings, Any, StandInFleet]]:
+    """The embedded broker with fast heartbeats, and a supervisor for stand-in workers; both
+    stopped at the end whatever happens."""
     env = {**env, **FAST_BEATS}
     settings = Settings.load(env=env)
     crew = StandInFleet(env, tmp_path / "logs")
     with sigterm_cleans_up():
         try:
             broker.ensure_broker(settings)
-            client = broker.redis_client(settings)
-            result = _submit(settings, 3)
-            queue = queues.stage_queue(result.jobs[0])
-            assert client.llen(queue) == 3
-            # a worker's BRPOP took the oldest message, and the worker died before kombu wrote
-            # it to `unacked`: it is gone from Redis
-            gone = recovery.message_job(json.loads(client.rpop(queue)))
-            assert gone == result.jobs[0].id
-            assert client.hlen(recovery.UNACKED) == 0
-            crew.start("lost-a")
-            took = _finish(settings, result, crew, limit=60)
-            logs = crew.tails(200)
-            assert f"job {gone} was in no queue and held by no worker" in logs, logs
-            # done: the batch leaves the set reconciling looks at
-            deadline = time.monotonic() + 10
-            while result.batch in recovery.active_batches(client):
-                assert time.monotonic() < deadline, recovery.active_batches(client)
-                time.sleep(0.2)
-            print(f"lost message: job {gone} found and finished in {took:.1f} s")
+            yield settings, broker.redis_client(settings), crew
         finally:
             try:
                 crew.stop()
             finally:
                 broker.stop_broker(settings)
+
+
+def test_a_message_lost_between_brpop_and_unacked_is_queued_again(
+        env: dict[str, str], tmp_path: Path) -> None:
+    with _farm(env, tmp_path) as (settings, client, crew):
+        result = _submit(settings, 3)
+        queue = queues.stage_queue(result.jobs[0])
+        assert client.llen(queue) == 3
+        # a worker's BRPOP took the oldest message, and the worker died before kombu wrote it
+        # to `unacked`: it is gone from Redis
+        gone = recovery.message_job(json.loads(client.rpop(queue)))
+        assert gone == result.jobs[0].id
+        assert client.hlen(recovery.UNACKED) == 0
+        crew.start("lost-a")
+        took = _finish(settings, result, crew, limit=60)
+        logs = crew.tails(200)
+        assert f"job {gone} was in no queue and held by no worker" in logs, logs
+        # done: the batch leaves the set reconciling looks at
+        deadline = time.monotonic() + 10
+        while result.batch in recovery.active_batches(client):
+            assert time.monotonic() < deadline, recovery.active_batches(client)
+            time.sleep(0.2)
+        print(f"lost message: job {gone} found and finished in {took:.1f} s")
 
 
 def test_an_unacked_message_no_worker_claims_is_put_back(
         env: dict[str, str], tmp_path: Path) -> None:
-    env = {**env, **FAST_BEATS}
-    settings = Settings.load(env=env)
-    crew = StandInFleet(env, tmp_path / "logs")
-    with sigterm_cleans_up():
-        try:
-            broker.ensure_broker(settings)
-            client = broker.redis_client(settings)
-            result = _submit(settings, 2)
-            queue = queues.stage_queue(result.jobs[0])
-            # kombu takes a message for a consumer (writing `unacked`), and the consumer dies
-            # before its worker writes an in-flight record
-            old_tag = _take_and_die(env, queue)
-            assert client.hexists(recovery.UNACKED, old_tag)
-            orphan = recovery.message_job(json.loads(client.hget(recovery.UNACKED, old_tag))[0])
-            crew.start("orphan-a")
-            took = _finish(settings, result, crew, limit=60)
-            logs = crew.tails(200)
-            assert f"an unacknowledged message (job {orphan}) had no worker behind it" in logs, \
-                logs
-            assert client.hlen(recovery.UNACKED) == 0
-            print(f"orphaned unacked message: job {orphan} put back and finished in {took:.1f} s")
-        finally:
-            try:
-                crew.stop()
-            finally:
-                broker.stop_broker(settings)
+    with _farm(env, tmp_path) as (settings, client, crew):
+        result = _submit(settings, 2)
+        queue = queues.stage_queue(result.jobs[0])
+        # kombu takes a message for a consumer (writing `unacked`), and the consumer dies
+        # before its worker writes an in-flight record
+        old_tag = _take_and_die({**env, **FAST_BEATS}, queue)
+        assert client.hexists(recovery.UNACKED, old_tag)
+        orphan = recovery.message_job(json.loads(client.hget(recovery.UNACKED, old_tag))[0])
+        crew.start("orphan-a")
+        took = _finish(settings, result, crew, limit=60)
+        logs = crew.tails(200)
+        assert f"an unacknowledged message (job {orphan}) had no worker behind it" in logs, logs
+        assert client.hlen(recovery.UNACKED) == 0
+        print(f"orphaned unacked message: job {orphan} put back and finished in {took:.1f} s")
 
 
 def test_a_message_put_back_gets_a_fresh_delivery_tag(env: dict[str, str]) -> None:
