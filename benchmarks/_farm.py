@@ -13,11 +13,9 @@ so they compete over Redis and the store the way a real fleet does.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,7 +26,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from farm import broker, fleet
+from farm import broker, fleet, procs
 from farm.records import record_key
 from farm.settings import Settings
 from farm.store import Store, open_store
@@ -185,19 +183,7 @@ class LocalFarm:
 
     def stop_workers(self, names: list[str], grace: float = 30.0) -> None:
         """SIGTERM (a warm shutdown), then SIGKILL after `grace` seconds; always reaps."""
-        procs = [self.procs.pop(n) for n in names if n in self.procs]
-        for proc in procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for proc in procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        procs.stop_group([self.procs.pop(n) for n in names if n in self.procs], grace)
 
     def _check_alive(self, names: list[str]) -> None:
         for name in names:

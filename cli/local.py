@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from farm import broker, fleet
+from farm import broker, fleet, procs
 from farm.errors import FarmError
 from farm.settings import Settings
 
@@ -42,28 +42,11 @@ def read_workers(settings: Settings) -> list[LocalWorker]:
 def is_worker(worker: LocalWorker) -> bool:
     """Whether `worker.pid` still runs that farm worker (its command line names it). Without
     /proc (not Linux), trust the state file."""
-    try:
-        with open(f"/proc/{worker.pid}/cmdline", "rb") as f:
-            args = f.read().decode(errors="replace").split("\0")
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True
-    return "worker" in args and worker.name in args
+    args = procs.command_line(worker.pid)
+    return args is None or ("worker" in args and worker.name in args)
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
+alive = procs.alive
 
 
 def running_workers(settings: Settings) -> list[LocalWorker]:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from farm import queues
+from farm import procs, queues
 from farm.errors import BrokerUnavailable, ConfigError
 from farm.settings import Settings
 
@@ -234,9 +234,9 @@ def stop_broker(settings: Settings, timeout: float = 10.0) -> bool:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)  # valkey saves the AOF and exits
             deadline = time.monotonic() + timeout
-            while _alive(pid) and time.monotonic() < deadline:
+            while procs.alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if _alive(pid):
+            if procs.alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(FileNotFoundError):
@@ -256,25 +256,5 @@ def _read_pid(path: Path) -> int | None:
 def _is_valkey(pid: int) -> bool:
     """Whether `pid` runs a Valkey server: pids are reused, so one read from a pid file left
     behind may now be anything. Without /proc (not Linux), trust the pid file."""
-    try:
-        exe = os.readlink(f"/proc/{pid}/exe")
-    except FileNotFoundError:
-        return False           # no such process
-    except OSError:
-        return True            # no /proc, or not ours to read: cannot tell
-    return "valkey" in Path(exe).name
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie child still answers kill(0); it is gone for our purposes
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
+    exe = procs.executable(pid)
+    return exe is None or "valkey" in Path(exe).name

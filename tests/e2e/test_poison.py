@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from farm import broker
+from farm import broker, procs
 from farm.jobs import JobSpec, JobState
 from farm.records import JobRecord, read_record
 from farm.settings import Settings
@@ -89,20 +89,9 @@ class StandInFleet:
 
     def stop(self, grace: float = 15.0) -> None:
         """SIGTERM every worker (a warm shutdown), SIGKILL what is left after `grace`."""
-        procs = list(self.procs.values())
+        running = list(self.procs.values())
         self.procs.clear()
-        for proc in procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for proc in procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        procs.stop_group(running, grace)
 
     def tails(self, lines: int = 15) -> str:
         out = []

@@ -9,26 +9,11 @@ from farm.errors import ValidationError
 from farm.jobs import SEED_MAX, JobSpec
 from farm.settings import Settings
 from scheduler.parse import detect_format, parse_batch, parse_size
+from tests.unit.expect import expect
 
 SETTINGS = Settings()
 TINY = models.TINY_BASE
 KNOWN = "is not a known column (known: prompt, negative_prompt, seed, steps,"
-
-
-def expect(err: ValidationError, line: int | None, field: str, rule: str,
-           value: str | None) -> None:
-    """`value` is how the message shows it (repr, cut), or None when it shows none."""
-    msg = str(err)
-    assert "\n" not in msg
-    assert err.field == field
-    assert err.line == line
-    where = f"line {line}: " if line is not None else ""
-    assert msg.startswith(f"{where}{field} "), msg
-    assert rule in msg, msg
-    if value is None:
-        assert ", got " not in msg, msg
-    else:
-        assert msg.endswith(f", got {value}"), msg
 
 
 def cut(value: object) -> str:

@@ -15,26 +15,11 @@ from farm.errors import UsageError, ValidationError
 from farm.jobs import SEED_MAX, Job, JobSpec, JobState, job_id
 from farm.settings import Settings
 from scheduler.parse import parse_batch
+from tests.unit.expect import expect
 
 SETTINGS = Settings()
 GOOD_JSONL = '{"prompt": "a lighthouse at dawn"}\n'
 CSV_HEAD = "prompt,steps,width,height,n,guidance,seed,scheduler,priority\n"
-
-
-def expect(err: ValidationError, line: int | None, field: str, rule: str,
-           value: str | None) -> None:
-    """`value` is how the message shows it (repr, cut), or None when it shows none."""
-    msg = str(err)
-    assert "\n" not in msg
-    assert err.field == field
-    assert err.line == line
-    where = f"line {line}: " if line is not None else ""
-    assert msg.startswith(f"{where}{field} "), msg
-    assert rule in msg, msg
-    if value is None:
-        assert ", got " not in msg, msg
-    else:
-        assert msg.endswith(f", got {value}"), msg
 
 
 def jsonl(fields: dict[str, object]) -> str:
