@@ -274,9 +274,12 @@ def _watch(settings: Settings, batch: str, quiet: bool = False) -> Any:
 @click.option("--compile", "compile_", default=None,
               type=click.Choice(["inductor", "regional", "none", "onediff"]),
               help="Compile the UNet (default: inductor on CUDA, none on CPU).")
+@click.option("--stop-grace", type=float, default=None, metavar="SECONDS",
+              help="Seconds the platform allows between SIGTERM and SIGKILL (default 30, "
+                   "FARM_STOP_GRACE): a stage that fits finishes, else it is handed back.")
 def worker(models_: tuple[str, ...], device: str | None, max_jobs: int | None,
            name: str | None, vram: str | None, profile: str | None,
-           compile_: str | None) -> None:
+           compile_: str | None, stop_grace: float | None) -> None:
     """Run one worker in the foreground: load and warm its pipelines, then take jobs."""
     import logging
 
@@ -285,7 +288,8 @@ def worker(models_: tuple[str, ...], device: str | None, max_jobs: int | None,
     logging.getLogger("celery").setLevel(logging.WARNING)
     from worker.runtime import Worker
 
-    settings = Settings.load(device=device, vram=vram, profile=profile, compile=compile_)
+    settings = Settings.load(device=device, vram=vram, profile=profile, compile=compile_,
+                             stop_grace=stop_grace)
     w = Worker(settings, list(models_), device=settings.device, name=name, max_jobs=max_jobs,
                echo=lambda m: click.echo(m, err=True))
     sys.exit(w.run())

@@ -8,7 +8,8 @@ The lifecycle, written down once (the README draws the same picture):
       └──────────┴──────────────┴───────────┴────────► failed | canceled
 
 A running stage may go back to queued, and a refining one to latents_ready (retried on another
-worker). succeeded, failed and canceled are final.
+worker; a running one may also be handed back by a worker that is stopping: worker/drain.py).
+succeeded, failed and canceled are final.
 """
 
 from __future__ import annotations
@@ -208,6 +209,28 @@ def _size(data: dict[str, Any], settings: Settings, model: models.ModelSpec
 #   refiner  finish from the stored latents
 #   pair     base and refiner on this one worker, no store round-trip (split policy "never")
 STAGES = ("full", "base", "refiner", "pair")
+# the stages a worker that is stopping can hand back mid-way, to be resumed from a checkpoint
+RESUMABLE_STAGES = ("full", "base")
+
+
+def checkpoint_key(batch: str, job: str, stage: str, image: int, step: int) -> str:
+    """Where a stage handed back on a worker's shutdown keeps its in-flight latents: under the
+    job's own intermediate prefix (worker/checkpoint.py writes it)."""
+    from farm.records import batch_prefix  # records imports this module
+
+    return f"{batch_prefix(batch)}/intermediate/{job}/resume-{stage}-{image}-{step:04d}.safetensors"
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """A stage handed back at `step` of image `image`: continue from the checkpoint at `key`."""
+
+    key: str
+    image: int
+    step: int
+
+    def encode(self) -> dict[str, Any]:
+        return {"key": self.key, "image": self.image, "step": self.step}
 
 
 @dataclass(frozen=True)
@@ -221,9 +244,11 @@ class Job:
     vram_class: int     # the smallest class that can run its first stage (farm/vram.py)
     stage: str = "full"
     refiner_vram_class: int | None = None   # the class of its refiner stage, when split
+    # set on a stage handed back by a worker that was stopping (worker/drain.py)
+    resume: ResumePoint | None = None
 
     VERSION = 1
-    FIELDS = ("v", "id", "batch", "index", "spec", "vram", "stage", "refiner_vram")
+    FIELDS = ("v", "id", "batch", "index", "spec", "vram", "stage", "refiner_vram", "resume")
 
     @property
     def stage_class(self) -> int:
@@ -242,9 +267,12 @@ class Job:
         return self.spec.model
 
     def encode(self) -> dict[str, Any]:
-        return {"v": self.VERSION, "id": self.id, "batch": self.batch, "index": self.index,
+        data = {"v": self.VERSION, "id": self.id, "batch": self.batch, "index": self.index,
                 "spec": self.spec.to_dict(), "vram": self.vram_class, "stage": self.stage,
                 "refiner_vram": self.refiner_vram_class}
+        if self.resume is not None:
+            data["resume"] = self.resume.encode()
+        return data
 
     @classmethod
     def decode(cls, data: Any, settings: Settings) -> Job:
@@ -286,8 +314,36 @@ class Job:
                                          or not 0 < refiner_vram <= MAX_VRAM_GB):
             raise ValidationError("message.refiner_vram", "must be a VRAM class in GB",
                                   refiner_vram)
+        resume = _resume_point(data.get("resume"), batch, ident, stage, spec)
         return cls(id=ident, batch=batch, index=index, spec=spec, vram_class=vram, stage=stage,
-                   refiner_vram_class=refiner_vram)
+                   refiner_vram_class=refiner_vram, resume=resume)
+
+
+def _resume_point(data: Any, batch: str, job: str, stage: str, spec: JobSpec
+                  ) -> ResumePoint | None:
+    """A message's `resume`: the image and step a handed-back stage continues from, and its
+    checkpoint, which must be exactly the key this job, stage, image and step give (so no
+    message can point a worker at another object)."""
+    if data is None:
+        return None
+    if stage not in RESUMABLE_STAGES:
+        raise ValidationError("message.resume", f"is only allowed on the "
+                              f"{' and '.join(RESUMABLE_STAGES)} stages, not {stage}", data)
+    if not isinstance(data, dict) or set(data) != {"key", "image", "step"}:
+        raise ValidationError("message.resume", "must be an object with key, image and step",
+                              data)
+    image, step = data["image"], data["step"]
+    if type(image) is not int or not 0 <= image < spec.n:
+        raise ValidationError("message.resume.image", f"must be an image of the job (0 to "
+                              f"{spec.n - 1})", image)
+    if type(step) is not int or not 0 <= step < spec.steps:
+        raise ValidationError("message.resume.step", f"must be a step inside the job (0 to "
+                              f"{spec.steps - 1})", step)
+    key = checkpoint_key(batch, job, stage, image, step)
+    if data["key"] != key:
+        raise ValidationError("message.resume.key", f"must be this job's checkpoint {key}",
+                              data["key"])
+    return ResumePoint(key=key, image=image, step=step)
 
 
 def new_batch_id(now: float) -> str:

@@ -6,7 +6,9 @@ only carries the messages.
     batches/<batch>/jobs/<job>.json          state, attempts, timestamps, worker, error
     batches/<batch>/images/<job>-<k>.png     image k of the job (create-once)
     batches/<batch>/images/<job>-<k>.json    its sidecar: full provenance (create-once)
-    batches/<batch>/intermediate/<job>/...   base → refiner latents (worker/handoff.py)
+    batches/<batch>/intermediate/<job>/...   base → refiner latents (worker/handoff.py), and
+                                             the checkpoint of a handed-back stage
+                                             (worker/checkpoint.py)
     compile-cache/<model>/<key>.bin|.json    compile artefacts for the fleet (worker/compile.py)
 """
 
@@ -95,6 +97,8 @@ class JobRecord:
     error: str | None = None
     # whose fault a failure was: "job" (the work itself raised) or "worker" (workers died)
     error_kind: str | None = None
+    # what happened that is not an error: "handed back at step 37/150 on worker w-1's shutdown"
+    note: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     # per stage ("full", "base", "refiner", "pair"): worker, host, vram_class, profile,
     # attempts, started_at, finished_at, seconds

@@ -92,6 +92,11 @@ class Settings:
     intermediate_ttl_hours: float = 24.0
     # how long `farm submit` keeps trying an unreachable broker before it gives up
     broker_connect_timeout: float = 10.0
+    # seconds the platform allows a worker between SIGTERM and SIGKILL (Kubernetes'
+    # terminationGracePeriodSeconds, compose's stop_grace_period, a spot notice). A stage that
+    # fits in it finishes; one that does not is handed back with its latents at the next step
+    # and resumed by another worker (worker/drain.py). 30: Kubernetes' default.
+    stop_grace: float = 30.0
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -149,6 +154,8 @@ class Settings:
                      "max_attempts"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.stop_grace > 0:
+            raise ConfigError(f"stop_grace must be positive seconds, got {self.stop_grace}")
         from farm.limits import check_visibility
 
         check_visibility(self.visibility_timeout, self.max_steps, self.max_pixels,

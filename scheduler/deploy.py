@@ -38,6 +38,11 @@ DEFAULT_HARD_LIMIT = 1800
 # removed. The platform's grace period is the hard limit plus this.
 DRAIN_MARGIN = 120
 
+# FARM_STOP_GRACE on spot machines (SkyPilot): a reclaimed spot VM gets about 30 s between the
+# shutdown signal and power-off on GCP and Azure (AWS gives a 2-minute notice), so a worker
+# there hands back any stage that will not finish in 25 s (worker/drain.py).
+SPOT_STOP_GRACE = 25
+
 # One worker per container, so the ready file needs no "{name}" in it (worker/runtime.py).
 READY_FILE = "/tmp/farm/ready"
 # The model cache volume: Hub downloads (HF_HOME) and built tiny models (FARM_HOME/models).
@@ -174,11 +179,15 @@ def all_queues(spec: DeploySpec) -> list[str]:
 # -- the worker ---------------------------------------------------------------------------------
 
 
-def worker_env(spec: DeploySpec, vram_class: int) -> dict[str, str]:
-    """A worker's settings, without secrets (the broker URL, S3 keys)."""
+def worker_env(spec: DeploySpec, vram_class: int, stop_grace: int | None = None
+               ) -> dict[str, str]:
+    """A worker's settings, without secrets (the broker URL, S3 keys). FARM_STOP_GRACE is the
+    platform's grace period (default: the one compose and Kubernetes are given, so a stopping
+    worker there always finishes its stage)."""
     return {
         **spec.settings_env,
         "FARM_VRAM": str(vram_class),
+        "FARM_STOP_GRACE": str(spec.grace_seconds if stop_grace is None else stop_grace),
         # cuda:0, not auto: a container that lost its GPU must fail, not render on the CPU
         "FARM_DEVICE": "cuda:0",
         "FARM_READY_FILE": READY_FILE,

@@ -66,7 +66,8 @@ def worker_service(spec: deploy.DeploySpec, vram_class: int) -> dict[str, Any]:
                         "timeout": "5s", "retries": 3,
                         # a first start downloads the weights (about 7 GB for SDXL)
                         "start_period": "30m"},
-        # SIGTERM is a warm shutdown: the worker finishes its stage, so wait past the hard limit
+        # SIGTERM is a warm shutdown: wait past the hard limit (FARM_STOP_GRACE says the same
+        # to the worker), so it finishes its stage
         "stop_signal": "SIGTERM",
         "stop_grace_period": f"{spec.grace_seconds}s",
         "depends_on": {"redis": {"condition": "service_healthy"},

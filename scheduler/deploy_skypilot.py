@@ -3,8 +3,10 @@ the farm's broker and store.
 
 Launch it as a managed job (`sky jobs launch`), once per worker wanted: SkyPilot picks the
 cheapest cloud and region that has one of the class's GPUs as spot capacity, and when the spot
-instance is reclaimed it starts the job again elsewhere. The stage a reclaimed worker held comes
-back from Redis after the visibility timeout, so nothing is lost.
+instance is reclaimed it starts the job again elsewhere. A worker that gets SIGTERM with the
+reclaim hands back a stage that will not finish within FARM_STOP_GRACE (short here) with its
+latents, for another worker to resume (worker/drain.py); one killed outright leaves its stage to
+the heartbeat sweep (farm/recovery.py), so nothing is lost either way.
 
 Two ways to get the farm onto the machine:
 - default: `workdir: .` syncs the checkout (run `sky` from the repository root) and `setup`
@@ -41,7 +43,7 @@ def setup_script() -> str:
 
 
 def task(spec: deploy.DeploySpec, vram_class: int) -> dict[str, Any]:
-    envs: dict[str, Any] = {**deploy.worker_env(spec, vram_class),
+    envs: dict[str, Any] = {**deploy.worker_env(spec, vram_class, deploy.SPOT_STOP_GRACE),
                             # null: SkyPilot refuses to launch until --env gives it
                             "FARM_STORE_URL": spec.store_url}
     if spec.s3_endpoint_url:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import PIL.Image
@@ -58,14 +59,22 @@ def vae_used(model: Any, spec: jobs.JobSpec) -> str:
 def _prepare(model: LoadedModel, spec: jobs.JobSpec, callback: StepCallback | None,
              cfg_cutoff: float) -> dict[str, Any]:
     """Set the job's sampler and VAE on the pipeline; the step callbacks as call arguments."""
+    _set_sampler_and_vae(model, spec)
+    # guidance off for the rest of the steps: the UNet batch drops from 2 to 1
+    cutoff = SDXLCFGCutoffCallback(cutoff_step_ratio=cfg_cutoff) if cfg_cutoff > 0 else None
+    return _callbacks(callback, cutoff)
+
+
+def _set_sampler_and_vae(model: LoadedModel, spec: jobs.JobSpec) -> None:
     pipe = model.pipe
     pipe.scheduler = make_scheduler(model, spec.scheduler)
     if model.profile_vae is not None:
         pipe.vae = model.tiny_vae if vae_used(model, spec) == "tiny" else model.profile_vae
-    callbacks: list[Any] = []
-    if cfg_cutoff > 0:
-        # guidance off for the rest of the steps: the UNet batch drops from 2 to 1
-        callbacks.append(SDXLCFGCutoffCallback(cutoff_step_ratio=cfg_cutoff))
+
+
+def _callbacks(callback: StepCallback | None, cutoff: PipelineCallback | None
+               ) -> dict[str, Any]:
+    callbacks: list[Any] = [cutoff] if cutoff is not None else []
     if callback is not None:
         callbacks.append(callback if isinstance(callback, PipelineCallback)
                          else _FunctionCallback(callback))
@@ -77,9 +86,11 @@ def _prepare(model: LoadedModel, spec: jobs.JobSpec, callback: StepCallback | No
 
 
 class _FunctionCallback(PipelineCallback):  # type: ignore[misc]
-    """A plain function as a diffusers PipelineCallback, so it combines with the cut-off."""
+    """A plain function as a diffusers PipelineCallback, so it combines with the cut-off. It
+    sees the latents after each step: a worker that is stopping checkpoints them
+    (worker/drain.py)."""
 
-    tensor_inputs: list[str] = []
+    tensor_inputs: list[str] = ["latents"]
 
     def __init__(self, fn: StepCallback) -> None:
         super().__init__()
@@ -90,12 +101,35 @@ class _FunctionCallback(PipelineCallback):  # type: ignore[misc]
         return self.fn(pipeline, step_index, timestep, callback_kwargs)
 
 
+# called before each image's denoising: (image index, its generator, the step it starts at)
+ImageTracker = Callable[[int, torch.Generator, int], None]
+
+
+@dataclass(frozen=True)
+class Continue:
+    """Where image k of a handed-back stage stands (worker/checkpoint.py): `latents` after
+    `step` of its steps, and its generator's state then; `done`: all its steps are done."""
+
+    latents: torch.Tensor
+    step: int
+    generator_state: torch.Tensor
+    done: bool = False
+
+    def generator(self) -> torch.Generator:
+        g = torch.Generator("cpu")
+        g.set_state(self.generator_state)
+        return g
+
+
 def render(model: LoadedModel, spec: jobs.JobSpec, *,
-           callback: StepCallback | None = None) -> list[PIL.Image.Image]:
+           callback: StepCallback | None = None, resume: dict[int, Continue] | None = None,
+           track: ImageTracker | None = None) -> list[PIL.Image.Image]:
     """Render the spec.n images of a job with a base model.
 
     `callback` runs after each step of image 0, then of image 1, ... (step_index restarts at 0
-    for each image). To cancel, raise from it: the exception leaves render().
+    for each image). To cancel, raise from it: the exception leaves render(). `resume` holds
+    the images a handed-back stage had started: each continues from its step (one that was done
+    is only decoded), the rest render from the start. `track` hears of each image's start.
     """
     if model.spec.role != "base":
         raise ValueError(f"{model.name} is a refiner: it refines latents, it cannot render a job")
@@ -103,8 +137,21 @@ def render(model: LoadedModel, spec: jobs.JobSpec, *,
     images: list[PIL.Image.Image] = []
     # One call per image rather than a batch: batched kernels may round differently than a
     # batch of one, and image k must not depend on how many images its job had.
-    for seed in spec.image_seeds():
+    for k, seed in enumerate(spec.image_seeds()):
+        point = (resume or {}).get(k)
+        if point is not None and point.done:
+            images.append(decode(model, point.latents))
+            continue
+        if point is not None and point.step > 0:
+            generator = point.generator()
+            if track is not None:
+                track(k, generator, point.step)
+            images.append(_continue(model, spec, point, generator, callback, end=None,
+                                    output_type="pil"))
+            continue
         generator = torch.Generator("cpu").manual_seed(seed)
+        if track is not None:
+            track(k, generator, 0)
         result = model.pipe(
             prompt=spec.prompt,
             # None, not "": SDXL base then uses zero negative embeddings, as it was tuned with
@@ -118,13 +165,28 @@ def render(model: LoadedModel, spec: jobs.JobSpec, *,
 
 
 def denoise_base(model: LoadedModel, spec: jobs.JobSpec, seed: int, *,
-                 callback: StepCallback | None = None) -> tuple[torch.Tensor, torch.Generator]:
+                 callback: StepCallback | None = None, resume: Continue | None = None,
+                 track: Callable[[torch.Generator, int], None] | None = None
+                 ) -> tuple[torch.Tensor, torch.Generator]:
     """The base half of the ensemble for one image: denoise to `spec.switch`, return the
-    still-scaled latents (1, 4, H/8, W/8) and the generator as it stands after them."""
+    still-scaled latents (1, 4, H/8, W/8) and the generator as it stands after them. `resume`:
+    continue a handed-back image from its step instead."""
     if model.spec.role != "base":
         raise ValueError(f"{model.name} is a refiner; the base half needs a base model")
+    if resume is not None and resume.done:
+        return resume.latents, resume.generator()
+    if resume is not None and resume.step > 0:
+        generator = resume.generator()
+        if track is not None:
+            track(generator, resume.step)
+        _set_sampler_and_vae(model, spec)
+        latents = _continue(model, spec, resume, generator, callback, end=spec.switch,
+                            output_type="latent")
+        return latents, generator
     extra = _prepare(model, spec, callback, spec.cfg_cutoff)
     generator = torch.Generator("cpu").manual_seed(seed)
+    if track is not None:
+        track(generator, 0)
     result = model.pipe(
         prompt=spec.prompt, negative_prompt=spec.negative_prompt or None,
         width=spec.width, height=spec.height, num_inference_steps=spec.steps,
@@ -132,6 +194,90 @@ def denoise_base(model: LoadedModel, spec: jobs.JobSpec, seed: int, *,
         generator=generator, **extra,
     )
     return result.images, generator
+
+
+def _timesteps(model: LoadedModel, spec: jobs.JobSpec) -> tuple[torch.Tensor, int]:
+    """The job's timesteps, and the scheduler's number of training timesteps."""
+    scheduler = make_scheduler(model, spec.scheduler)
+    scheduler.set_timesteps(spec.steps)
+    return scheduler.timesteps, int(scheduler.config.num_train_timesteps)
+
+
+def start_fraction(model: LoadedModel, spec: jobs.JobSpec, step: int) -> float:
+    """The `denoising_start` at which an img2img pipeline runs exactly the steps from `step` on.
+    diffusers keeps the timesteps below round(T - start * T); the cut goes just above timestep
+    `step`, so steps 0..step-1 are not run again."""
+    timesteps, train = _timesteps(model, spec)
+    cut = int(torch.floor(timesteps[step]).item()) + 1
+    start = (train - cut) / train
+    kept = int((timesteps < int(round(train - start * train))).sum().item())
+    if not 0 < start < 1 or kept != len(timesteps) - step:
+        raise ValueError(f"cannot resume {spec.scheduler} at step {step} of {spec.steps}")
+    return start
+
+
+def _loop_steps(model: LoadedModel, spec: jobs.JobSpec, end: float | None) -> int:
+    """How many steps the uninterrupted pipeline call runs (to `end`, as diffusers cuts it)."""
+    timesteps, train = _timesteps(model, spec)
+    if end is None:
+        return len(timesteps)
+    cut = int(round(train - end * train))
+    return int((timesteps >= cut).sum().item())
+
+
+def _continue(model: LoadedModel, spec: jobs.JobSpec, point: Continue,
+              generator: torch.Generator, callback: StepCallback | None, *, end: float | None,
+              output_type: str) -> Any:
+    """Continue one image from `point.step` with the base model's own components in an img2img
+    pipeline (the latents as its image, `denoising_start` at that step): the same mechanism
+    the refiner continues the base with. The CFG cut-off keeps its place in the whole run."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pipe(model.pipe)
+    pipe.set_progress_bar_config(disable=True)
+    guidance, cutoff = spec.guidance, None
+    if spec.cfg_cutoff > 0:
+        at = int(_loop_steps(model, spec, end) * spec.cfg_cutoff)
+        if at >= point.step:
+            cutoff = SDXLCFGCutoffCallback(cutoff_step_ratio=None,
+                                           cutoff_step_index=at - point.step)
+        else:
+            guidance = 0.0  # the uninterrupted run had turned guidance off already
+    extra = _callbacks(callback, cutoff)
+    result = pipe(
+        prompt=spec.prompt, negative_prompt=spec.negative_prompt or None,
+        image=point.latents.to(device=model.device, dtype=model.dtype),
+        num_inference_steps=spec.steps, denoising_start=start_fraction(model, spec, point.step),
+        denoising_end=end, guidance_scale=guidance, generator=generator,
+        output_type=output_type, **extra,
+    )
+    return result.images if output_type == "latent" else result.images[0]
+
+
+@torch.no_grad()
+def decode(model: LoadedModel, latents: torch.Tensor) -> PIL.Image.Image:
+    """Decode finished latents to the image the pipeline itself would have returned (its own
+    steps, diffusers' StableDiffusionXLPipeline: upcast, unscale, decode, watermark, convert)."""
+    pipe = model.pipe
+    latents = latents.to(device=model.device, dtype=model.dtype)
+    needs_upcasting = pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast
+    if needs_upcasting:
+        pipe.upcast_vae()
+        latents = latents.to(next(iter(pipe.vae.post_quant_conv.parameters())).dtype)
+    config = pipe.vae.config
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean_t = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+        std_t = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+        latents = latents * std_t / config.scaling_factor + mean_t
+    else:
+        latents = latents / config.scaling_factor
+    image = pipe.vae.decode(latents, return_dict=False)[0]
+    if needs_upcasting:
+        pipe.vae.to(dtype=torch.float16)
+    if getattr(pipe, "watermark", None) is not None:
+        image = pipe.watermark.apply_watermark(image)
+    return pipe.image_processor.postprocess(image, output_type="pil")[0]
 
 
 def refine(model: LoadedModel, spec: jobs.JobSpec, latents: torch.Tensor,

@@ -21,13 +21,20 @@ from farm.errors import AlreadyExists, FarmError, IntegrityError, NotFound
 from farm.jobs import Job, JobState
 from farm.records import JobRecord, write_record
 from worker import handoff
+from worker.drain import HandBack
 from worker.outputs import write_images
 from worker.stage import (
     JobCanceled,
     Outcome,
     StageFailed,
     WorkerContext,
+    begin_inflight,
+    drop_checkpoint,
     finish_stage,
+    hand_back,
+    load_checkpoint,
+    note_resume,
+    resume_arguments,
     start,
     succeed,
 )
@@ -46,18 +53,30 @@ def run_base(ctx: WorkerContext, job: Job, record: JobRecord) -> Outcome:
         _enqueue_refiner(ctx, job)
         return Outcome(job.id, "latents_ready")
     base = ctx.models[spec.model]
+    resume = load_checkpoint(ctx, job, base)
     record = start(ctx, job, record, "base", base)
+    record = note_resume(ctx, job, record, "base", resume)
+    inflight = begin_inflight(ctx, "base", resume)
     latents, generators = [], []
     try:
-        for seed in spec.image_seeds():
-            lat, gen = ctx.backend.denoise_base(base, spec, seed, callback=ctx.step)
+        for k, seed in enumerate(spec.image_seeds()):
+            def track(generator: Any, first_step: int, k: int = k) -> None:
+                inflight.begin_image(k, generator, first_step)
+
+            args = resume_arguments(ctx.backend.denoise_base, None, track)
+            if args and resume and k in resume:
+                args["resume"] = resume[k]
+            lat, gen = ctx.backend.denoise_base(base, spec, seed, callback=ctx.step, **args)
             latents.append(lat)
             generators.append(gen)
     except JobCanceled:
         raise
+    except HandBack as back:
+        return hand_back(ctx, job, record, "base", base, back.inflight)
     except Exception as exc:  # noqa: BLE001 - the job fails with the base's error
         log.exception("base stage of %s failed", job.id)
         raise StageFailed(record, f"base stage: {type(exc).__name__}: {exc}") from None
+    ctx.inflight = None
     record = replace(record, stages=finish_stage(record, "base"))
 
     here = (spec.split == "auto" and spec.refiner in ctx.models
@@ -65,12 +84,14 @@ def run_base(ctx: WorkerContext, job: Job, record: JobRecord) -> Outcome:
     if here:
         record = record.to(JobState.LATENTS_READY)
         write_record(ctx.store, record)
+        drop_checkpoint(ctx, job)
         states = [g.get_state() for g in generators]
         return _refine(ctx, job, record, latents, states, handed_off=False)
     _store_handoff(ctx, job, base, latents, generators, record)
     record = record.to(JobState.LATENTS_READY)
     write_record(ctx.store, record)
     _enqueue_refiner(ctx, job)
+    drop_checkpoint(ctx, job)
     return Outcome(job.id, "latents_ready")
 
 
@@ -186,4 +207,4 @@ def _store_handoff(ctx: WorkerContext, job: Job, base: Any, latents: list[Any],
 def _enqueue_refiner(ctx: WorkerContext, job: Job) -> None:
     if ctx.enqueue is None:
         raise RuntimeError("this worker cannot enqueue the refiner stage")
-    ctx.enqueue(replace(job, stage="refiner"))
+    ctx.enqueue(replace(job, stage="refiner", resume=None))

@@ -16,11 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from farm.errors import FarmError, ValidationError
-from farm.jobs import Job, JobState
+from farm.errors import FarmError, IntegrityError, NotFound, RetryableError, ValidationError
+from farm.jobs import RESUMABLE_STAGES, Job, JobState
 from farm.records import JobRecord, read_record, write_record
 from farm.settings import Settings
 from farm.store import Store
+from worker.drain import Drain, HandBack, ImageState, InFlight
 from worker.outputs import write_images
 
 log = logging.getLogger("farm.worker")
@@ -54,15 +55,29 @@ class WorkerContext:
     # called after every denoising step (hang detection); set by the worker runtime
     on_progress: Callable[[], None] | None = None
     job: Job | None = None  # the job being run, for the step callback
+    # the worker's stop request (SIGTERM) and its grace period; set by the worker runtime
+    drain: Drain | None = None
+    # what the running full or base stage has done so far, for a hand-back (worker/drain.py)
+    inflight: InFlight | None = None
 
     def step(self, pipe: Any, step_index: int, timestep: Any,
              kwargs: dict[str, Any]) -> dict[str, Any]:
-        """After every denoising step: note progress, and stop at once if canceled."""
+        """After every denoising step: note progress, stop at once if canceled, and hand the
+        stage back if the worker is stopping and the stage will not finish in its grace."""
         if self.on_progress is not None:
             self.on_progress()
         if self.canceled_now is not None and self.job is not None and self.canceled_now(
                 self.job.id, self.job.batch):
             raise JobCanceled(self.job.id)
+        inflight = self.inflight
+        if inflight is not None and step_index >= 0:
+            inflight.note_step(pipe, step_index, kwargs)
+            if (self.drain is not None and self.drain.requested and self.job is not None
+                    and inflight.stage in RESUMABLE_STAGES and self.enqueue is not None
+                    and kwargs.get("latents") is not None
+                    and self.drain.must_hand_back(inflight.steps_left(self.job.spec.n),
+                                                  inflight.seconds_per_step())):
+                raise HandBack(inflight)
         return kwargs
 
     def stage_info(self, model: Any) -> dict[str, Any]:
@@ -140,6 +155,7 @@ def run_job(ctx: WorkerContext, message: Any) -> Outcome:
         return _fail(ctx, job, latest, "canceled while running", JobState.CANCELED)
     finally:
         ctx.job = None
+        ctx.inflight = None
 
 
 def start(ctx: WorkerContext, job: Job, record: JobRecord, stage: str, model: Any) -> JobRecord:
@@ -173,13 +189,19 @@ def finish_stage(record: JobRecord, stage: str) -> dict[str, dict[str, Any]]:
 
 
 def run_full(ctx: WorkerContext, job: Job, record: JobRecord) -> Outcome:
-    """A job without a refiner: render its images, write them, record success."""
+    """A job without a refiner: render its images, write them, record success. A stage handed
+    back by a stopping worker continues from its checkpoint."""
     model = ctx.models[job.spec.model]
+    resume = load_checkpoint(ctx, job, model)
     record = start(ctx, job, record, "full", model)
+    record = note_resume(ctx, job, record, "full", resume)
+    inflight = begin_inflight(ctx, "full", resume)
     try:
         t0 = time.perf_counter()
-        pictures = ctx.render(model, job.spec, callback=ctx.step)
+        pictures = ctx.render(model, job.spec, callback=ctx.step,
+                              **resume_arguments(ctx.render, resume, inflight.begin_image))
         render_s = time.perf_counter() - t0
+        ctx.inflight = None
         record = _replace_stages(record, finish_stage(record, "full"))
         t1 = time.perf_counter()
         ctx.step(None, -1, None, {})  # canceled during the last step: write nothing
@@ -187,10 +209,119 @@ def run_full(ctx: WorkerContext, job: Job, record: JobRecord) -> Outcome:
         write_s = time.perf_counter() - t1
     except JobCanceled:
         raise
+    except HandBack as back:
+        return hand_back(ctx, job, record, "full", model, back.inflight)
     except Exception as exc:  # noqa: BLE001 - any failure of a job is recorded, not raised
         log.exception("job %s failed", job.id)
         return _fail(ctx, job, record, f"{type(exc).__name__}: {exc}")
-    return succeed(ctx, record, keys, render_s, write_s)
+    outcome = succeed(ctx, record, keys, render_s, write_s)
+    drop_checkpoint(ctx, job)
+    return outcome
+
+
+# -- handing a stage back on shutdown, and resuming it (worker/drain.py) ----------------------
+
+
+def resume_arguments(function: Any, resume: dict[int, Any] | None,
+                     track: Any) -> dict[str, Any]:
+    """The checkpoint arguments for a render function that takes them (worker/render.py's do;
+    a stand-in backend's may not: then its stage simply runs from the start)."""
+    import inspect
+
+    try:
+        params = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return {}
+    if "track" not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return {}
+    return {"track": track, **({"resume": resume} if resume else {})}
+
+
+def begin_inflight(ctx: WorkerContext, stage: str, resume: dict[int, Any] | None) -> InFlight:
+    """Start following the stage's steps; images a checkpoint had finished count as done."""
+    inflight = InFlight(stage=stage)
+    for k, point in (resume or {}).items():
+        if point.done:
+            inflight.images[k] = ImageState(generator=point.generator(), latents=point.latents,
+                                            finished=True)
+    ctx.inflight = inflight
+    return inflight
+
+
+def load_checkpoint(ctx: WorkerContext, job: Job, model: Any) -> dict[int, Any] | None:
+    """The images of the checkpoint `job.resume` names, verified; None when the stage has none,
+    or it is unusable (then the stage runs from the start: the same image, later)."""
+    if job.resume is None:
+        return None
+    from worker import checkpoint
+
+    try:
+        return checkpoint.decode(ctx.store.get(job.resume.key), job, model.weights_hash).images
+    except (NotFound, IntegrityError) as exc:
+        log.warning("job %s: cannot resume from %s (%s); running the stage from the start",
+                    job.id, job.resume.key, exc)
+        return None
+
+
+def note_resume(ctx: WorkerContext, job: Job, record: JobRecord, stage: str,
+                resume: dict[int, Any] | None) -> JobRecord:
+    """Record where a handed-back stage resumed (or that its checkpoint was unusable)."""
+    if job.resume is None:
+        return record
+    point = job.resume
+    if resume is None and point.step > 0:
+        note = (f"the checkpoint at step {point.step} was unusable; {stage} stage run again "
+                f"from the start on worker {ctx.name}")
+        info: dict[str, Any] = {"resumed": None}
+    else:
+        note = (f"resumed at step {point.step}/{job.spec.steps} of image {point.image + 1}/"
+                f"{job.spec.n} on worker {ctx.name}")
+        info = {"resumed": {"image": point.image, "step": point.step, "worker": ctx.name}}
+    record = record.to(record.state, note=note, stages=record.with_stage(stage, **info))
+    write_record(ctx.store, record)
+    return record
+
+
+def hand_back(ctx: WorkerContext, job: Job, record: JobRecord, stage: str, model: Any,
+              inflight: InFlight) -> Outcome:
+    """The worker is stopping and the stage would not finish in its grace period: store the
+    in-flight latents, put the job back to queued (this attempt not counted against it), and
+    queue the same stage again, resuming from them. The current message is then acked."""
+    from dataclasses import replace as _replace
+
+    from worker import checkpoint
+
+    if superseded(ctx, record):
+        return Outcome(job.id, "superseded")
+    data, point = checkpoint.encode(job, inflight, model.weights_hash, ctx.name)
+    ctx.store.put(point.key, data, content_type="application/octet-stream")
+    entry = record.stages.get(stage, {})
+    note = (f"handed back at step {point.step}/{job.spec.steps} of image {point.image + 1}/"
+            f"{job.spec.n} on worker {ctx.name}'s shutdown")
+    back = [*entry.get("handed_back", []),
+            {"worker": ctx.name, "image": point.image, "step": point.step, "at": time.time()}]
+    record = record.to(JobState.QUEUED, note=note, error=None, stages=record.with_stage(
+        stage, attempts=max(0, int(entry.get("attempts", 1)) - 1), handed_back=back))
+    write_record(ctx.store, record)
+    assert ctx.enqueue is not None  # the step callback hands back only when it can enqueue
+    try:
+        ctx.enqueue(_replace(job, resume=point))
+    except Exception as exc:  # noqa: BLE001 - the message must not be acked without it
+        raise RetryableError(f"job {job.id}: could not queue its resume message: {exc}") from exc
+    if job.resume is not None and job.resume.key != point.key:
+        drop_checkpoint(ctx, job)
+    log.info("job %s: %s", job.id, note)
+    return Outcome(job.id, "handed_back", note)
+
+
+def drop_checkpoint(ctx: WorkerContext, job: Job) -> None:
+    """A resumed stage is done: its checkpoint has served (as intermediates do)."""
+    if job.resume is None:
+        return
+    try:
+        ctx.store.delete(job.resume.key)
+    except FarmError as exc:
+        log.warning("could not delete the checkpoint of %s: %s", job.id, exc)
 
 
 def superseded(ctx: WorkerContext, record: JobRecord) -> bool:

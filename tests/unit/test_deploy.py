@@ -249,6 +249,8 @@ def test_compose_services_and_environment_are_complete(classes: tuple[int, ...],
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
         assert service["healthcheck"]["test"] == ["CMD", "test", "-f", env["FARM_READY_FILE"]]
         assert _seconds(service["stop_grace_period"]) > 1800
+        # the worker is told the same grace period, so it finishes its stage (worker/drain.py)
+        assert env["FARM_STOP_GRACE"] == str(_seconds(service["stop_grace_period"]))
         assert any(v.endswith(f":{env['HF_HOME'].rsplit('/', 1)[0]}")
                    for v in service["volumes"])
         assert service["command"] == deploy.worker_args(spec)
@@ -344,6 +346,9 @@ def test_skypilot_tasks_run_a_worker_of_their_class_on_spot_gpus(
         argv = shlex.split(task["run"])
         assert argv[argv.index("--vram") + 1] == str(c)
         assert task["envs"]["FARM_VRAM"] == str(c)
+        # spot: a short grace, so a stage that will not finish before power-off is handed back
+        assert task["envs"]["FARM_STOP_GRACE"] == str(deploy.SPOT_STOP_GRACE)
+        assert 0 < deploy.SPOT_STOP_GRACE < 30
         assert set(task["secrets"]) >= {"FARM_BROKER_URL", "AWS_SECRET_ACCESS_KEY"}
         assert "FARM_BROKER_URL" not in task["envs"]
         assert task["envs"]["FARM_STORE_URL"] is None      # required at launch when unset here
@@ -469,6 +474,10 @@ def test_grace_periods_exceed_the_hard_limit() -> None:
     (pod_spec,) = [d["spec"]["template"]["spec"] for d in by_kind(deploy_k8s.render(spec),
                                                                     "Deployment")]
     assert pod_spec["terminationGracePeriodSeconds"] == spec.grace_seconds > 3000
+    # the worker is told the grace the pod gets (the pre-stop hook sends SIGTERM at its start)
+    (container,) = pod_spec["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["FARM_STOP_GRACE"] == str(pod_spec["terminationGracePeriodSeconds"])
 
 
 def test_policies_are_written_for_the_store_the_workers_use() -> None:

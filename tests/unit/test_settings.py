@@ -71,3 +71,14 @@ def test_visibility_timeout_must_stay_above_the_longest_stage() -> None:
     small = {"FARM_VISIBILITY_TIMEOUT": "3600", "FARM_MAX_PIXELS": str(1024 * 1024),
              "FARM_MAX_IMAGES_PER_JOB": "1"}
     assert Settings.load(env=small).visibility_timeout == 3600
+
+
+def test_stop_grace_defaults_to_kubernetes_and_must_be_positive() -> None:
+    assert Settings.load(env={}).stop_grace == 30.0
+    assert Settings.load(env={"FARM_STOP_GRACE": "25"}).stop_grace == 25.0
+    assert Settings.load(env={"FARM_STOP_GRACE": "25"}, stop_grace=600.0).stop_grace == 600.0
+    for bad in ("0", "-5", "nan"):
+        with pytest.raises(ConfigError, match=r"^stop_grace must be positive seconds, got "):
+            Settings.load(env={"FARM_STOP_GRACE": bad})
+    with pytest.raises(ConfigError, match="FARM_STOP_GRACE must be a number, got 'soon'"):
+        Settings.load(env={"FARM_STOP_GRACE": "soon"})

@@ -1,0 +1,230 @@
+"""A stage handed back on a worker's shutdown, and resumed by another worker, in-process on real
+tiny pipelines and a real store: the checkpoint, its verification, the resume message's checks,
+and that the resumed image equals the uninterrupted one."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from farm import models
+from farm.errors import IntegrityError, ValidationError
+from farm.jobs import Job, JobSpec, JobState, ResumePoint, checkpoint_key
+from farm.records import Manifest, manifest_key, read_record
+from farm.settings import Settings
+from farm.store import FileStore, get_json, put_json
+from scheduler.plan import plan
+from worker import checkpoint, handoff, pipelines
+from worker.drain import Drain
+from worker.stage import WorkerContext, run_job
+
+BATCH = "20261129-000000-d4a1b2"
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    settings = Settings(home=Path(tmp_path_factory.mktemp("drain")), threads=1)
+    return {"settings": settings,
+            "tiny-sdxl": pipelines.load_model(models.TINY_BASE, settings, "cpu"),
+            "tiny-sdxl-refiner": pipelines.load_model(models.TINY_REFINER, settings, "cpu")}
+
+
+class Farm:
+    """One job in a real store; workers that stop after a given step, and the queue."""
+
+    def __init__(self, loaded: dict[str, Any], tmp: Path, **fields: Any) -> None:
+        self.loaded = loaded
+        self.settings: Settings = loaded["settings"]
+        self.store = FileStore(tmp / "store")
+        self.spec = JobSpec.from_dict({"prompt": "a lighthouse", "seed": 5, "steps": 12,
+                                       "width": 64, "height": 64, **fields}, self.settings)
+        p = plan(self.spec, self.settings)
+        self.job = Job(id=f"{BATCH}-0000", batch=BATCH, index=0, spec=self.spec,
+                       vram_class=p.vram_class, stage=p.first_stage,
+                       refiner_vram_class=p.refiner_vram_class)
+        put_json(self.store, manifest_key(BATCH), Manifest(
+            batch=BATCH, created_at=0.0, source="t", defaults={}, jobs=[self.job]).encode())
+        self.queued: list[Job] = []
+
+    def worker(self, name: str, *, stop_after: int | None = None, grace: float = 0.5,
+               serve: tuple[str, ...] = ("tiny-sdxl",)) -> WorkerContext:
+        """A worker that gets SIGTERM after its `stop_after`-th step (a `grace` s period)."""
+        drain = Drain(grace)
+        steps = [0]
+
+        def progressed() -> None:
+            steps[0] += 1
+            if stop_after is not None and steps[0] == stop_after:
+                drain.request()
+
+        return WorkerContext(settings=self.settings, store=self.store,
+                             models={m: self.loaded[m] for m in serve},
+                             render=pipelines.render, name=name, vram_class=24,
+                             backend=pipelines, enqueue=self.queued.append,
+                             on_progress=progressed, drain=drain)
+
+    def run(self, job: Job, ctx: WorkerContext) -> Any:
+        # through the wire format: the worker decodes (and checks) every message
+        return run_job(ctx, job.encode())
+
+    def record(self) -> Any:
+        return read_record(self.store, BATCH, self.job.id)
+
+    def pixels(self, k: int = 0) -> np.ndarray:
+        from PIL import Image
+
+        return np.array(Image.open(self.store.root / "batches" / BATCH / "images" /
+                                   f"{self.job.id}-{k}.png"))
+
+    def intermediates(self) -> list[str]:
+        return self.store.list_keys(f"batches/{BATCH}/intermediate/")
+
+
+@pytest.mark.parametrize(("scheduler", "n", "stop_after", "image", "step"), [
+    ("euler", 1, 5, 0, 5),
+    ("euler_a", 2, 16, 1, 4),     # image 0 finished, image 1 at step 4
+    ("euler", 2, 12, 1, 0),       # image 0 just finished: image 1 starts from scratch
+])
+def test_a_full_stage_handed_back_resumes_to_the_uninterrupted_image(
+        loaded: dict[str, Any], tmp_path: Path, scheduler: str, n: int, stop_after: int,
+        image: int, step: int) -> None:
+    farm = Farm(loaded, tmp_path, scheduler=scheduler, n=n, cfg_cutoff=0.5)
+    expected = [np.array(im) for im in pipelines.render(loaded["tiny-sdxl"], farm.spec)]
+
+    outcome = farm.run(farm.job, farm.worker("w-stopping", stop_after=stop_after))
+    assert outcome.state == "handed_back", outcome
+    record = farm.record()
+    assert record.state == JobState.QUEUED and record.error is None
+    assert record.note == (f"handed back at step {step}/12 of image {image + 1}/{n} on worker "
+                           "w-stopping's shutdown")
+    assert record.stages["full"]["attempts"] == 0  # a hand-back is not an attempt
+    (resume_msg,) = farm.queued
+    key = checkpoint_key(BATCH, farm.job.id, "full", image, step)
+    assert resume_msg.resume == ResumePoint(key=key, image=image, step=step)
+    assert farm.intermediates() == [key]
+    assert farm.store.list_keys(f"batches/{BATCH}/images/") == []
+
+    assert farm.run(resume_msg, farm.worker("w-rescuer")).state == "succeeded"
+    record = farm.record()
+    assert record.state == JobState.SUCCEEDED and record.worker == "w-rescuer"
+    assert record.stages["full"]["resumed"] == {"image": image, "step": step,
+                                                "worker": "w-rescuer"}
+    assert record.stages["full"]["attempts"] == 1
+    assert [h["worker"] for h in record.stages["full"]["handed_back"]] == ["w-stopping"]
+    for k in range(n):
+        assert np.array_equal(farm.pixels(k), expected[k])
+    side = get_json(farm.store, record.images[0].replace(".png", ".json"))
+    assert side["stages"]["full"]["resumed"]["step"] == step
+    assert farm.intermediates() == []  # the checkpoint is gone after success
+
+
+def test_a_long_grace_finishes_the_stage_and_writes_no_checkpoint(
+        loaded: dict[str, Any], tmp_path: Path) -> None:
+    farm = Farm(loaded, tmp_path)
+    assert farm.run(farm.job, farm.worker("w-1", stop_after=3, grace=600)).state == "succeeded"
+    assert farm.queued == [] and farm.intermediates() == []
+    assert np.array_equal(farm.pixels(), np.array(pipelines.render(loaded["tiny-sdxl"],
+                                                                   farm.spec)[0]))
+
+
+def test_a_resumed_stage_handed_back_again_resumes_from_the_later_checkpoint(
+        loaded: dict[str, Any], tmp_path: Path) -> None:
+    farm = Farm(loaded, tmp_path, scheduler="euler_a")
+    assert farm.run(farm.job, farm.worker("w-1", stop_after=3)).state == "handed_back"
+    first = farm.queued.pop()
+    assert farm.run(first, farm.worker("w-2", stop_after=4)).state == "handed_back"
+    second = farm.queued.pop()
+    assert second.resume is not None and second.resume.step == 7
+    assert farm.intermediates() == [second.resume.key]  # the first checkpoint was replaced
+    assert farm.run(second, farm.worker("w-3")).state == "succeeded"
+    assert np.array_equal(farm.pixels(), np.array(pipelines.render(loaded["tiny-sdxl"],
+                                                                   farm.spec)[0]))
+    assert farm.record().attempts == 3 and farm.record().stages["full"]["attempts"] == 1
+
+
+def test_the_split_base_stage_hands_back_and_the_job_equals_the_ensemble(
+        loaded: dict[str, Any], tmp_path: Path) -> None:
+    farm = Farm(loaded, tmp_path, refiner="tiny-sdxl-refiner", switch=0.75, split="always",
+                scheduler="euler_a")
+    assert farm.job.stage == "base"
+    assert farm.run(farm.job, farm.worker("w-base", stop_after=4)).state == "handed_back"
+    (resume_msg,) = farm.queued
+    assert resume_msg.stage == "base" and resume_msg.resume is not None
+    assert resume_msg.resume.step == 4
+    farm.queued.clear()
+    assert farm.run(resume_msg, farm.worker("w-base-2")).state == "latents_ready"
+    (refine_msg,) = farm.queued
+    assert refine_msg.stage == "refiner" and refine_msg.resume is None
+    assert farm.intermediates() == [handoff.handoff_key(farm.job)]  # checkpoint gone
+    refiner = farm.worker("w-refiner", serve=("tiny-sdxl-refiner",))
+    assert farm.run(refine_msg, refiner).state == "succeeded"
+    expected = pipelines.ensemble(loaded["tiny-sdxl"], loaded["tiny-sdxl-refiner"], farm.spec)
+    assert np.array_equal(farm.pixels(), np.array(expected[0]))
+    assert farm.record().stages["base"]["resumed"]["step"] == 4
+
+
+def test_a_damaged_or_foreign_checkpoint_is_refused_and_the_stage_runs_from_the_start(
+        loaded: dict[str, Any], tmp_path: Path) -> None:
+    farm = Farm(loaded, tmp_path)
+    farm.run(farm.job, farm.worker("w-1", stop_after=5))
+    (resume_msg,) = farm.queued
+    assert resume_msg.resume is not None
+    key = resume_msg.resume.key
+    good = farm.store.get(key)
+    model_hash = loaded["tiny-sdxl"].weights_hash
+    assert checkpoint.decode(good, resume_msg, model_hash).images[0].step == 5
+    bad = bytearray(good)
+    bad[-3] ^= 0xFF
+    with pytest.raises(IntegrityError, match="fails its checksum"):
+        checkpoint.decode(bytes(bad), resume_msg, model_hash)
+    with pytest.raises(IntegrityError, match="unreadable"):
+        checkpoint.decode(good[: len(good) // 2], resume_msg, model_hash)
+    with pytest.raises(IntegrityError, match="model_hash is"):
+        checkpoint.decode(good, resume_msg, "0" * 64)
+    other = replace(resume_msg, spec=replace(resume_msg.spec, seed=6))
+    with pytest.raises(IntegrityError, match="seeds is"):
+        checkpoint.decode(good, other, model_hash)
+    # damaged in the store: the resuming worker renders from step 0 (the same image, later)
+    farm.store.put(key, bytes(bad))
+    assert farm.run(resume_msg, farm.worker("w-2")).state == "succeeded"
+    assert "unusable" in (farm.record().note or "")
+    assert np.array_equal(farm.pixels(), np.array(pipelines.render(loaded["tiny-sdxl"],
+                                                                   farm.spec)[0]))
+
+
+def test_resume_fields_are_checked_like_every_other_field(loaded: dict[str, Any],
+                                                          tmp_path: Path) -> None:
+    farm = Farm(loaded, tmp_path)
+    settings = farm.settings
+    key = checkpoint_key(BATCH, farm.job.id, "full", 0, 5)
+    good = {**farm.job.encode(), "resume": {"key": key, "image": 0, "step": 5}}
+    assert Job.decode(good, settings).resume == ResumePoint(key, 0, 5)
+    hostile = [
+        ({"key": f"batches/{BATCH}/jobs/{farm.job.id}.json", "image": 0, "step": 5},
+         "message.resume.key"),
+        ({"key": "batches/other-batch/intermediate/x/resume-full-0-0005.safetensors",
+          "image": 0, "step": 5}, "message.resume.key"),
+        ({"key": key.replace("0005", "0006"), "image": 0, "step": 5}, "message.resume.key"),
+        ({"key": key, "image": 0, "step": 12}, "message.resume.step"),
+        ({"key": key, "image": 1, "step": 5}, "message.resume.image"),
+        ({"key": key, "image": 0, "step": True}, "message.resume.step"),
+        ({"key": key, "image": 0}, "message.resume"),
+        ({"key": key, "image": 0, "step": 5, "extra": 1}, "message.resume"),
+        ("../../etc/passwd", "message.resume"),
+    ]
+    for value, field in hostile:
+        with pytest.raises(ValidationError) as info:
+            Job.decode({**good, "resume": value}, settings)
+        assert str(info.value).startswith(field), (value, str(info.value))
+    split = Farm(loaded, tmp_path / "s", refiner="tiny-sdxl-refiner", split="always")
+    refiner_msg = {**replace(split.job, stage="refiner").encode(),
+                   "resume": {"key": key, "image": 0, "step": 5}}
+    with pytest.raises(ValidationError, match="only allowed on the full and base stages"):
+        Job.decode(refiner_msg, settings)
+    # the worker refuses it before any model work
+    outcome = run_job(farm.worker("w"), {**good, "resume": hostile[0][0]})
+    assert outcome.state == "rejected" and "message.resume.key" in (outcome.error or "")
