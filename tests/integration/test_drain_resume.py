@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from farm import models
 from farm.errors import IntegrityError, ValidationError
 from farm.jobs import Job, JobSpec, JobState, ResumePoint, checkpoint_key
 from farm.records import Manifest, manifest_key, read_record
@@ -23,14 +22,6 @@ from worker.drain import Drain
 from worker.stage import WorkerContext, run_job
 
 BATCH = "20261129-000000-d4a1b2"
-
-
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    settings = Settings(home=Path(tmp_path_factory.mktemp("drain")), threads=1)
-    return {"settings": settings,
-            "tiny-sdxl": pipelines.load_model(models.TINY_BASE, settings, "cpu"),
-            "tiny-sdxl-refiner": pipelines.load_model(models.TINY_REFINER, settings, "cpu")}
 
 
 class Farm:

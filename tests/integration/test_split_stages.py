@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from farm import models
 from farm.jobs import Job, JobSpec, JobState
 from farm.records import Manifest, manifest_key, read_record
 from farm.settings import Settings
@@ -20,14 +19,6 @@ from worker import handoff, pipelines
 from worker.stage import WorkerContext, run_job
 
 BATCH = "20261129-000000-abcdef"
-
-
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    settings = Settings(home=Path(tmp_path_factory.mktemp("split")), threads=1)
-    return {"settings": settings,
-            "tiny-sdxl": pipelines.load_model(models.TINY_BASE, settings, "cpu"),
-            "tiny-sdxl-refiner": pipelines.load_model(models.TINY_REFINER, settings, "cpu")}
 
 
 class Farm:
