@@ -2,12 +2,13 @@
 else hand it back at the next denoising step with its latents, for another worker to resume.
 
 The platform sends SIGTERM and, `FARM_STOP_GRACE` seconds later, SIGKILL. From SIGTERM on, at
-every step boundary of a running "full" or "base" stage the worker estimates what the stage
+every step boundary of a running "full", "base" or "refiner" stage the worker estimates what the stage
 still needs (the steps left times this stage's measured seconds per step, plus FINISH_SECONDS
 for decoding and writing) and compares it with what the grace period has left, less
 HANDBACK_SECONDS kept back for writing a checkpoint and leaving. While it fits, the stage goes
 on; as soon as it does not, the step callback raises HandBack with everything a checkpoint
-needs (worker/checkpoint.py), and the stage writes it and queues the job's resume message.
+needs (worker/checkpoint.py), and the stage writes it and queues the job's resume message. (A
+refiner needs no checkpoint of its own: it runs again from the base's stored latents.)
 The estimate is made again at every step, so a stage that runs slower than it looked is still
 handed back in time.
 

@@ -17,11 +17,11 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from farm.errors import AlreadyExists, FarmError, IntegrityError, NotFound
+from farm.errors import AlreadyExists, FarmError, IntegrityError, NotFound, RetryableError
 from farm.jobs import Job, JobState
 from farm.records import JobRecord, write_record
 from worker import handoff
-from worker.drain import HandBack
+from worker.drain import HandBack, InFlight
 from worker.outputs import write_images
 from worker.stage import (
     JobCanceled,
@@ -37,6 +37,7 @@ from worker.stage import (
     resume_arguments,
     start,
     succeed,
+    superseded,
 )
 
 log = logging.getLogger("farm.worker")
@@ -140,21 +141,27 @@ def _refine(ctx: WorkerContext, job: Job, record: JobRecord, latents: list[Any],
     assert spec.refiner is not None  # Job.decode allows refiner stages only with a refiner
     refiner = ctx.models[spec.refiner]
     record = start(ctx, job, record, "refiner", refiner)
+    inflight = ctx.inflight = InFlight(stage="refiner")  # the drain follows its steps
     try:
         t0 = time.perf_counter()
         pictures = []
-        for lat, state in zip(latents, generator_states, strict=True):
+        for k, (lat, state) in enumerate(zip(latents, generator_states, strict=True)):
             gen = torch.Generator("cpu")
             gen.set_state(state)
+            inflight.begin_image(k, gen)
             pictures.append(ctx.backend.refine(refiner, spec, lat, gen, callback=ctx.step))
         render_s = time.perf_counter() - t0
         ctx.step(None, -1, None, {})  # canceled during the last step: write nothing
     except JobCanceled:
         raise
+    except HandBack:
+        return _hand_back_refiner(ctx, job, record, latents, generator_states, handed_off)
     except Exception as exc:  # noqa: BLE001
         log.exception("refiner stage of %s failed", job.id)
         return _retry_refiner(ctx, job, record, f"{type(exc).__name__}: {exc}", latents,
                               generator_states, handed_off)
+    finally:
+        ctx.inflight = None
     record = replace(record, stages=finish_stage(record, "refiner"))
     base_hash = record.stages.get("base", {}).get("model_hash", "")
     t1 = time.perf_counter()
@@ -180,18 +187,50 @@ def _retry_refiner(ctx: WorkerContext, job: Job, record: JobRecord, error: str,
     if attempts >= MAX_REFINER_ATTEMPTS:
         raise StageFailed(record, f"refiner stage failed {attempts} times; last: {error}")
     if not handed_off:  # it ran in memory after the base: store the latents for the retry
-        gens = []
-        import torch
-
-        for state in generator_states:
-            g = torch.Generator("cpu")
-            g.set_state(state)
-            gens.append(g)
-        _store_handoff(ctx, job, ctx.models[job.spec.model], latents, gens, record)
+        _store_handoff(ctx, job, ctx.models[job.spec.model], latents,
+                       _generators(generator_states), record)
     record = record.to(JobState.LATENTS_READY, error=f"refiner attempt {attempts}: {error}")
     write_record(ctx.store, record)
     _enqueue_refiner(ctx, job)
     return Outcome(job.id, "retrying", error)
+
+
+def _hand_back_refiner(ctx: WorkerContext, job: Job, record: JobRecord, latents: list[Any],
+                       generator_states: list[Any], handed_off: bool) -> Outcome:
+    """The worker is stopping and the refiner would not finish in its grace period. Its input,
+    the base's latents, is its checkpoint: stored already when the base ran elsewhere, stored
+    now when it ran here in memory. The job goes back to latents_ready (this attempt not
+    counted) and the refiner stage is queued again, to run from those latents."""
+    if superseded(ctx, record):
+        return Outcome(job.id, "superseded")
+    if not handed_off:
+        _store_handoff(ctx, job, ctx.models[job.spec.model], latents,
+                       _generators(generator_states), record)
+    entry = record.stages.get("refiner", {})
+    note = (f"refiner stage handed back on worker {ctx.name}'s shutdown; it runs again from "
+            "the base's stored latents")
+    back = [*entry.get("handed_back", []), {"worker": ctx.name, "at": time.time()}]
+    record = record.to(JobState.LATENTS_READY, note=note, error=None, stages=record.with_stage(
+        "refiner", attempts=max(0, int(entry.get("attempts", 1)) - 1), handed_back=back))
+    write_record(ctx.store, record)
+    try:
+        _enqueue_refiner(ctx, job)
+    except Exception as exc:  # noqa: BLE001 - the message must not be acked without it
+        raise RetryableError(f"job {job.id}: could not queue its refiner stage again: {exc}"
+                             ) from exc
+    log.info("job %s: %s", job.id, note)
+    return Outcome(job.id, "handed_back", note)
+
+
+def _generators(states: list[Any]) -> list[Any]:
+    import torch
+
+    gens = []
+    for state in states:
+        g = torch.Generator("cpu")
+        g.set_state(state)
+        gens.append(g)
+    return gens
 
 
 def _store_handoff(ctx: WorkerContext, job: Job, base: Any, latents: list[Any],

@@ -26,6 +26,10 @@ from worker.outputs import write_images
 
 log = logging.getLogger("farm.worker")
 
+# stages a stopping worker hands back: full and base resume from a checkpoint of their
+# in-flight latents (RESUMABLE_STAGES); a refiner runs again from the base's stored latents
+HANDBACK_STAGES = (*RESUMABLE_STAGES, "refiner")
+
 
 class Renderer(Protocol):
     def __call__(self, model: Any, spec: Any, *, callback: Any = None) -> list[Any]: ...
@@ -73,7 +77,7 @@ class WorkerContext:
         if inflight is not None and step_index >= 0:
             inflight.note_step(pipe, step_index, kwargs)
             if (self.drain is not None and self.drain.requested and self.job is not None
-                    and inflight.stage in RESUMABLE_STAGES and self.enqueue is not None
+                    and inflight.stage in HANDBACK_STAGES and self.enqueue is not None
                     and kwargs.get("latents") is not None
                     and self.drain.must_hand_back(inflight.steps_left(self.job.spec.n),
                                                   inflight.seconds_per_step())):

@@ -158,6 +158,43 @@ def test_the_split_base_stage_hands_back_and_the_job_equals_the_ensemble(
     assert farm.record().stages["base"]["resumed"]["step"] == 4
 
 
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_a_refiner_stage_handed_back_runs_again_from_the_base_latents(
+        loaded: dict[str, Any], tmp_path: Path, in_memory: bool) -> None:
+    """The refiner's checkpoint is its input: a stopping worker stores the base's latents if it
+    held them only in memory (split "auto", both models here), puts the job back to
+    latents_ready without counting the attempt, and queues the refiner stage again."""
+    farm = Farm(loaded, tmp_path, refiner="tiny-sdxl-refiner", switch=0.5,
+                split="auto" if in_memory else "always", scheduler="euler_a", steps=12)
+    both = ("tiny-sdxl", "tiny-sdxl-refiner")
+    if in_memory:
+        # the base's 6 steps run here, then the refiner's: stop in the refiner's 2nd step
+        stopping = farm.worker("w-both", stop_after=8, serve=both)
+        assert farm.run(farm.job, stopping).state == "handed_back"
+    else:
+        assert farm.run(farm.job, farm.worker("w-base")).state == "latents_ready"
+        (first,) = farm.queued
+        farm.queued.clear()
+        stopping = farm.worker("w-refiner", stop_after=2, serve=("tiny-sdxl-refiner",))
+        assert farm.run(first, stopping).state == "handed_back"
+    record = farm.record()
+    assert record.state == JobState.LATENTS_READY and record.error is None
+    assert record.note is not None and "refiner stage handed back" in record.note
+    assert record.stages["refiner"]["attempts"] == 0  # not an attempt
+    assert farm.intermediates() == [handoff.handoff_key(farm.job)]
+    assert farm.store.list_keys(f"batches/{BATCH}/images/") == []
+    (again,) = farm.queued
+    assert again.stage == "refiner" and again.resume is None
+
+    assert farm.run(again, farm.worker("w-rescuer", serve=both)).state == "succeeded"
+    expected = pipelines.ensemble(loaded["tiny-sdxl"], loaded["tiny-sdxl-refiner"], farm.spec)
+    assert np.array_equal(farm.pixels(), np.array(expected[0]))
+    record = farm.record()
+    assert record.stages["refiner"]["attempts"] == 1
+    assert [h["worker"] for h in record.stages["refiner"]["handed_back"]] == [stopping.name]
+    assert farm.intermediates() == []
+
+
 def test_a_damaged_or_foreign_checkpoint_is_refused_and_the_stage_runs_from_the_start(
         loaded: dict[str, Any], tmp_path: Path) -> None:
     farm = Farm(loaded, tmp_path)
