@@ -146,6 +146,8 @@ def status(batch: str, as_json: bool, watch: bool) -> None:
         if job.error:
             kind = job.record.error_kind if job.record else None
             line += f"  {'worker trouble' if kind == 'worker' else 'error'}: {job.error}"
+        if job.note:
+            line += f"  ({job.note})"
         if job.waiting:
             line += f"  ({job.waiting})"
         click.echo(line)

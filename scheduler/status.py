@@ -22,6 +22,13 @@ class JobView:
     record: JobRecord | None
     waiting: str | None = None   # why a queued job is not moving, when we can tell
 
+    @property
+    def note(self) -> str | None:
+        """What last happened to an unfinished job that status should say (a hand-back)."""
+        if self.record is None or self.state.final:
+            return None
+        return self.record.note
+
 
 @dataclass(frozen=True)
 class BatchStatus:
@@ -67,7 +74,8 @@ class BatchStatus:
             "state": self.state,
             "counts": self.counts,
             "jobs": [{"id": j.id, "state": j.state.value, "images": j.images,
-                      "error": j.error, **({"waiting": j.waiting} if j.waiting else {})}
+                      "error": j.error, **({"waiting": j.waiting} if j.waiting else {}),
+                      **({"note": j.note} if j.note else {})}
                      for j in self.jobs],
         }
 

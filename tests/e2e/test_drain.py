@@ -18,7 +18,7 @@ from farm.records import read_record
 from farm.settings import Settings
 from farm.store import get_json, open_store
 from scheduler.submit import submit
-from tests.conftest import ROOT, farm_cmd
+from tests.conftest import ROOT, farm_cmd, run_farm
 
 
 def _start(env: dict[str, str], name: str, *extra: str) -> subprocess.Popen[str]:
@@ -68,6 +68,10 @@ def test_short_grace_hands_the_stage_back_and_another_worker_resumes_it(
         (checkpoint,) = store.list_keys(f"batches/{job.batch}/intermediate/")
         assert checkpoint.endswith(f"resume-full-0-{step:04d}.safetensors")
         assert store.list_keys(f"batches/{job.batch}/images/") == []
+        # `farm status` says why the job is queued again
+        out = run_farm(env, "status", job.batch)
+        assert out.returncode == 0, out.stderr
+        assert f"queued     (handed back at step {step}/150" in out.stdout, out.stdout
 
         rescuer = _start(env, "rescuer", "--max-jobs", "1")
         _, err = rescuer.communicate(timeout=300)
