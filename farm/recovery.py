@@ -53,14 +53,13 @@ UNACKED, UNACKED_INDEX = "unacked", "unacked_index"
 
 
 def set_inflight(client: Any, worker: str, tag: str, queue: str, job: str | None,
-                 stage: str | None, ended: bool = False) -> None:
-    """Record the message a worker runs. `ended`: the stage ended and its message is acked
-    just after this; the record stays until the next stage replaces it, so that between now
-    and the ack no sweep takes the message for an orphan."""
-    info = {"tag": tag, "queue": queue, "job": job, "stage": stage, "since": time.time()}
-    if ended:
-        info["ended"] = info["since"]
-    client.set(INFLIGHT + worker, json.dumps(info))
+                 stage: str | None) -> None:
+    """Record the message a worker runs. The record outlives the stage (its message is acked
+    just after the stage ends) until the worker's next stage replaces it or the worker stops:
+    a record naming an acked message is harmless, and so no sweep can take the message for an
+    orphan between the stage's end and its ack."""
+    client.set(INFLIGHT + worker, json.dumps({"tag": tag, "queue": queue, "job": job,
+                                              "stage": stage, "since": time.time()}))
 
 
 def clear_inflight(client: Any, worker: str) -> None:

@@ -193,10 +193,12 @@ class Worker:
         assert self.ctx is not None and self.info is not None
         job_id = message.get("id") if isinstance(message, dict) else None
         stage = message.get("stage") if isinstance(message, dict) else None
+        # the heartbeat thread publishes "busy" within an interval: no extra write per job
         self.info.state, self.info.current_job = fleet.WorkerState.BUSY, job_id
-        self._beat()
         if tag and queue:
-            # should this process die, the sweep puts the message back from this record
+            # should this process die, the sweep puts the message back from this record; it
+            # stays after the stage (the message is acked just after it ends) until the next
+            # stage replaces it, so no sweep ever takes the message for an orphan meanwhile
             recovery.set_inflight(self.redis, self.name or "", tag, queue, job_id, stage)
         graphs = compile.graphs() if self.compile_backend != "none" else 0
         self.progress = time.monotonic()
@@ -205,9 +207,6 @@ class Worker:
             outcome = run_job(self.ctx, message)
         finally:
             self.progress = None
-            if tag and queue:
-                recovery.set_inflight(self.redis, self.name or "", tag, queue, job_id, stage,
-                                      ended=True)
             self.done += 1
             self.info.current_job = None
             self.info.state = fleet.WorkerState.READY

@@ -31,7 +31,7 @@ from farm import broker, fleet, recovery
 from farm.jobs import JobSpec, JobState
 from farm.records import JobRecord, read_record
 from farm.settings import Settings
-from farm.store import open_store
+from farm.store import Store, open_store
 from scheduler.status import batch_status
 from scheduler.submit import submit
 from tests.e2e.test_poison import FAST_BEATS, StandInFleet, sigterm_cleans_up
@@ -64,8 +64,8 @@ def _submit(settings: Settings, specs: list[JobSpec], out: list[Any]) -> None:
         out.append(exc)
 
 
-def _victim(client: Any, crew: StandInFleet, rng: random.Random, killed_on: Counter[str],
-            max_attempts: int) -> tuple[str | None, str | None]:
+def _victim(client: Any, store: Store, crew: StandInFleet, rng: random.Random,
+            killed_on: Counter[str], max_attempts: int) -> tuple[str | None, str | None]:
     """A random worker that has taken at least one job, and the job it is running, if any.
 
     A replacement is spared until it has taken a job: its heartbeat says "ready" a little
@@ -78,8 +78,11 @@ def _victim(client: Any, crew: StandInFleet, rng: random.Random, killed_on: Coun
                 & set(crew.procs))
     rng.shuffle(up)
     for name in up:
-        info = json.loads(client.get(recovery.INFLIGHT + name) or "{}")
-        job = None if "ended" in info else info.get("job")
+        # the in-flight record outlives its stage: the job is held only while it runs there
+        job = json.loads(client.get(recovery.INFLIGHT + name) or "{}").get("job")
+        record = read_record(store, job.rsplit("-", 1)[0], job) if job else None
+        if record is None or record.state != JobState.RUNNING or record.worker != name:
+            job = None
         if job is None or killed_on[job] < max_attempts - 1:
             return name, job
     return None, None
@@ -138,7 +141,8 @@ def test_a_1000_job_burst_with_random_kills_loses_and_duplicates_nothing(
                 assert now - began < RUN_LIMIT_S or not sender.is_alive(), "submit is stuck"
                 crew.supervise()  # a worker that died on its own is replaced too (none should)
                 if now - last_kill >= KILL_EVERY_S:
-                    victim, held = _victim(client, crew, rng, killed_on, settings.max_attempts)
+                    victim, held = _victim(client, store, crew, rng, killed_on,
+                                           settings.max_attempts)
                     if victim is not None:
                         crew.kill(victim)
                         kills += 1
