@@ -196,18 +196,17 @@ def denoise_base(model: LoadedModel, spec: jobs.JobSpec, seed: int, *,
     return result.images, generator
 
 
-def _timesteps(model: LoadedModel, spec: jobs.JobSpec) -> tuple[torch.Tensor, int]:
+def _schedule(model: LoadedModel, spec: jobs.JobSpec) -> tuple[torch.Tensor, int]:
     """The job's timesteps, and the scheduler's number of training timesteps."""
     scheduler = make_scheduler(model, spec.scheduler)
     scheduler.set_timesteps(spec.steps)
     return scheduler.timesteps, int(scheduler.config.num_train_timesteps)
 
 
-def start_fraction(model: LoadedModel, spec: jobs.JobSpec, step: int) -> float:
+def start_fraction(timesteps: torch.Tensor, train: int, step: int, spec: jobs.JobSpec) -> float:
     """The `denoising_start` at which an img2img pipeline runs exactly the steps from `step` on.
     diffusers keeps the timesteps below round(T - start * T); the cut goes just above timestep
     `step`, so steps 0..step-1 are not run again."""
-    timesteps, train = _timesteps(model, spec)
     cut = int(torch.floor(timesteps[step]).item()) + 1
     start = (train - cut) / train
     kept = int((timesteps < int(round(train - start * train))).sum().item())
@@ -216,9 +215,8 @@ def start_fraction(model: LoadedModel, spec: jobs.JobSpec, step: int) -> float:
     return start
 
 
-def _loop_steps(model: LoadedModel, spec: jobs.JobSpec, end: float | None) -> int:
+def _loop_steps(timesteps: torch.Tensor, train: int, end: float | None) -> int:
     """How many steps the uninterrupted pipeline call runs (to `end`, as diffusers cuts it)."""
-    timesteps, train = _timesteps(model, spec)
     if end is None:
         return len(timesteps)
     cut = int(round(train - end * train))
@@ -235,9 +233,10 @@ def _continue(model: LoadedModel, spec: jobs.JobSpec, point: Continue,
 
     pipe = StableDiffusionXLImg2ImgPipeline.from_pipe(model.pipe)
     pipe.set_progress_bar_config(disable=True)
+    timesteps, train = _schedule(model, spec)
     guidance, cutoff = spec.guidance, None
     if spec.cfg_cutoff > 0:
-        at = int(_loop_steps(model, spec, end) * spec.cfg_cutoff)
+        at = int(_loop_steps(timesteps, train, end) * spec.cfg_cutoff)
         if at >= point.step:
             cutoff = SDXLCFGCutoffCallback(cutoff_step_ratio=None,
                                            cutoff_step_index=at - point.step)
@@ -247,7 +246,7 @@ def _continue(model: LoadedModel, spec: jobs.JobSpec, point: Continue,
     result = pipe(
         prompt=spec.prompt, negative_prompt=spec.negative_prompt or None,
         image=point.latents.to(device=model.device, dtype=model.dtype),
-        num_inference_steps=spec.steps, denoising_start=start_fraction(model, spec, point.step),
+        num_inference_steps=spec.steps, denoising_start=start_fraction(timesteps, train, point.step, spec),
         denoising_end=end, guidance_scale=guidance, generator=generator,
         output_type=output_type, **extra,
     )

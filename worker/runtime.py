@@ -365,6 +365,7 @@ class Worker:
     def _reconcile_loop(self) -> None:
         """Find jobs whose message vanished (farm/recovery.py) and queue them again. Its own
         thread: it reads the store, which must never delay a heartbeat."""
+        # batch -> (its jobs by id, the queues they use), or None for an aborted batch
         manifests: dict[str, Any] = {}
         while not self._stop.wait(self.settings.heartbeat_interval):
             try:
@@ -391,16 +392,18 @@ class Worker:
                 if len(manifests) > 256:
                     manifests.clear()
                 try:
-                    manifests[batch] = read_manifest(self.ctx.store, batch, self.settings)
+                    manifest = read_manifest(self.ctx.store, batch, self.settings)
                 except NotFound:  # cleaned away: nothing left to look for
                     self.redis.srem(recovery.ACTIVE_BATCHES, batch)
                     self.redis.delete(recovery.OPEN + batch, recovery.MISSING + batch)
                     continue
-            manifest = manifests[batch]
-            if manifest.aborted:
+                # read and derived once per batch: its jobs by id, and the queues they use
+                manifests[batch] = (None if manifest.aborted else (
+                    {j.id: j for j in manifest.jobs},
+                    set().union(*(queues.job_queues(j) for j in manifest.jobs))))
+            if manifests[batch] is None:
                 continue
-            jobs = {j.id: j for j in manifest.jobs}
-            names = set().union(*(queues.job_queues(j) for j in manifest.jobs))
+            jobs, names = manifests[batch]
             for job_id in recovery.missing_jobs(self.redis, batch, names,
                                                 grace=self.settings.heartbeat_ttl):
                 recovery.forget_missing(self.redis, batch, job_id)

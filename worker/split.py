@@ -34,7 +34,6 @@ from worker.stage import (
     hand_back,
     load_checkpoint,
     note_resume,
-    resume_arguments,
     start,
     succeed,
     superseded,
@@ -64,10 +63,8 @@ def run_base(ctx: WorkerContext, job: Job, record: JobRecord) -> Outcome:
             def track(generator: Any, first_step: int, k: int = k) -> None:
                 inflight.begin_image(k, generator, first_step)
 
-            args = resume_arguments(ctx.backend.denoise_base, None, track)
-            if args and resume and k in resume:
-                args["resume"] = resume[k]
-            lat, gen = ctx.backend.denoise_base(base, spec, seed, callback=ctx.step, **args)
+            lat, gen = ctx.backend.denoise_base(base, spec, seed, callback=ctx.step,
+                                                resume=(resume or {}).get(k), track=track)
             latents.append(lat)
             generators.append(gen)
     except JobCanceled:

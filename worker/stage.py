@@ -32,7 +32,11 @@ HANDBACK_STAGES = (*RESUMABLE_STAGES, "refiner")
 
 
 class Renderer(Protocol):
-    def __call__(self, model: Any, spec: Any, *, callback: Any = None) -> list[Any]: ...
+    """worker/render.py's render and the stand-in's: `resume` holds the images of a handed-back
+    stage to continue, `track` hears of each image's start (worker/drain.py)."""
+
+    def __call__(self, model: Any, spec: Any, *, callback: Any = None, resume: Any = None,
+                 track: Any = None) -> list[Any]: ...
 
 
 @dataclass
@@ -202,8 +206,8 @@ def run_full(ctx: WorkerContext, job: Job, record: JobRecord) -> Outcome:
     inflight = begin_inflight(ctx, "full", resume)
     try:
         t0 = time.perf_counter()
-        pictures = ctx.render(model, job.spec, callback=ctx.step,
-                              **resume_arguments(ctx.render, resume, inflight.begin_image))
+        pictures = ctx.render(model, job.spec, callback=ctx.step, resume=resume,
+                              track=inflight.begin_image)
         render_s = time.perf_counter() - t0
         ctx.inflight = None
         record = _replace_stages(record, finish_stage(record, "full"))
@@ -224,21 +228,6 @@ def run_full(ctx: WorkerContext, job: Job, record: JobRecord) -> Outcome:
 
 
 # -- handing a stage back on shutdown, and resuming it (worker/drain.py) ----------------------
-
-
-def resume_arguments(function: Any, resume: dict[int, Any] | None,
-                     track: Any) -> dict[str, Any]:
-    """The checkpoint arguments for a render function that takes them (worker/render.py's do;
-    a stand-in backend's may not: then its stage simply runs from the start)."""
-    import inspect
-
-    try:
-        params = inspect.signature(function).parameters
-    except (TypeError, ValueError):
-        return {}
-    if "track" not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return {}
-    return {"track": track, **({"resume": resume} if resume else {})}
 
 
 def begin_inflight(ctx: WorkerContext, stage: str, resume: dict[int, Any] | None) -> InFlight:

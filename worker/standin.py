@@ -94,17 +94,22 @@ class StandIn:
         return time.perf_counter() - start
 
     def render(self, model: StandInModel, spec: JobSpec, *,
-               callback: StepCallback | None = None) -> list[PIL.Image.Image]:
+               callback: StepCallback | None = None, resume: Any = None,
+               track: Any = None) -> list[PIL.Image.Image]:
         """spec.n flat images of spec.width x spec.height; image k's colour comes from seed+k.
 
         `callback` is called once per image and step, as the real pipeline would, so a
         canceling callback raises out of here the same way. A poison prompt (`crash_on`) ends
-        the process half-way through the first image's steps.
+        the process half-way through the first image's steps. There are no latents: `resume`
+        is ignored (every image renders from the start, to the same colour) and `track` hears
+        of each image with no generator.
         """
         poison = self.crash_on is not None and self.crash_on in spec.prompt
         hang = self.hang_on is not None and self.hang_on in spec.prompt
         images = []
-        for seed in spec.image_seeds():
+        for k, seed in enumerate(spec.image_seeds()):
+            if track is not None:
+                track(k, None, 0)
             if self.render_seconds:
                 time.sleep(self.render_seconds)
             for step in range(spec.steps):
@@ -132,7 +137,8 @@ class StandIn:
         return self.render(base, spec)
 
     def denoise_base(self, model: StandInModel, spec: JobSpec, seed: int, *,
-                     callback: StepCallback | None = None) -> Any:
+                     callback: StepCallback | None = None, resume: Any = None,
+                     track: Any = None) -> Any:
         raise NotImplementedError(NO_LATENTS)
 
     def refine(self, model: StandInModel, spec: JobSpec, latents: Any, generator: Any, *,
@@ -158,9 +164,9 @@ def warm(model: StandInModel) -> float:
     return _default.warm(model)
 
 
-def render(model: StandInModel, spec: JobSpec, *,
-           callback: StepCallback | None = None) -> list[PIL.Image.Image]:
-    return _default.render(model, spec, callback=callback)
+def render(model: StandInModel, spec: JobSpec, *, callback: StepCallback | None = None,
+           resume: Any = None, track: Any = None) -> list[PIL.Image.Image]:
+    return _default.render(model, spec, callback=callback, resume=resume, track=track)
 
 
 def ensemble(base: StandInModel, refiner: StandInModel, spec: JobSpec) -> list[PIL.Image.Image]:
@@ -168,8 +174,10 @@ def ensemble(base: StandInModel, refiner: StandInModel, spec: JobSpec) -> list[P
 
 
 def denoise_base(model: StandInModel, spec: JobSpec, seed: int, *,
-                 callback: StepCallback | None = None) -> Any:
-    return _default.denoise_base(model, spec, seed, callback=callback)
+                 callback: StepCallback | None = None, resume: Any = None,
+                 track: Any = None) -> Any:
+    return _default.denoise_base(model, spec, seed, callback=callback, resume=resume,
+                                 track=track)
 
 
 def refine(model: StandInModel, spec: JobSpec, latents: Any, generator: Any, *,

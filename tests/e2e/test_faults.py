@@ -94,7 +94,7 @@ def test_sigterm_finishes_the_current_stage_and_exits_0(env: dict[str, str]) -> 
     settings = Settings.load(env=env)
     try:
         first, second = submit(settings, [_slow(settings, 1), _slow(settings, 2)]).jobs
-        worker = _start(env, "graceful")
+        worker = _start(env, "graceful", "--stop-grace", "600")  # time to finish (no hand-back)
         _wait_state(settings, first.batch, first.id, JobState.RUNNING)
         code, err = _stop(worker, signal.SIGTERM)
         assert code == 0, err[-2000:]

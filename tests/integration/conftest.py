@@ -19,3 +19,4 @@ def loaded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"settings": settings,
             "tiny-sdxl": pipelines.load_model(models.TINY_BASE, settings, "cpu"),
             "tiny-sdxl-refiner": pipelines.load_model(models.TINY_REFINER, settings, "cpu")}
+

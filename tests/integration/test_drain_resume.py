@@ -13,10 +13,10 @@ import pytest
 
 from farm.errors import IntegrityError, ValidationError
 from farm.jobs import Job, JobSpec, JobState, ResumePoint, checkpoint_key
-from farm.records import Manifest, manifest_key, read_record
+from farm.records import read_record
 from farm.settings import Settings
-from farm.store import FileStore, get_json, put_json
-from scheduler.plan import plan
+from farm.store import FileStore, get_json
+from tests.integration.helpers import one_job_batch
 from worker import checkpoint, handoff, pipelines
 from worker.drain import Drain
 from worker.stage import WorkerContext, run_job
@@ -33,12 +33,7 @@ class Farm:
         self.store = FileStore(tmp / "store")
         self.spec = JobSpec.from_dict({"prompt": "a lighthouse", "seed": 5, "steps": 12,
                                        "width": 64, "height": 64, **fields}, self.settings)
-        p = plan(self.spec, self.settings)
-        self.job = Job(id=f"{BATCH}-0000", batch=BATCH, index=0, spec=self.spec,
-                       vram_class=p.vram_class, stage=p.first_stage,
-                       refiner_vram_class=p.refiner_vram_class)
-        put_json(self.store, manifest_key(BATCH), Manifest(
-            batch=BATCH, created_at=0.0, source="t", defaults={}, jobs=[self.job]).encode())
+        self.job = one_job_batch(self.store, BATCH, self.spec, self.settings)
         self.queued: list[Job] = []
 
     def worker(self, name: str, *, stop_after: int | None = None, grace: float = 0.5,

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from farm.jobs import Job, JobSpec, JobState
-from farm.records import Manifest, manifest_key, read_record
+from farm.records import read_record
 from farm.settings import Settings
-from farm.store import FileStore, get_json, put_json
-from scheduler.plan import plan
+from farm.store import FileStore, get_json
+from tests.integration.helpers import one_job_batch
 from worker import handoff, pipelines
 from worker.stage import WorkerContext, run_job
 
@@ -31,12 +31,7 @@ class Farm:
         request = {"prompt": "a lighthouse", "seed": 5, "steps": 10, "width": 64, "height": 64,
                    "refiner": "tiny-sdxl-refiner", "switch": 0.6, "split": "always", **fields}
         self.spec = JobSpec.from_dict(request, self.settings)
-        p = plan(self.spec, self.settings)
-        self.job = Job(id=f"{BATCH}-0000", batch=BATCH, index=0, spec=self.spec,
-                       vram_class=p.vram_class, stage=p.first_stage,
-                       refiner_vram_class=p.refiner_vram_class)
-        put_json(self.store, manifest_key(BATCH), Manifest(
-            batch=BATCH, created_at=0.0, source="t", defaults={}, jobs=[self.job]).encode())
+        self.job = one_job_batch(self.store, BATCH, self.spec, self.settings)
         self.queued: list[Job] = []
         self.calls = {"base": 0, "refine": 0}
         self.fail_refine = 0
