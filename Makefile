@@ -17,7 +17,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/farm demo --out farm-demo
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check farm scheduler worker cli tests benchmarks
+	$(VENV)/bin/ruff check farm scheduler worker cli deploy tests benchmarks
 	$(VENV)/bin/mypy
 
 test: $(VENV)/.installed lint

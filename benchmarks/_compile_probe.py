@@ -24,7 +24,7 @@ def main() -> None:
     from farm import models
     from farm.jobs import JobSpec
     from farm.settings import Settings
-    from worker import compile, pipelines
+    from farm.worker import compile, pipelines
 
     torch.set_num_threads(1)
     settings = Settings(home=Path(tempfile.mkdtemp(prefix="farm-probe-")), threads=1)

@@ -101,7 +101,7 @@ class LocalFarm:
         kind "standin": benchmarks/_standin_worker.py (worker/standin.py, no diffusion)."""
         for name in names:
             if kind == "farm":
-                cmd = [sys.executable, "-m", "cli.main", "worker", "--device", "cpu",
+                cmd = [sys.executable, "-m", "farm.cli.main", "worker", "--device", "cpu",
                        "--name", name]
             elif kind == "standin":
                 cmd = [sys.executable, "-m", "benchmarks._standin_worker", "--name", name]

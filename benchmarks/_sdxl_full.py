@@ -22,7 +22,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from worker import tiny
+from farm.worker import tiny
 
 BASE_UNET: dict[str, Any] = dict(
     sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,

@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                              "of any job whose prompt contains TEXT, as a stuck kernel would")
     args = parser.parse_args(argv)
 
-    from worker.runtime import Worker
-    from worker.standin import StandIn
+    from farm.worker.runtime import Worker
+    from farm.worker.standin import StandIn
 
     def echo(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

@@ -33,9 +33,9 @@ from benchmarks._standin_worker import CountingStore
 from benchmarks._stats import machine_busy, spread, summary, table
 from farm.jobs import JobSpec, job_id
 from farm.records import manifest_key, read_manifest
+from farm.scheduler.status import batch_status
+from farm.scheduler.submit import submit
 from farm.store import get_json, put_json
-from scheduler.status import batch_status
-from scheduler.submit import submit
 
 N_JOBS = 400
 STEPS = 8            # denoising steps per job: the stand-in calls the step callback as often

@@ -34,8 +34,8 @@ from benchmarks._farm import LocalFarm, code_version
 from benchmarks._stats import machine_busy, spread, summary, table
 from farm.jobs import JobSpec
 from farm.records import read_manifest, read_record
+from farm.scheduler.submit import submit
 from farm.settings import Settings
-from scheduler.submit import submit
 
 N_JOBS = 10          # jobs per batch
 ROUNDS = 8           # measured rounds of each variant, after one warm-up round
@@ -52,7 +52,7 @@ def job_specs(settings: Settings) -> list[JobSpec]:
 
 
 def direct_round(model: Any, specs: list[JobSpec]) -> dict[str, Any]:
-    from worker import pipelines
+    from farm.worker import pipelines
 
     start = time.perf_counter()
     for spec in specs:
@@ -145,7 +145,7 @@ def run() -> dict[str, Any]:
     import torch
 
     from farm import models
-    from worker import pipelines
+    from farm.worker import pipelines
 
     wall = time.perf_counter()
     machine = machine_busy()

@@ -20,7 +20,7 @@ from typing import Any
 from benchmarks._farm import LocalFarm, code_version
 from benchmarks._stats import machine_busy, spread, summary, table
 from farm.jobs import JobSpec
-from scheduler.submit import submit
+from farm.scheduler.submit import submit
 
 N_JOBS = 24          # jobs per round, one image each
 ROUNDS = 3           # rounds of each variant

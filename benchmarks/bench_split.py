@@ -27,11 +27,11 @@ def run() -> dict[str, Any]:
     from farm import images, models
     from farm.jobs import Job, JobSpec
     from farm.records import Manifest, manifest_key
+    from farm.scheduler.plan import plan
     from farm.settings import Settings
     from farm.store import FileStore, put_json
-    from scheduler.plan import plan
-    from worker import handoff, pipelines
-    from worker.stage import WorkerContext, run_job
+    from farm.worker import handoff, pipelines
+    from farm.worker.stage import WorkerContext, run_job
 
     torch.set_num_threads(1)
     home = Path(tempfile.mkdtemp(prefix="farm-bench-split-"))

@@ -28,9 +28,9 @@ from benchmarks import _sdxl_full
 from farm import models
 from farm.jobs import JobSpec
 from farm.settings import Settings
-from worker import compile
-from worker.pipelines import LoadedModel
-from worker.render import render, warm_buckets
+from farm.worker import compile
+from farm.worker.pipelines import LoadedModel
+from farm.worker.render import render, warm_buckets
 
 
 def _model(smoke: bool) -> LoadedModel:

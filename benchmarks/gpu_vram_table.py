@@ -22,7 +22,7 @@ import torch
 
 from benchmarks import _sdxl_full
 from farm import vram
-from worker.pipelines import apply_profile
+from farm.worker.pipelines import apply_profile
 
 BUCKET_SIZES = {"1mp": (1024, 1024), "2mp": (1536, 1536), "4mp": (2048, 2048)}
 MODEL_OF = {"base": "sdxl-base", "refiner": "sdxl-refiner"}

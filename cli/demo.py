@@ -6,13 +6,13 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
-from cli import local
+from farm.cli import local
+from farm.scheduler.parse import parse_batch
+from farm.scheduler.results import download
+from farm.scheduler.status import batch_status
+from farm.scheduler.submit import submit
 from farm.settings import Settings
 from farm.store import open_store
-from scheduler.parse import parse_batch
-from scheduler.results import download
-from scheduler.status import batch_status
-from scheduler.submit import submit
 
 
 def demo_batch() -> str:
@@ -32,7 +32,7 @@ def run_demo(settings: Settings, out: Path, workers: int, echo: Callable[[str], 
         echo(f"submitted batch {result.batch}: {len(specs)} prompts, "
              f"{sum(s.n for s in specs)} images")
         # 3. progress until it ends
-        from cli.main import _watch
+        from farm.cli.main import _watch
 
         status = _watch(settings, result.batch)
         # 4. images, sidecars and the contact sheet

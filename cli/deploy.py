@@ -1,5 +1,5 @@
 """`farm deploy compose|k8s|skypilot`: write deployment files generated from this farm's own
-settings and queue definitions (scheduler/deploy.py). Imports no torch."""
+settings and queue definitions (deploy/files.py). Imports no torch."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def deploy(ctx: click.Context, target: str, classes: str | None, models_: tuple[
            hard_limit: int, namespace: str, redis_address: str | None) -> None:
     """Write deployment files for TARGET: compose (one host), k8s (Kubernetes + KEDA,
     autoscaling each VRAM class from zero) or skypilot (spot GPUs on any cloud)."""
-    from scheduler import deploy as generator
+    from farm.deploy import files as generator
 
     try:
         settings = Settings.load()

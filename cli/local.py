@@ -67,7 +67,7 @@ def up(settings: Settings, *, workers: int, model_names: list[str], device: str,
     for i in range(workers):
         name = f"local-{i + 1}"
         log_path = settings.log_dir / f"worker-{i + 1}-{stamp}.log"
-        cmd = [sys.executable, "-m", "cli.main", "worker", "--name", name, "--device", device]
+        cmd = [sys.executable, "-m", "farm.cli.main", "worker", "--name", name, "--device", device]
         for m in model_names:
             cmd += ["--model", m]
         if vram:

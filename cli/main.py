@@ -65,8 +65,8 @@ def submit(prompts: str, model: str | None, steps: int | None, guidance: float |
            refiner: str | None, switch: float | None, split: str | None, preset: str | None,
            snap: bool | None, wait: bool, as_json: bool) -> None:
     """Submit PROMPTS (.txt, .jsonl, .csv, or - for stdin) and print the batch id."""
-    from scheduler.parse import detect_format, parse_batch, parse_size
-    from scheduler.submit import submit as do_submit
+    from farm.scheduler.parse import detect_format, parse_batch, parse_size
+    from farm.scheduler.submit import submit as do_submit
 
     settings = Settings.load()
     defaults: dict[str, Any] = {"model": model, "steps": steps, "guidance": guidance,
@@ -121,7 +121,7 @@ def _read_prompts(path: str) -> str:
 @click.option("--watch", is_flag=True, help="Show a progress bar until the batch ends.")
 def status(batch: str, as_json: bool, watch: bool) -> None:
     """Counts per state, and each job's state and error."""
-    from scheduler.status import batch_status
+    from farm.scheduler.status import batch_status
 
     settings = Settings.load()
     if watch:
@@ -158,7 +158,7 @@ def _broker_lost(settings: Settings, batch: str) -> bool:
     import redis
 
     from farm import broker
-    from scheduler.submit import batch_marker
+    from farm.scheduler.submit import batch_marker
 
     if settings.embedded and not broker.embedded_running(settings):
         return False  # not running is not lost: its append-only file comes back with it
@@ -189,8 +189,8 @@ def _live_workers(settings: Settings) -> list[Any]:
 @click.option("--wait", is_flag=True, help="Wait for the batch to end first.")
 def results(batch: str, out: Path | None, wait: bool) -> None:
     """Download every image with its JSON sidecar, and a contact sheet."""
-    from scheduler.results import download
-    from scheduler.status import batch_status
+    from farm.scheduler.results import download
+    from farm.scheduler.status import batch_status
 
     settings = Settings.load()
     batch = _batch_id(batch)
@@ -209,7 +209,7 @@ def results(batch: str, out: Path | None, wait: bool) -> None:
 @click.option("--limit", type=int, default=20, show_default=True)
 def batches(as_json: bool, limit: int) -> None:
     """Recent batches with their state counts, newest first."""
-    from scheduler.status import recent_batches
+    from farm.scheduler.status import recent_batches
 
     settings = Settings.load()
     found = recent_batches(open_store(settings), settings, limit)
@@ -239,7 +239,7 @@ def _counts(counts: dict[str, int]) -> str:
 
 
 def _watch(settings: Settings, batch: str, quiet: bool = False) -> Any:
-    from scheduler.status import batch_status
+    from farm.scheduler.status import batch_status
 
     store = open_store(settings)
     batch = _batch_id(batch)
@@ -288,7 +288,7 @@ def worker(models_: tuple[str, ...], device: str | None, max_jobs: int | None,
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("celery").setLevel(logging.WARNING)
-    from worker.runtime import Worker
+    from farm.worker.runtime import Worker
 
     settings = Settings.load(device=device, vram=vram, profile=profile, compile=compile_,
                              stop_grace=stop_grace)
@@ -305,7 +305,7 @@ def worker(models_: tuple[str, ...], device: str | None, max_jobs: int | None,
               help="VRAM class of the workers; a list (4,8,24) is dealt out in turn.")
 def up(n_workers: int, models_: tuple[str, ...], device: str, vram: str | None) -> None:
     """Start the embedded farm in the background (broker + N local workers)."""
-    from cli import local
+    from farm.cli import local
 
     settings = Settings.load()
     running = local.running_workers(settings)
@@ -367,7 +367,7 @@ def _compile_cell(w: Any) -> str:
 @click.argument("batch")
 def resubmit(batch: str) -> None:
     """Queue again the unfinished jobs of a batch (after the broker lost its data)."""
-    from scheduler.submit import resubmit as do_resubmit
+    from farm.scheduler.submit import resubmit as do_resubmit
 
     settings = Settings.load()
     again = do_resubmit(settings, _batch_id(batch))
@@ -378,7 +378,7 @@ def resubmit(batch: str) -> None:
 @click.argument("target")
 def cancel(target: str) -> None:
     """Cancel a batch or one job: queued stages never start, running ones stop within a step."""
-    from scheduler.cancel import cancel as do_cancel
+    from farm.scheduler.cancel import cancel as do_cancel
 
     settings = Settings.load()
     if not _is_id(target):
@@ -401,7 +401,7 @@ def _is_id(text: str) -> bool:
 @click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
 def clean(older_than: float | None, dry_run: bool) -> None:
     """Remove base → refiner latents of jobs that ended (failed or canceled) long enough ago."""
-    from scheduler.clean import clean_intermediates
+    from farm.scheduler.clean import clean_intermediates
 
     settings = Settings.load()
     done = clean_intermediates(open_store(settings), settings, older_than, dry_run)
@@ -414,7 +414,7 @@ def clean(older_than: float | None, dry_run: bool) -> None:
 @cli.command()
 def down() -> None:
     """Stop the local workers and the embedded broker."""
-    from cli import local
+    from farm.cli import local
 
     settings = Settings.load()
     workers, broker_stopped = local.down(settings)
@@ -430,13 +430,13 @@ def down() -> None:
 @click.option("--workers", "n_workers", type=int, default=2, show_default=True)
 def demo(out: Path, n_workers: int) -> None:
     """Start a farm, render a built-in batch, download it with a contact sheet, stop."""
-    from cli.demo import run_demo
+    from farm.cli.demo import run_demo
 
     run_demo(Settings.load(), out, n_workers, echo=click.echo)
 
 
 def _register() -> None:
-    from cli.deploy import deploy
+    from farm.cli.deploy import deploy
 
     cli.add_command(deploy)
 

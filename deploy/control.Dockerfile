@@ -23,6 +23,7 @@ COPY farm farm
 COPY scheduler scheduler
 COPY worker worker
 COPY cli cli
+COPY deploy deploy
 RUN pip install --no-build-isolation -c image-constraints.txt -c constraints.txt . flower==2.2.0 \
  && python -c "import farm, scheduler, cli" \
  && ! python -c "import torch" 2>/dev/null

@@ -53,6 +53,7 @@ COPY farm farm
 COPY scheduler scheduler
 COPY worker worker
 COPY cli cli
+COPY deploy deploy
 RUN pip install --no-build-isolation --no-deps .
 
 RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin farm \

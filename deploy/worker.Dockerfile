@@ -39,6 +39,7 @@ COPY farm farm
 COPY scheduler scheduler
 COPY worker worker
 COPY cli cli
+COPY deploy deploy
 RUN pip install --no-build-isolation -c image-constraints.txt -c constraints.txt '.[worker]'
 
 # A non-root user that owns the model cache. /models holds the Hub downloads (HF_HOME) and the

@@ -21,8 +21,8 @@ from typing import Any
 
 from farm.errors import ValidationError
 from farm.jobs import INPUT_ONLY, JobSpec
+from farm.scheduler.plan import plan
 from farm.settings import Settings
-from scheduler.plan import plan
 
 FORMATS = ("txt", "jsonl", "csv")
 _EXTENSIONS = {".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}

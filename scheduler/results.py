@@ -11,8 +11,8 @@ from PIL import Image
 
 from farm.errors import NotFound
 from farm.images import contact_sheet
+from farm.scheduler.status import BatchStatus
 from farm.store import Store
-from scheduler.status import BatchStatus
 
 CONTACT_SHEET = "contact-sheet.png"
 

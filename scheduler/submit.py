@@ -15,9 +15,9 @@ from farm import broker, fleet, queues, recovery
 from farm.errors import BrokerUnavailable, FarmError
 from farm.jobs import Job, JobSpec, job_id, new_batch_id
 from farm.records import Manifest, manifest_key
+from farm.scheduler.plan import plan
 from farm.settings import Settings
 from farm.store import Store, open_store, put_json
-from scheduler.plan import plan
 
 BATCH_MARKER_SECONDS = 30 * 24 * 3600
 

@@ -14,7 +14,8 @@ import pytest
 from farm.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-REDIS_URL = "redis://127.0.0.1:6379/11"  # a database of its own, flushed by each test
+# a database of its own, flushed by each test (TEST_REDIS_URL: another, for a second run at once)
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +92,7 @@ def s3_env(env: dict[str, str], moto_endpoint: str, request: pytest.FixtureReque
 
 
 def farm_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cli.main", *args]
+    return [sys.executable, "-m", "farm.cli.main", *args]
 
 
 def run_farm(env: dict[str, str], *args: str, timeout: float = 300, input: str | None = None,

@@ -29,9 +29,9 @@ from safetensors.torch import save as st_save
 
 from farm.errors import IntegrityError
 from farm.jobs import Job, ResumePoint, checkpoint_key
-from worker import handoff
-from worker.drain import InFlight
-from worker.render import Continue
+from farm.worker import handoff
+from farm.worker.drain import InFlight
+from farm.worker.render import Continue
 
 FORMAT = "farm-checkpoint/1"
 

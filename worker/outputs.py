@@ -14,7 +14,7 @@ from farm.jobs import Job
 from farm.records import JobRecord, image_key, sidecar_key
 
 if TYPE_CHECKING:
-    from worker.stage import WorkerContext
+    from farm.worker.stage import WorkerContext
 
 log = logging.getLogger("farm.worker")
 

@@ -33,7 +33,7 @@ from farm.errors import ModelUnavailable
 from farm.models import CHECKPOINT_SUFFIXES, ModelSpec
 from farm.settings import Settings
 from farm.vram import PROFILES, Profile
-from worker import tiny
+from farm.worker import tiny
 
 # the drop-in VAEs the profiles swap in for real SDXL models (Hub ids)
 TAESD_XL = "madebyollin/taesdxl"
@@ -294,7 +294,7 @@ def pixels_digest(images: list[PIL.Image.Image]) -> str:
 
 
 # rendering lives in worker/render.py; these names stay importable from here
-from worker.render import (  # noqa: E402
+from farm.worker.render import (  # noqa: E402
     SCHEDULERS,
     denoise_base,
     ensemble,

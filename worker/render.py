@@ -26,7 +26,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback, SDXLCF
 from farm import jobs
 
 if TYPE_CHECKING:
-    from worker.pipelines import LoadedModel
+    from farm.worker.pipelines import LoadedModel
 
 # job scheduler name -> class, each built from_config of the model's own scheduler config
 SCHEDULERS: dict[str, Any] = {

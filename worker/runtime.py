@@ -22,9 +22,9 @@ from farm.errors import RetryableError
 from farm.jobs import Job
 from farm.settings import Settings
 from farm.store import open_store
-from worker import compile
-from worker.drain import Drain
-from worker.stage import WorkerContext, package_versions, run_job
+from farm.worker import compile
+from farm.worker.drain import Drain
+from farm.worker.stage import WorkerContext, package_versions, run_job
 
 log = logging.getLogger("farm.worker")
 
@@ -80,8 +80,8 @@ class Worker:
         self.name = name
         self.max_jobs = max_jobs
         self.echo = echo
-        # what loads, warms and renders: worker.pipelines (diffusers), or a named stand-in for
-        # load tests (worker.standin) that must not wait on diffusion
+        # what loads, warms and renders: farm.worker.pipelines (diffusers), or a named stand-in for
+        # load tests (farm.worker.standin) that must not wait on diffusion
         self.backend = backend
         self.done = 0
         self._stop = threading.Event()
@@ -94,7 +94,7 @@ class Worker:
 
     def setup(self) -> WorkerContext:
         if self.backend is None:
-            from worker import pipelines
+            from farm.worker import pipelines
 
             self.backend = pipelines
         pipelines = self.backend

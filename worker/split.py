@@ -20,10 +20,10 @@ from typing import Any
 from farm.errors import AlreadyExists, FarmError, IntegrityError, NotFound, RetryableError
 from farm.jobs import Job, JobState
 from farm.records import JobRecord, write_record
-from worker import handoff
-from worker.drain import HandBack, InFlight
-from worker.outputs import write_images
-from worker.stage import (
+from farm.worker import handoff
+from farm.worker.drain import HandBack, InFlight
+from farm.worker.outputs import write_images
+from farm.worker.stage import (
     JobCanceled,
     Outcome,
     StageFailed,

@@ -21,8 +21,8 @@ from farm.jobs import RESUMABLE_STAGES, Job, JobState
 from farm.records import JobRecord, read_record, write_record
 from farm.settings import Settings
 from farm.store import Store
-from worker.drain import Drain, HandBack, ImageState, InFlight
-from worker.outputs import write_images
+from farm.worker.drain import Drain, HandBack, ImageState, InFlight
+from farm.worker.outputs import write_images
 
 log = logging.getLogger("farm.worker")
 
@@ -52,7 +52,7 @@ class WorkerContext:
     versions: dict[str, str] = field(default_factory=dict)
     threads: int = 0  # torch threads on CPU (pixels depend on it); 0 = torch's default
     vram_class: int = 0   # the class this worker declared
-    # the loading/rendering module (worker.pipelines), for the base/refiner halves
+    # the loading/rendering module (farm.worker.pipelines), for the base/refiner halves
     backend: Any = None
     # puts the next stage of a job on its queue (the refiner stage after the base)
     enqueue: Callable[[Job], None] | None = None
@@ -145,7 +145,7 @@ def run_job(ctx: WorkerContext, message: Any) -> Outcome:
     if ctx.canceled is not None and ctx.canceled(job.id, job.batch):
         return _fail(ctx, job, record, "canceled before it started", JobState.CANCELED)
 
-    from worker import split  # split builds on this module's helpers
+    from farm.worker import split  # split builds on this module's helpers
 
     ctx.job = job
     try:
@@ -246,7 +246,7 @@ def load_checkpoint(ctx: WorkerContext, job: Job, model: Any) -> dict[int, Any] 
     or it is unusable (then the stage runs from the start: the same image, later)."""
     if job.resume is None:
         return None
-    from worker import checkpoint
+    from farm.worker import checkpoint
 
     try:
         return checkpoint.decode(ctx.store.get(job.resume.key), job, model.weights_hash).images
@@ -282,7 +282,7 @@ def hand_back(ctx: WorkerContext, job: Job, record: JobRecord, stage: str, model
     queue the same stage again, resuming from them. The current message is then acked."""
     from dataclasses import replace as _replace
 
-    from worker import checkpoint
+    from farm.worker import checkpoint
 
     if superseded(ctx, record):
         return Outcome(job.id, "superseded")

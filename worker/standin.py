@@ -2,16 +2,16 @@
 
 It has the interface the worker uses from `worker/pipelines.py` (`load_model`, `warm`, `render`,
 and `ensemble` for a base + refiner pair on one worker), so `Worker(...,
-backend=worker.standin)` runs the real control plane - queue, message checks, job records, step
+backend=farm.worker.standin)` runs the real control plane - queue, message checks, job records, step
 callbacks, PNG encoding, create-once image writes - while the "render" costs next to nothing.
 That isolates what the farm itself spends per job from what the GPU spends.
 
 Output is deterministic: image k of a job is a flat image of the job's size whose colour comes
 from its seed (seed + k), so a duplicate delivery writes the same bytes as the first. It never
 imports torch or diffusers, so it has no latents: the split stages that hand latents between
-workers (`denoise_base`, `refine`) need worker.pipelines and raise NotImplementedError here.
+workers (`denoise_base`, `refine`) need farm.worker.pipelines and raise NotImplementedError here.
 
-    Worker(settings, ["tiny-sdxl"], device="cpu", backend=worker.standin)         # instant
+    Worker(settings, ["tiny-sdxl"], device="cpu", backend=farm.worker.standin)         # instant
     Worker(settings, ["tiny-sdxl"], device="cpu", backend=StandIn(render_seconds=2.0))
 
 Test tool - a poison job: `StandIn(crash_on="TEXT")` (the launcher's `--crash-on TEXT`, in
@@ -41,7 +41,7 @@ from farm.jobs import JobSpec
 from farm.models import ModelSpec
 from farm.settings import Settings
 
-# the per-step callback of worker.pipelines: callback(pipe, step_index, timestep, kwargs)
+# the per-step callback of farm.worker.pipelines: callback(pipe, step_index, timestep, kwargs)
 StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
 
 
@@ -147,7 +147,7 @@ class StandIn:
 
 
 NO_LATENTS = ("the stand-in backend has no latents: split base/refiner stages need "
-              "worker.pipelines (run split jobs with split=never, or a real worker)")
+              "farm.worker.pipelines (run split jobs with split=never, or a real worker)")
 
 
 # `backend=worker.standin` works as well as a StandIn instance: the module-level functions are

@@ -107,7 +107,7 @@ def test_bad_input_exits_2_with_one_line_and_submits_nothing(env: dict[str, str]
 def test_stdin_submit_and_control_commands_never_import_torch(env: dict[str, str]) -> None:
     code = (
         "import sys\n"
-        "from cli.main import cli\n"
+        "from farm.cli.main import cli\n"
         "def run(*args, stdin=None):\n"
         "    try:\n"
         "        cli.main(args=list(args), prog_name='farm')\n"

@@ -15,9 +15,9 @@ from PIL import Image
 from farm import broker, models
 from farm.jobs import JobSpec, JobState
 from farm.records import read_record
+from farm.scheduler.submit import submit
 from farm.settings import Settings
 from farm.store import get_json, open_store
-from scheduler.submit import submit
 from tests.conftest import ROOT, farm_cmd, run_farm
 
 
@@ -87,7 +87,7 @@ def test_short_grace_hands_the_stage_back_and_another_worker_resumes_it(
         assert store.list_keys(f"batches/{job.batch}/intermediate/") == []
 
         # the resumed image is the uninterrupted render's, pixel for pixel
-        from worker import pipelines
+        from farm.worker import pipelines
 
         model = pipelines.load_model(models.TINY_BASE, settings, "cpu")
         expected = np.array(pipelines.render(model, spec)[0])

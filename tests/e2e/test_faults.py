@@ -13,10 +13,10 @@ import pytest
 from farm import broker, queues
 from farm.jobs import JobSpec, JobState
 from farm.records import read_record
+from farm.scheduler.status import batch_status
+from farm.scheduler.submit import submit
 from farm.settings import Settings
 from farm.store import open_store
-from scheduler.status import batch_status
-from scheduler.submit import submit
 from tests.conftest import ROOT, farm_cmd, run_farm
 
 # beats every half second, presumed dead after two: recovery within seconds in tests

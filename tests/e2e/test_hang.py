@@ -16,10 +16,10 @@ from pathlib import Path
 from farm import broker, fleet
 from farm.jobs import JobSpec, JobState
 from farm.records import read_record
+from farm.scheduler.status import batch_status
+from farm.scheduler.submit import submit
 from farm.settings import Settings
 from farm.store import open_store
-from scheduler.status import batch_status
-from scheduler.submit import submit
 from tests.e2e.test_poison import FAST_BEATS, StandInFleet, sigterm_cleans_up
 
 HANG = "HANG-HERE"

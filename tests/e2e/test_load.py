@@ -30,10 +30,10 @@ from typing import Any
 from farm import broker, fleet, recovery
 from farm.jobs import JobSpec, JobState
 from farm.records import JobRecord, read_record
+from farm.scheduler.status import batch_status
+from farm.scheduler.submit import submit
 from farm.settings import Settings
 from farm.store import Store, open_store
-from scheduler.status import batch_status
-from scheduler.submit import submit
 from tests.e2e.test_poison import FAST_BEATS, StandInFleet, sigterm_cleans_up
 
 N_JOBS = 1000

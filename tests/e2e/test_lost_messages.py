@@ -28,10 +28,10 @@ from typing import Any
 from farm import broker, queues, recovery
 from farm.jobs import JobSpec, JobState
 from farm.records import read_record
+from farm.scheduler.status import batch_status
+from farm.scheduler.submit import Submitted, submit
 from farm.settings import Settings
 from farm.store import open_store
-from scheduler.status import batch_status
-from scheduler.submit import Submitted, submit
 from tests.conftest import ROOT
 from tests.e2e.test_poison import FAST_BEATS, StandInFleet, sigterm_cleans_up
 

@@ -25,10 +25,10 @@ from pathlib import Path
 from farm import broker, procs
 from farm.jobs import JobSpec, JobState
 from farm.records import JobRecord, read_record
+from farm.scheduler.status import batch_status
+from farm.scheduler.submit import submit
 from farm.settings import Settings
 from farm.store import open_store
-from scheduler.status import batch_status
-from scheduler.submit import submit
 from tests.conftest import ROOT, run_farm
 
 # beats every half second, presumed dead after two; FARM_VISIBILITY_TIMEOUT keeps its default,

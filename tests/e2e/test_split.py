@@ -14,9 +14,9 @@ from PIL import Image
 from farm import broker, models
 from farm.jobs import JobSpec, JobState
 from farm.records import read_record
+from farm.scheduler.submit import submit
 from farm.settings import Settings
 from farm.store import get_json, open_store
-from scheduler.submit import submit
 from tests.conftest import ROOT, farm_cmd
 
 
@@ -37,7 +37,7 @@ def _wait(proc: subprocess.Popen[str], timeout: float = 300) -> str:
 def _reference(settings: Settings, spec: JobSpec) -> list[np.ndarray]:
     import torch
 
-    from worker import pipelines
+    from farm.worker import pipelines
 
     torch.set_num_threads(1)
     base = pipelines.load_model(models.TINY_BASE, settings, "cpu")

@@ -9,7 +9,7 @@ import pytest
 
 from farm import models
 from farm.settings import Settings
-from worker import pipelines
+from farm.worker import pipelines
 
 
 @pytest.fixture(scope="module")

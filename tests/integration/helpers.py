@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from farm.jobs import Job, JobSpec
 from farm.records import Manifest, manifest_key
+from farm.scheduler.plan import plan
 from farm.settings import Settings
 from farm.store import Store, put_json
-from scheduler.plan import plan
 
 
 def one_job_batch(store: Store, batch: str, spec: JobSpec, settings: Settings) -> Job:

@@ -15,12 +15,12 @@ import pytest
 
 from farm import broker, models
 from farm.jobs import JobSpec
+from farm.scheduler.status import batch_status
+from farm.scheduler.submit import submit
 from farm.settings import Settings
 from farm.store import open_store
-from scheduler.status import batch_status
-from scheduler.submit import submit
+from farm.worker import compile, pipelines
 from tests.conftest import ROOT, farm_cmd, run_farm
-from worker import compile, pipelines
 
 # Compiled kernels may fuse and reorder floating-point work, so pixels may differ from eager by
 # rounding; more than 2 levels of 255 in any channel would be a real difference.

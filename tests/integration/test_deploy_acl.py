@@ -1,4 +1,4 @@
-"""The Redis ACL users the deployment files create (scheduler/deploy_access.py) against a real
+"""The Redis ACL users the deployment files create (deploy/access.py) against a real
 Valkey server: a CLI that may only submit and a worker that may only work run a whole batch,
 and KEDA's user can count the backlog and do nothing else. Any key or command a role lacks
 shows up in the server's ACL LOG, which must stay empty for both."""
@@ -16,12 +16,13 @@ import pytest
 import redis
 
 from farm import broker, fleet
+from farm.deploy import access as deploy_access
+from farm.deploy import files as deploy
 from farm.jobs import JobSpec
+from farm.scheduler.status import batch_status
+from farm.scheduler.submit import submit
 from farm.settings import Settings
 from farm.store import open_store
-from scheduler import deploy, deploy_access
-from scheduler.status import batch_status
-from scheduler.submit import submit
 from tests.conftest import run_farm
 
 ADMIN = "acl-admin"

@@ -16,10 +16,10 @@ from farm.jobs import Job, JobSpec, JobState, ResumePoint, checkpoint_key
 from farm.records import read_record
 from farm.settings import Settings
 from farm.store import FileStore, get_json
+from farm.worker import checkpoint, handoff, pipelines
+from farm.worker.drain import Drain
+from farm.worker.stage import WorkerContext, run_job
 from tests.integration.helpers import one_job_batch
-from worker import checkpoint, handoff, pipelines
-from worker.drain import Drain
-from worker.stage import WorkerContext, run_job
 
 BATCH = "20261129-000000-d4a1b2"
 

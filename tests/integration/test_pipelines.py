@@ -25,8 +25,8 @@ from farm import models  # noqa: E402
 from farm.errors import ModelUnavailable  # noqa: E402
 from farm.jobs import JobSpec  # noqa: E402
 from farm.settings import Settings  # noqa: E402
-from worker import pipelines, tiny  # noqa: E402
-from worker.pipelines import LoadedModel, load_model, pixels_digest, render  # noqa: E402
+from farm.worker import pipelines, tiny  # noqa: E402
+from farm.worker.pipelines import LoadedModel, load_model, pixels_digest, render  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -301,7 +301,7 @@ def test_a_fresh_process_renders_the_same_pixels(base: LoadedModel, settings: Se
         "from farm import models\n"
         "from farm.jobs import JobSpec\n"
         "from farm.settings import Settings\n"
-        "from worker.pipelines import load_model, pixels_digest, render\n"
+        "from farm.worker.pipelines import load_model, pixels_digest, render\n"
         "args = json.loads(sys.argv[1])\n"
         "torch.set_num_threads(args['threads'])\n"
         "s = Settings(home=Path(args['home']), models_dir=Path(args['models']))\n"

@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL, AutoencoderTiny
 from farm import models, vram
 from farm.jobs import JobSpec
 from farm.settings import Settings
-from worker import pipelines
+from farm.worker import pipelines
 
 
 @pytest.fixture(scope="module")

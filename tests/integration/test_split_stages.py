@@ -14,9 +14,9 @@ from farm.jobs import Job, JobSpec, JobState
 from farm.records import read_record
 from farm.settings import Settings
 from farm.store import FileStore, get_json
+from farm.worker import handoff, pipelines
+from farm.worker.stage import WorkerContext, run_job
 from tests.integration.helpers import one_job_batch
-from worker import handoff, pipelines
-from worker.stage import WorkerContext, run_job
 
 BATCH = "20261129-000000-abcdef"
 
@@ -209,7 +209,7 @@ def test_a_duplicate_base_delivery_only_requeues_the_refiner(loaded: dict[str, A
 
 def test_failed_jobs_keep_their_latents_until_farm_clean(loaded: dict[str, Any],
                                                          tmp_path: Path) -> None:
-    from scheduler.clean import clean_intermediates
+    from farm.scheduler.clean import clean_intermediates
 
     farm = Farm(loaded, tmp_path, ("tiny-sdxl", "tiny-sdxl-refiner"), split="always")
     farm.run(farm.job)

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from cli.local import LocalWorker, is_worker, stop_workers
 from farm import broker
+from farm.cli.local import LocalWorker, is_worker, stop_workers
 from farm.settings import Settings
 
 

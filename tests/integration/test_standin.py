@@ -14,12 +14,12 @@ from PIL import Image
 from farm import broker
 from farm.jobs import JobSpec
 from farm.records import image_key, sidecar_key
+from farm.scheduler.status import batch_status
+from farm.scheduler.submit import submit
 from farm.settings import Settings
 from farm.store import open_store
-from scheduler.status import batch_status
-from scheduler.submit import submit
+from farm.worker.standin import seed_colour
 from tests.conftest import ROOT
-from worker.standin import seed_colour
 
 N_JOBS = 20
 
@@ -60,7 +60,7 @@ def test_a_standin_worker_process_completes_a_batch_through_redis(
 
 
 def test_standin_output_is_deterministic_and_needs_no_torch() -> None:
-    code = ("import sys, worker.standin as s\n"
+    code = ("import sys, farm.worker.standin as s\n"
             "from farm import models\n"
             "from farm.jobs import JobSpec\n"
             "from farm.settings import Settings\n"

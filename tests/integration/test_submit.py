@@ -12,10 +12,10 @@ from farm import broker, queues
 from farm.errors import BrokerUnavailable
 from farm.jobs import Job, JobSpec
 from farm.records import manifest_key, read_manifest
+from farm.scheduler.status import batch_status
+from farm.scheduler.submit import submit
 from farm.settings import Settings
 from farm.store import open_store
-from scheduler.status import batch_status
-from scheduler.submit import submit
 
 
 def _specs(settings: Settings, *priorities: int) -> list[JobSpec]:

@@ -13,10 +13,10 @@ import pytest
 from farm import broker
 from farm.errors import ConfigError
 from farm.jobs import JobSpec
+from farm.scheduler.status import batch_status
+from farm.scheduler.submit import submit
 from farm.settings import Settings
 from farm.store import open_store
-from scheduler.status import batch_status
-from scheduler.submit import submit
 from tests.conftest import run_farm
 
 

@@ -13,11 +13,11 @@ from farm import broker, queues
 from farm.images import read_parameters
 from farm.jobs import Job, JobSpec
 from farm.records import image_key, read_record
+from farm.scheduler.results import download
+from farm.scheduler.status import batch_status
+from farm.scheduler.submit import submit
 from farm.settings import Settings
 from farm.store import open_store
-from scheduler.results import download
-from scheduler.status import batch_status
-from scheduler.submit import submit
 from tests.conftest import run_farm
 
 REQUEST = [

@@ -21,20 +21,18 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from cli.deploy import deploy as deploy_command
 from farm import models, queues, vram
+from farm.cli.deploy import deploy as deploy_command
+from farm.deploy import access as deploy_access
+from farm.deploy import compose as deploy_compose
+from farm.deploy import files as deploy
+from farm.deploy import gpus as deploy_gpus
+from farm.deploy import k8s as deploy_k8s
+from farm.deploy import skypilot as deploy_skypilot
 from farm.jobs import PRIORITY_MAX, PRIORITY_MIN, Job, JobSpec, job_id
 from farm.records import COMPILE_CACHE, manifest_key, record_key
+from farm.scheduler.plan import plan
 from farm.settings import Settings
-from scheduler import (
-    deploy,
-    deploy_access,
-    deploy_compose,
-    deploy_gpus,
-    deploy_k8s,
-    deploy_skypilot,
-)
-from scheduler.plan import plan
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASS_SETS = [(4, 8, 24), (8, 12, 24), vram.DEFAULT_CLASSES, (16,)]

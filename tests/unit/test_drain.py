@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from worker.drain import FINISH_SECONDS, HANDBACK_SECONDS, Drain, InFlight
+from farm.worker.drain import FINISH_SECONDS, HANDBACK_SECONDS, Drain, InFlight
 
 
 class Clock:

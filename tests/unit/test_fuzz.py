@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from farm import models
 from farm.errors import ValidationError
 from farm.jobs import SCHEDULERS, SEED_MAX, JobSpec
+from farm.scheduler.parse import detect_format, parse_batch, parse_size
 from farm.settings import Settings
-from scheduler.parse import detect_format, parse_batch, parse_size
 
 SETTINGS = Settings(max_jobs_per_batch=50)
 FIELDS = JobSpec.field_names()

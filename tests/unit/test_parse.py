@@ -7,8 +7,8 @@ import pytest
 from farm import models
 from farm.errors import ValidationError
 from farm.jobs import SEED_MAX, JobSpec
+from farm.scheduler.parse import detect_format, parse_batch, parse_size
 from farm.settings import Settings
-from scheduler.parse import detect_format, parse_batch, parse_size
 from tests.unit.expect import expect
 
 SETTINGS = Settings()

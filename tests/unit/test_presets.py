@@ -8,8 +8,8 @@ from farm import buckets
 from farm.errors import ConfigError, ValidationError
 from farm.jobs import JobSpec
 from farm.presets import PRESETS
+from farm.scheduler.parse import parse_batch
 from farm.settings import Settings
-from scheduler.parse import parse_batch
 
 SETTINGS = Settings.load(env={})
 

@@ -11,9 +11,9 @@ from farm import queues
 from farm.images import a1111_parameters, contact_sheet, encode_png, read_parameters
 from farm.jobs import JobSpec, JobState
 from farm.records import JobRecord, Manifest, image_key, manifest_key, record_key, sidecar_key
+from farm.scheduler.status import batch_status
 from farm.settings import Settings
 from farm.store import FileStore
-from scheduler.status import batch_status
 
 SETTINGS = Settings.load(env={})
 

@@ -13,8 +13,8 @@ import pytest
 from farm import models
 from farm.errors import UsageError, ValidationError
 from farm.jobs import SEED_MAX, Job, JobSpec, JobState, job_id
+from farm.scheduler.parse import parse_batch
 from farm.settings import Settings
-from scheduler.parse import parse_batch
 from tests.unit.expect import expect
 
 SETTINGS = Settings()

@@ -10,9 +10,9 @@ import pytest
 from farm import queues, vram
 from farm.errors import ConfigError, ValidationError
 from farm.jobs import JobSpec
+from farm.scheduler.parse import parse_batch
+from farm.scheduler.plan import placement
 from farm.settings import Settings
-from scheduler.parse import parse_batch
-from scheduler.plan import placement
 
 CLASSES = vram.DEFAULT_CLASSES
 TABLE = vram.load_table(None)

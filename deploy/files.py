@@ -7,11 +7,11 @@ class's load profile from `farm.vram`. This module holds what all targets share 
 queues of a class, the environment, the grace periods, the writer); one module per target
 builds its files as plain data:
 
-    scheduler/deploy_compose.py    docker compose: Redis, MinIO, Flower, a worker per class
-    scheduler/deploy_k8s.py        Kubernetes: a Deployment and a KEDA ScaledObject per class
-    scheduler/deploy_skypilot.py   SkyPilot: a spot task per class, on any cloud
-    scheduler/deploy_access.py     least privilege: the S3 policies and Redis ACLs
-    scheduler/deploy_gpus.py       which cloud GPUs fall in which class
+    deploy/compose.py    docker compose: Redis, MinIO, Flower, a worker per class
+    deploy/k8s.py        Kubernetes: a Deployment and a KEDA ScaledObject per class
+    deploy/skypilot.py   SkyPilot: a spot task per class, on any cloud
+    deploy/access.py     least privilege: the S3 policies and Redis ACLs
+    deploy/gpus.py       which cloud GPUs fall in which class
 """
 
 from __future__ import annotations
@@ -249,7 +249,7 @@ def policy_files(bucket: str, prefix: str = "") -> dict[str, str]:
     """The S3 policies of the workers and of the CLI on s3://bucket/prefix, as JSON files."""
     import json
 
-    from scheduler.deploy_access import s3_policy
+    from farm.deploy.access import s3_policy
 
     return {f"policies/{role}.json": json.dumps(s3_policy(role, bucket, prefix), indent=2) + "\n"
             for role in ("worker", "cli")}
@@ -272,11 +272,11 @@ def farm_env_file(spec: DeploySpec) -> str:
 def render(target: str, spec: DeploySpec) -> dict[str, str]:
     """The files of one target: relative path → text."""
     if target == "compose":
-        from scheduler import deploy_compose as module
+        from farm.deploy import compose as module
     elif target == "k8s":
-        from scheduler import deploy_k8s as module  # type: ignore[no-redef]
+        from farm.deploy import k8s as module  # type: ignore[no-redef]
     elif target == "skypilot":
-        from scheduler import deploy_skypilot as module  # type: ignore[no-redef]
+        from farm.deploy import skypilot as module  # type: ignore[no-redef]
     else:
         raise UsageError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     return module.render(spec)

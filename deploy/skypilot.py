@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from scheduler import deploy, deploy_gpus
+from farm.deploy import files, gpus
 
 UV = "uv==0.13.8"          # installs a Python 3.12 the farm needs on any base image
 TORCH = "torch==2.13.0"    # the worker image's torch; its PyPI build is CUDA 13 (driver >= 580)
@@ -26,9 +26,9 @@ VENV = "~/farm-venv"
 SECRETS = ("FARM_BROKER_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 
-def uses_image(spec: deploy.DeploySpec) -> bool:
+def uses_image(spec: files.DeploySpec) -> bool:
     """Whether the tasks run in a pushed image rather than installing the checkout."""
-    return spec.image != deploy.DEFAULT_IMAGE
+    return spec.image != files.DEFAULT_IMAGE
 
 
 def setup_script() -> str:
@@ -42,8 +42,8 @@ def setup_script() -> str:
     ]) + "\n"
 
 
-def task(spec: deploy.DeploySpec, vram_class: int) -> dict[str, Any]:
-    envs: dict[str, Any] = {**deploy.worker_env(spec, vram_class, deploy.SPOT_STOP_GRACE),
+def task(spec: files.DeploySpec, vram_class: int) -> dict[str, Any]:
+    envs: dict[str, Any] = {**files.worker_env(spec, vram_class, files.SPOT_STOP_GRACE),
                             # null: SkyPilot refuses to launch until --env gives it
                             "FARM_STORE_URL": spec.store_url}
     if spec.s3_endpoint_url:
@@ -51,14 +51,14 @@ def task(spec: deploy.DeploySpec, vram_class: int) -> dict[str, Any]:
     # nothing probes readiness here; the model cache is the VM's (or the image's) disk
     envs.pop("FARM_READY_FILE")
     resources: dict[str, Any] = {
-        "accelerators": deploy_gpus.accelerators(vram_class, spec.classes),
+        "accelerators": gpus.accelerators(vram_class, spec.classes),
         "use_spot": True,
         "disk_size": 100,      # the weights, the venv and the compile caches
         # restart on errors too (e.g. exit 3: the broker was unreachable for a while)
         "job_recovery": {"strategy": "FAILOVER", "max_restarts_on_errors": 3},
     }
-    doc: dict[str, Any] = {"name": deploy.worker_name(vram_class), "resources": resources}
-    command = deploy.worker_command(spec, vram_class)
+    doc: dict[str, Any] = {"name": files.worker_name(vram_class), "resources": resources}
+    command = files.worker_command(spec, vram_class)
     if uses_image(spec):
         resources["image_id"] = f"docker:{spec.image}"
         doc["envs"] = envs
@@ -74,10 +74,10 @@ def task(spec: deploy.DeploySpec, vram_class: int) -> dict[str, Any]:
     return doc
 
 
-def render(spec: deploy.DeploySpec) -> dict[str, str]:
-    head = deploy.header("skypilot", spec)
-    files = {f"worker-{c}gb.yaml": deploy.dump_yaml([task(spec, c)], head)
-             for c in spec.classes}
-    files["farm.env"] = deploy.farm_env_file(spec)
-    files.update(deploy.store_policy_files(spec))
-    return files
+def render(spec: files.DeploySpec) -> dict[str, str]:
+    head = files.header("skypilot", spec)
+    out = {f"worker-{c}gb.yaml": files.dump_yaml([task(spec, c)], head)
+           for c in spec.classes}
+    out["farm.env"] = files.farm_env_file(spec)
+    out.update(files.store_policy_files(spec))
+    return out

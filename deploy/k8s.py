@@ -8,7 +8,7 @@ Why each piece looks as it does:
   the backlog. Running stages are in no list, so a class scales in while its workers still
   render; the grace period (above the hard time limit) and the pre-stop drain cover that.
 - Nodes are chosen by GPU memory (the GPU feature discovery label), by the worker's own rule of
-  which class a card belongs to (scheduler/deploy_gpus.py).
+  which class a card belongs to (deploy/gpus.py).
 - Ready means warm: the readiness probe checks the file the worker creates once its pipelines
   are loaded and warmed (FARM_READY_FILE).
 """
@@ -19,7 +19,7 @@ import re
 from typing import Any
 
 from farm import vram
-from scheduler import deploy, deploy_access, deploy_gpus
+from farm.deploy import access, files, gpus
 
 CONFIG = "farm-config"
 SECRETS = "farm-secrets"
@@ -36,16 +36,16 @@ SCALE_DOWN = {"stabilizationWindowSeconds": 300,
 # exited. Kubernetes' own SIGTERM follows the hook and finds nothing left to stop.
 DRAIN = "kill -TERM 1; while kill -0 1 2>/dev/null; do sleep 1; done"
 WORKER_UID = 10001
-STORE_PLACEHOLDER = "s3://CHANGE-ME-bucket/farm"   # when FARM_STORE_URL was not set   # the worker image's user (deploy/worker.Dockerfile)
+STORE_PLACEHOLDER = "s3://CHANGE-ME-bucket/farm"   # when FARM_STORE_URL was not set
 
 
-def _meta(spec: deploy.DeploySpec, name: str, **labels: str) -> dict[str, Any]:
+def _meta(spec: files.DeploySpec, name: str, **labels: str) -> dict[str, Any]:
     meta: dict[str, Any] = {"name": name, "namespace": spec.namespace}
     meta["labels"] = {"app.kubernetes.io/part-of": "farm", **labels}
     return meta
 
 
-def redis_address(spec: deploy.DeploySpec) -> str:
+def redis_address(spec: files.DeploySpec) -> str:
     return spec.redis_address or f"{REDIS}.{spec.namespace}.svc.cluster.local:6379"
 
 
@@ -53,7 +53,7 @@ def _secret_env(name: str, key: str | None = None) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": SECRETS, "key": key or name}}}
 
 
-def config(spec: deploy.DeploySpec) -> list[dict[str, Any]]:
+def config(spec: files.DeploySpec) -> list[dict[str, Any]]:
     data = {**spec.settings_env, "FARM_STORE_URL": spec.store_url or STORE_PLACEHOLDER}
     if spec.s3_endpoint_url:
         data["FARM_S3_ENDPOINT_URL"] = spec.s3_endpoint_url
@@ -62,28 +62,28 @@ def config(spec: deploy.DeploySpec) -> list[dict[str, Any]]:
              "data": data}]
 
 
-def secret(spec: deploy.DeploySpec) -> dict[str, Any]:
+def secret(spec: files.DeploySpec) -> dict[str, Any]:
     """The Secret, with placeholders: fill in before applying (or create it with kubectl)."""
-    values = {var: "CHANGE-ME" for var in deploy_access.REDIS_PASSWORD_VARS.values()}
-    values["REDIS_SCALER_USERNAME"] = deploy_access.REDIS_USERS["scaler"]
+    values = {var: "CHANGE-ME" for var in access.REDIS_PASSWORD_VARS.values()}
+    values["REDIS_SCALER_USERNAME"] = access.REDIS_USERS["scaler"]
     values.update({"AWS_ACCESS_KEY_ID": "CHANGE-ME", "AWS_SECRET_ACCESS_KEY": "CHANGE-ME"})
     return {"apiVersion": "v1", "kind": "Secret", "metadata": _meta(spec, SECRETS),
             "type": "Opaque", "stringData": values}
 
 
-def redis(spec: deploy.DeploySpec) -> list[dict[str, Any]]:
+def redis(spec: files.DeploySpec) -> list[dict[str, Any]]:
     """An in-cluster Valkey with a persistent volume and the farm's ACL users."""
     labels = {"app.kubernetes.io/name": REDIS}
-    args = deploy_access.redis_server_args(lambda var: f"$({var})")
+    args = access.redis_server_args(lambda var: f"$({var})")
     probe = {"exec": {"command": ["sh", "-c", "valkey-cli --no-auth-warning --user farm-scaler "
                                   "--pass \"$REDIS_SCALER_PASSWORD\" ping | grep -q PONG"]},
              "periodSeconds": 5}
     pod = {
         "securityContext": {"runAsNonRoot": True, "runAsUser": 999, "fsGroup": 999},
         "containers": [{
-            "name": "valkey", "image": deploy.REDIS_IMAGE,
+            "name": "valkey", "image": files.REDIS_IMAGE,
             "command": ["valkey-server"], "args": ["--dir", "/data", *args],
-            "env": [_secret_env(var) for var in deploy_access.REDIS_PASSWORD_VARS.values()],
+            "env": [_secret_env(var) for var in access.REDIS_PASSWORD_VARS.values()],
             "ports": [{"containerPort": 6379, "name": "redis"}],
             "readinessProbe": probe,
             "volumeMounts": [{"name": "data", "mountPath": "/data"}],
@@ -104,21 +104,21 @@ def redis(spec: deploy.DeploySpec) -> list[dict[str, Any]]:
     ]
 
 
-def deployment(spec: deploy.DeploySpec, vram_class: int) -> dict[str, Any]:
-    name = deploy.worker_name(vram_class)
+def deployment(spec: files.DeploySpec, vram_class: int) -> dict[str, Any]:
+    name = files.worker_name(vram_class)
     labels = {"app.kubernetes.io/name": "farm-worker", "app.kubernetes.io/instance": name}
     shared = set(spec.settings_env)
-    env = [{"name": k, "value": v} for k, v in deploy.worker_env(spec, vram_class).items()
+    env = [{"name": k, "value": v} for k, v in files.worker_env(spec, vram_class).items()
            if k not in shared]
-    env += [_secret_env(deploy_access.REDIS_PASSWORD_VARS["worker"]),
-            {"name": "FARM_BROKER_URL", "value": deploy_access.broker_url(
+    env += [_secret_env(access.REDIS_PASSWORD_VARS["worker"]),
+            {"name": "FARM_BROKER_URL", "value": access.broker_url(
                 "worker", redis_address(spec),
-                f"$({deploy_access.REDIS_PASSWORD_VARS['worker']})")},
+                f"$({access.REDIS_PASSWORD_VARS['worker']})")},
             _secret_env("AWS_ACCESS_KEY_ID"), _secret_env("AWS_SECRET_ACCESS_KEY")]
     # host memory: offloading profiles keep the weights in RAM; a resident pair loads two models
     memory = "24Gi" if vram.profile_for(vram_class).resident_pair else "16Gi"
     container = {
-        "name": "worker", "image": spec.image, "args": deploy.worker_args(spec),
+        "name": "worker", "image": spec.image, "args": files.worker_args(spec),
         "envFrom": [{"configMapRef": {"name": CONFIG}}], "env": env,
         "resources": {"requests": {"cpu": "4", "memory": memory},
                       "limits": {"nvidia.com/gpu": 1}},
@@ -126,13 +126,13 @@ def deployment(spec: deploy.DeploySpec, vram_class: int) -> dict[str, Any]:
         "readinessProbe": {"exec": {"command": ["sh", "-c", 'test -f "$FARM_READY_FILE"']},
                            "periodSeconds": 5, "failureThreshold": 1},
         "lifecycle": {"preStop": {"exec": {"command": ["sh", "-c", DRAIN]}}},
-        "volumeMounts": [{"name": "models", "mountPath": deploy.MODEL_CACHE}],
+        "volumeMounts": [{"name": "models", "mountPath": files.MODEL_CACHE}],
         "securityContext": {"allowPrivilegeEscalation": False,
                             "capabilities": {"drop": ["ALL"]}},
     }
     pod = {
         "terminationGracePeriodSeconds": spec.grace_seconds,
-        "affinity": {"nodeAffinity": deploy_gpus.node_affinity(vram_class, spec.classes)},
+        "affinity": {"nodeAffinity": gpus.node_affinity(vram_class, spec.classes)},
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         "securityContext": {"runAsNonRoot": True, "runAsUser": WORKER_UID,
                             "runAsGroup": WORKER_UID, "fsGroup": WORKER_UID},
@@ -155,9 +155,9 @@ def trigger_name(list_name: str) -> str:
     return name if name[:1].isalpha() else f"q_{name}"
 
 
-def scaled_object(spec: deploy.DeploySpec, vram_class: int) -> dict[str, Any]:
-    name = deploy.worker_name(vram_class)
-    lists = deploy.class_lists(spec, vram_class)
+def scaled_object(spec: files.DeploySpec, vram_class: int) -> dict[str, Any]:
+    name = files.worker_name(vram_class)
+    lists = files.class_lists(spec, vram_class)
     names = [trigger_name(n) for n in lists]
     if len(set(names)) != len(names):
         names = [f"{n}_{i}" for i, n in enumerate(names)]
@@ -188,26 +188,26 @@ def scaled_object(spec: deploy.DeploySpec, vram_class: int) -> dict[str, Any]:
     }
 
 
-def trigger_auth(spec: deploy.DeploySpec) -> dict[str, Any]:
+def trigger_auth(spec: files.DeploySpec) -> dict[str, Any]:
     refs = [{"parameter": "username", "name": SECRETS, "key": "REDIS_SCALER_USERNAME"},
             {"parameter": "password", "name": SECRETS,
-             "key": deploy_access.REDIS_PASSWORD_VARS["scaler"]}]
+             "key": access.REDIS_PASSWORD_VARS["scaler"]}]
     return {"apiVersion": "keda.sh/v1alpha1", "kind": "TriggerAuthentication",
             "metadata": _meta(spec, TRIGGER_AUTH), "spec": {"secretTargetRef": refs}}
 
 
-def render(spec: deploy.DeploySpec) -> dict[str, str]:
-    head = deploy.header("k8s", spec)
-    files = {"00-config.yaml": deploy.dump_yaml(config(spec), head)}
+def render(spec: files.DeploySpec) -> dict[str, str]:
+    head = files.header("k8s", spec)
+    out = {"00-config.yaml": files.dump_yaml(config(spec), head)}
     if spec.redis_address is None:
-        files["10-redis.yaml"] = deploy.dump_yaml(redis(spec), head)
-    files["20-keda-auth.yaml"] = deploy.dump_yaml([trigger_auth(spec)], head)
+        out["10-redis.yaml"] = files.dump_yaml(redis(spec), head)
+    out["20-keda-auth.yaml"] = files.dump_yaml([trigger_auth(spec)], head)
     for c in spec.classes:
-        files[f"30-worker-{c}gb.yaml"] = deploy.dump_yaml(
+        out[f"30-worker-{c}gb.yaml"] = files.dump_yaml(
             [deployment(spec, c), scaled_object(spec, c)], head)
-    files["farm.env"] = deploy.farm_env_file(spec)
-    files.update(deploy.store_policy_files(spec))
+    out["farm.env"] = files.farm_env_file(spec)
+    out.update(files.store_policy_files(spec))
     # not applied with the directory: fill it in first, or create the Secret with kubectl
-    files["secrets/farm-secrets.yaml"] = deploy.dump_yaml(
+    out["secrets/farm-secrets.yaml"] = files.dump_yaml(
         [secret(spec)], head + "# Replace every CHANGE-ME (hex passwords), then apply this first.\n")
-    return files
+    return out

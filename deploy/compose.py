@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from scheduler import deploy, deploy_access
+from farm.deploy import access, files
 
 # MinIO withdrew its public images from Docker Hub in 2025; these last releases were published on
 # quay.io. Any S3-compatible store works instead: drop minio/minio-init, set FARM_STORE_URL.
@@ -35,34 +35,34 @@ def _secret(var: str) -> str:
 
 
 def _redis_url(role: str) -> str:
-    var = deploy_access.REDIS_PASSWORD_VARS[role]
-    return deploy_access.broker_url(role, REDIS_HOST, "${" + var + "}")
+    var = access.REDIS_PASSWORD_VARS[role]
+    return access.broker_url(role, REDIS_HOST, "${" + var + "}")
 
 
 def _s3_env(role: str) -> dict[str, str]:
     return {
-        "FARM_STORE_URL": f"s3://{deploy.DEFAULT_BUCKET}",
+        "FARM_STORE_URL": f"s3://{files.DEFAULT_BUCKET}",
         "FARM_S3_ENDPOINT_URL": S3_ENDPOINT,
         "AWS_ACCESS_KEY_ID": f"farm-{role}",
         "AWS_SECRET_ACCESS_KEY": _secret(f"S3_{role.upper()}_SECRET"),
     }
 
 
-def worker_service(spec: deploy.DeploySpec, vram_class: int) -> dict[str, Any]:
+def worker_service(spec: files.DeploySpec, vram_class: int) -> dict[str, Any]:
     gpu = "${" + GPU_VAR.format(c=vram_class) + f":-{spec.classes.index(vram_class)}" + "}"
     return {
         "image": spec.image,
-        "command": deploy.worker_args(spec),
+        "command": files.worker_args(spec),
         "environment": {
-            **deploy.worker_env(spec, vram_class),
+            **files.worker_env(spec, vram_class),
             "FARM_BROKER_URL": _redis_url("worker"),
             **_s3_env("worker"),
         },
-        "volumes": [f"models:{deploy.MODEL_CACHE}"],
+        "volumes": [f"models:{files.MODEL_CACHE}"],
         "deploy": {"resources": {"reservations": {"devices": [
             {"driver": "nvidia", "device_ids": [gpu], "capabilities": ["gpu"]}]}}},
         # ready once loaded and warm: the worker creates FARM_READY_FILE then
-        "healthcheck": {"test": ["CMD", "test", "-f", deploy.READY_FILE], "interval": "10s",
+        "healthcheck": {"test": ["CMD", "test", "-f", files.READY_FILE], "interval": "10s",
                         "timeout": "5s", "retries": 3,
                         # a first start downloads the weights (about 7 GB for SDXL)
                         "start_period": "30m"},
@@ -76,12 +76,12 @@ def worker_service(spec: deploy.DeploySpec, vram_class: int) -> dict[str, Any]:
     }
 
 
-def compose(spec: deploy.DeploySpec) -> dict[str, Any]:
-    redis_args = deploy_access.redis_server_args(_secret, roles=("worker", "cli"))
-    cli_pass = "$${" + deploy_access.REDIS_PASSWORD_VARS["cli"] + "}"
+def compose(spec: files.DeploySpec) -> dict[str, Any]:
+    redis_args = access.redis_server_args(_secret, roles=("worker", "cli"))
+    cli_pass = "$${" + access.REDIS_PASSWORD_VARS["cli"] + "}"
     services: dict[str, Any] = {
         "redis": {
-            "image": deploy.REDIS_IMAGE,
+            "image": files.REDIS_IMAGE,
             "command": ["valkey-server", *redis_args],
             "environment": {"REDIS_CLI_PASSWORD": "${REDIS_CLI_PASSWORD}"},
             "volumes": ["redis-data:/data"],
@@ -152,7 +152,7 @@ def compose(spec: deploy.DeploySpec) -> dict[str, Any]:
 
 def minio_init_script() -> str:
     """Create the bucket and one user per role with its policy; safe to run again."""
-    bucket = deploy.DEFAULT_BUCKET
+    bucket = files.DEFAULT_BUCKET
     lines = [
         "set -e",
         'mc alias set farm http://minio:9000 farm-admin "$$MINIO_ROOT_PASSWORD"',
@@ -168,12 +168,12 @@ def minio_init_script() -> str:
     return "\n".join(lines) + "\n"
 
 
-def flower_config(spec: deploy.DeploySpec) -> str:
+def flower_config(spec: files.DeploySpec) -> str:
     """A Celery config module for Flower: the farm's app settings and every queue it routes to,
     so Flower's Broker tab lists them even while every worker is busy (a solo-pool worker does
     not answer inspect calls mid-stage)."""
-    names = json.dumps(deploy.all_queues(spec), indent=4)
-    return (deploy.header("compose", spec)
+    names = json.dumps(files.all_queues(spec), indent=4)
+    return (files.header("compose", spec)
             + '"""Celery settings for Flower (CELERY_CONFIG_MODULE): the farm\'s queues."""\n\n'
             "from kombu import Queue\n\n"
             "from farm.broker import celery_app\n"
@@ -186,34 +186,34 @@ def flower_config(spec: deploy.DeploySpec) -> str:
             "task_queues = [Queue(name) for name in QUEUES]\n")
 
 
-def env_example(spec: deploy.DeploySpec) -> str:
+def env_example(spec: files.DeploySpec) -> str:
     gpus = "".join(f"{GPU_VAR.format(c=c)}={i}\n" for i, c in enumerate(spec.classes))
     return (
         "# Copy to .env and replace every value. Passwords go into URLs: use hex\n"
         "# (openssl rand -hex 24), not characters such as @ : / that URLs reserve.\n"
-        + "".join(f"{deploy_access.REDIS_PASSWORD_VARS[role]}=CHANGE-ME\n"
+        + "".join(f"{access.REDIS_PASSWORD_VARS[role]}=CHANGE-ME\n"
                   for role in ("worker", "cli"))
         + "MINIO_ROOT_PASSWORD=CHANGE-ME\nS3_WORKER_SECRET=CHANGE-ME\nS3_CLI_SECRET=CHANGE-ME\n"
         "FLOWER_BASIC_AUTH=admin:CHANGE-ME\n"
         "# the GPU (index in nvidia-smi -L) that serves each VRAM class\n" + gpus)
 
 
-def cli_env(spec: deploy.DeploySpec) -> str:
+def cli_env(spec: files.DeploySpec) -> str:
     """farm.env: what `farm submit/status/results` need on this host to use this farm."""
     env = {**spec.settings_env,
            "FARM_BROKER_URL": "redis://farm-cli:${REDIS_CLI_PASSWORD}@127.0.0.1:6379/0",
-           "FARM_STORE_URL": f"s3://{deploy.DEFAULT_BUCKET}",
+           "FARM_STORE_URL": f"s3://{files.DEFAULT_BUCKET}",
            "FARM_S3_ENDPOINT_URL": "http://127.0.0.1:9000",
            "AWS_ACCESS_KEY_ID": "farm-cli", "AWS_SECRET_ACCESS_KEY": "${S3_CLI_SECRET}"}
-    return deploy.env_file(env, "# set -a; . ./.env; . ./farm.env; set +a   (then: farm submit ...)\n")
+    return files.env_file(env, "# set -a; . ./.env; . ./farm.env; set +a   (then: farm submit ...)\n")
 
 
-def render(spec: deploy.DeploySpec) -> dict[str, str]:
-    head = deploy.header("compose", spec)
+def render(spec: files.DeploySpec) -> dict[str, str]:
+    head = files.header("compose", spec)
     return {
-        "compose.yaml": deploy.dump_yaml([compose(spec)], head),
+        "compose.yaml": files.dump_yaml([compose(spec)], head),
         FLOWER_CONFIG: flower_config(spec),
-        **deploy.policy_files(deploy.DEFAULT_BUCKET),
+        **files.policy_files(files.DEFAULT_BUCKET),
         "env.example": env_example(spec),
         "farm.env": cli_env(spec),
     }
