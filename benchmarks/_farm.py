@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from farm import broker, fleet, procs
-from farm.records import record_key
+from farm.keys import record_key
 from farm.settings import Settings
 from farm.store import Store, open_store
 

@@ -1,17 +1,13 @@
 """Run one worker process with the stand-in backend (worker/standin.py: no diffusion).
 
     python -m benchmarks._standin_worker --name lt-1 [--max-jobs N] [--render-seconds S]
-                                         [--stats counts.json] [--crash-on TEXT]
-                                         [--hang-on TEXT]
+                                         [--stats counts.json]
 
 Settings come from FARM_* variables as for `farm worker`. Load tests start several of these as
 separate processes so they really compete over Redis and the store. With `--stats` the worker
 counts every store call it makes (by operation and by kind of object) and writes the counts
-there as JSON when it exits.
-
-`--crash-on TEXT` is a test tool (a poison job): the worker kills itself (os._exit(1)) in the
-middle of rendering any job whose prompt contains TEXT, as a segfaulting GPU kernel would; see
-worker/standin.py. tests/e2e/test_poison.py uses it.
+there as JSON when it exits. The fault tests start it through tests/faults.py, which adds the
+faults they inject.
 """
 
 from __future__ import annotations
@@ -47,13 +43,19 @@ class CountingStore:
         self.counts: Counter[str] = Counter()
 
     def put(self, key: str, data: bytes, *, create_once: bool = False,
-            content_type: str = "application/octet-stream") -> None:
+            if_match: str | None = None,
+            content_type: str = "application/octet-stream") -> str:
         self.counts[f"put {key_kind(key)}"] += 1
-        self.inner.put(key, data, create_once=create_once, content_type=content_type)
+        return self.inner.put(key, data, create_once=create_once, if_match=if_match,
+                              content_type=content_type)
 
     def get(self, key: str) -> bytes:
         self.counts[f"get {key_kind(key)}"] += 1
         return self.inner.get(key)
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        self.counts[f"get {key_kind(key)}"] += 1
+        return self.inner.get_versioned(key)
 
     def exists(self, key: str) -> bool:
         self.counts[f"exists {key_kind(key)}"] += 1
@@ -72,7 +74,9 @@ class CountingStore:
         self.inner.delete(key)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, backend: Any = None) -> int:
+    """Run a stand-in worker; `backend` replaces the stand-in (tests/faults.py injects faults
+    through it)."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks._standin_worker",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", required=True)
@@ -80,12 +84,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", action="append", default=[])
     parser.add_argument("--render-seconds", type=float, default=0.0)
     parser.add_argument("--stats", type=Path, default=None)
-    parser.add_argument("--crash-on", metavar="TEXT", default=None,
-                        help="test tool: exit at once (status 1) mid-render of any job whose "
-                             "prompt contains TEXT, as a crashing GPU kernel would")
-    parser.add_argument("--hang-on", metavar="TEXT", default=None,
-                        help="test tool: stop making step progress (sleep for good) mid-render "
-                             "of any job whose prompt contains TEXT, as a stuck kernel would")
     args = parser.parse_args(argv)
 
     from farm.worker.runtime import Worker
@@ -96,13 +94,12 @@ def main(argv: list[str] | None = None) -> int:
 
     worker = Worker(Settings.load(), args.model or ["tiny-sdxl"], device="cpu", name=args.name,
                     max_jobs=args.max_jobs, echo=echo,
-                    backend=StandIn(render_seconds=args.render_seconds,
-                                    crash_on=args.crash_on, hang_on=args.hang_on))
+                    backend=backend or StandIn(render_seconds=args.render_seconds))
     counting: CountingStore | None = None
     if args.stats is not None:
         ctx = worker.setup()
         counting = CountingStore(ctx.store)
-        ctx.store = counting  # run() keeps the context setup() built
+        ctx.store = ctx.manifests.store = counting  # run() keeps the context setup() built
     try:
         return worker.run()
     finally:

@@ -32,7 +32,8 @@ from benchmarks._farm import LocalFarm, code_version
 from benchmarks._standin_worker import CountingStore
 from benchmarks._stats import machine_busy, spread, summary, table
 from farm.jobs import JobSpec, job_id
-from farm.records import manifest_key, read_manifest
+from farm.keys import manifest_key
+from farm.records import read_manifest
 from farm.scheduler.status import batch_status
 from farm.scheduler.submit import submit
 from farm.store import get_json, put_json

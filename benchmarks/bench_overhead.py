@@ -33,7 +33,8 @@ from typing import Any
 from benchmarks._farm import LocalFarm, code_version
 from benchmarks._stats import machine_busy, spread, summary, table
 from farm.jobs import JobSpec
-from farm.records import read_manifest, read_record
+from farm.lifecycle import read_record
+from farm.records import read_manifest
 from farm.scheduler.submit import submit
 from farm.settings import Settings
 

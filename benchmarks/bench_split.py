@@ -26,12 +26,13 @@ def run() -> dict[str, Any]:
 
     from farm import images, models
     from farm.jobs import Job, JobSpec
-    from farm.records import Manifest, manifest_key
+    from farm.lifecycle import Stage
+    from farm.records import Manifest, SubmitState, create_batch
     from farm.scheduler.plan import plan
     from farm.settings import Settings
-    from farm.store import FileStore, put_json
-    from farm.worker import handoff, pipelines
-    from farm.worker.stage import WorkerContext, run_job
+    from farm.store import FileStore
+    from farm.worker import latents, pipelines
+    from farm.worker.stage import Outcome, WorkerContext, run_message
 
     torch.set_num_threads(1)
     home = Path(tempfile.mkdtemp(prefix="farm-bench-split-"))
@@ -60,7 +61,7 @@ def run() -> dict[str, Any]:
     queued: list[Job] = []
     ctx = WorkerContext(settings=settings, store=timed_store,  # type: ignore[arg-type]
                         models={"tiny-sdxl": base, "tiny-sdxl-refiner": refiner},
-                        render=pipelines.render, name="bench", backend=pipelines,
+                        name="bench", backend=pipelines,
                         enqueue=queued.append)
 
     def one_process(seed: int) -> float:
@@ -74,19 +75,19 @@ def run() -> dict[str, Any]:
         spec = JobSpec.from_dict({**SPEC, "seed": seed}, settings)
         p = plan(spec, settings)
         job = Job(id=f"{batch}-0000", batch=batch, index=0, spec=spec, vram_class=p.vram_class,
-                  stage=p.first_stage, refiner_vram_class=p.refiner_vram_class)
-        put_json(store, manifest_key(batch), Manifest(batch=batch, created_at=0.0, source="b",
-                                                      defaults={}, jobs=[job]).encode())
+                  stage=Stage(p.first_stage), refiner_vram_class=p.refiner_vram_class)
+        create_batch(store, Manifest(batch=batch, created_at=0.0, source="b", defaults={},
+                                     jobs=[job]), SubmitState.SUBMITTED)
         timed_store.seconds = 0.0
         t = time.perf_counter()
-        assert run_job(ctx, job.encode()).state == "latents_ready"
-        assert run_job(ctx, queued.pop().encode()).state == "succeeded"
+        assert run_message(ctx, job.encode()).outcome is Outcome.LATENTS_READY
+        assert run_message(ctx, queued.pop().encode()).outcome is Outcome.SUCCEEDED
         total = time.perf_counter() - t
         # the handoff's own cost: encoding and verifying the safetensors object
         lat, gen = pipelines.denoise_base(base, spec, seed)
         t = time.perf_counter()
-        blob = handoff.encode(job, [lat], [gen], {}, base.scheduler_config)
-        handoff.decode(blob, job)
+        blob = latents.encode_handoff(job, [lat], [gen], {}, base.scheduler_config)
+        latents.decode_handoff(blob, job)
         return total, timed_store.seconds, time.perf_counter() - t
 
     one_process(0)  # warm both paths once

@@ -93,9 +93,7 @@ def submit(prompts: str, model: str | None, steps: int | None, guidance: float |
         click.echo(f"submitted {len(result.jobs)} jobs ({images} images); "
                    f"`farm status {result.batch} --watch` follows it", err=True)
     if wait:
-        status = _watch(settings, result.batch, quiet=as_json)
-        if status.state != "succeeded":
-            sys.exit(1)
+        _exit_unless_succeeded(_watch(settings, result.batch, quiet=as_json))
 
 
 def _read_prompts(path: str) -> str:
@@ -129,11 +127,22 @@ def status(batch: str, as_json: bool, watch: bool) -> None:
     else:
         result = batch_status(open_store(settings), _batch_id(batch), settings)
     result = result.with_fleet(_live_workers(settings)) if not result.finished else result
-    lost = not result.finished and _broker_lost(settings, result.batch)
+    lost = not result.finished and not result.half_submitted and _broker_lost(settings,
+                                                                                result.batch)
     if as_json:
         click.echo(json.dumps({**result.to_json(), "broker_lost": lost}, indent=2))
         return
     click.echo(f"batch {result.batch}: {result.state}  " + _counts(result.counts))
+    if result.half_submitted:
+        click.echo(f"warning: this batch's submit stopped part-way (killed?), so some of its "
+                   f"jobs may never have been queued; run the same `farm submit ... --batch-id "
+                   f"{result.batch}` (same prompts and flags) to queue the rest, or `farm cancel "
+                   f"{result.batch}` to drop it", err=True)
+    elif result.state == "aborted":
+        assert result.submit is not None
+        click.echo(f"warning: this batch's submit failed ({result.submit.reason}); workers "
+                   f"render none of it; run the same `farm submit ... --batch-id {result.batch}` "
+                   "to submit it again", err=True)
     if lost:
         waiting = len(result.jobs) - result.done
         click.echo(f"warning: the broker has no record of this batch: it lost its data (a "
@@ -144,13 +153,20 @@ def status(batch: str, as_json: bool, watch: bool) -> None:
         if job.images:
             line += f"  {len(job.images)} image(s)"
         if job.error:
-            kind = job.record.error_kind if job.record else None
-            line += f"  {'worker trouble' if kind == 'worker' else 'error'}: {job.error}"
+            line += f"  {_fault_words(job.fault)}: {job.error}"
+        elif job.failed_attempts:
+            line += f"  ({len(job.failed_attempts)} failed attempt(s), worker trouble)"
         if job.note:
             line += f"  ({job.note})"
         if job.waiting:
             line += f"  ({job.waiting})"
         click.echo(line)
+
+
+def _fault_words(fault: str | None) -> str:
+    """Whose fault a failure was, as status says it."""
+    return {"worker": "worker trouble (retried on other workers)",
+            "oom": "out of memory", "job": "job error"}.get(fault or "", "error")
 
 
 def _broker_lost(settings: Settings, batch: str) -> bool:
@@ -202,6 +218,8 @@ def results(batch: str, out: Path | None, wait: bool) -> None:
         click.echo(f"contact sheet: {got.contact_sheet}")
     if not st.finished:
         click.echo(f"batch is still {st.state}: {st.done}/{len(st.jobs)} jobs done", err=True)
+    if wait:
+        _exit_unless_succeeded(st)
 
 
 @cli.command()
@@ -236,6 +254,15 @@ def _batch_id(text: str) -> str:
 
 def _counts(counts: dict[str, int]) -> str:
     return " ".join(f"{k}={v}" for k, v in counts.items())
+
+
+def _exit_unless_succeeded(st: Any) -> None:
+    """How `--wait` ends: exit 1, with the counts on stderr, when the batch ended any other way
+    than succeeded (failed jobs, canceled, aborted); the README's exit codes."""
+    if st.state != "succeeded":
+        click.echo(f"batch {st.batch} ended {st.state}: {_counts(st.counts)}; `farm status "
+                   f"{st.batch}` shows each job's error", err=True)
+        sys.exit(1)
 
 
 def _watch(settings: Settings, batch: str, quiet: bool = False) -> Any:

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from farm import fleet, queues, recovery
-from farm.records import COMPILE_CACHE as CACHE_PREFIX
+from farm.keys import COMPILE_CACHE as CACHE_PREFIX
 
 ROLES = ("worker", "cli", "scaler")
 REDIS_USERS = {"worker": "farm-worker", "cli": "farm-cli", "scaler": "farm-scaler"}

@@ -11,7 +11,8 @@
     └── PermanentError              exit 4   the work itself cannot be done; retrying will not help
         ├── ModelUnavailable                 a model that cannot be loaded or fetched
         ├── IntegrityError                   a stored object is corrupt or does not match
-        └── AlreadyExists                    a create-once object is already there
+        ├── AlreadyExists                    a create-once object is already there
+        └── Conflict                         a compare-and-set write found the object changed
 
 The CLI prints `error: <message>` on one line and exits with the code above; no traceback.
 """
@@ -89,6 +90,10 @@ class IntegrityError(PermanentError):
 
 class AlreadyExists(PermanentError):
     pass
+
+
+class Conflict(PermanentError):
+    """A compare-and-set write lost: someone else wrote the object since it was read."""
 
 
 def _short(value: Any, limit: int = 60) -> str:

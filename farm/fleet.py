@@ -6,6 +6,7 @@ A worker rewrites `farm:worker:<name>` every `heartbeat_interval` seconds with a
 
 from __future__ import annotations
 
+import enum
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -13,11 +14,14 @@ from typing import Any
 KEY_PREFIX = "farm:worker:"
 
 
-class WorkerState:
+class WorkerState(enum.StrEnum):
     STARTING = "starting"   # loading and warming its pipelines; takes no jobs yet
     READY = "ready"         # waiting for a job
     BUSY = "busy"           # running a job
     DRAINING = "draining"   # finishing its current job, then exiting
+    # failed FARM_QUARANTINE_AFTER stages of different jobs in a row (a worker fault each):
+    # takes no more work, and exits non-zero after FARM_QUARANTINE_EXIT_SECONDS
+    QUARANTINED = "quarantined"
 
 
 @dataclass
@@ -39,6 +43,7 @@ class WorkerInfo:
     # backend, state (eager/compiling/compiled), seconds, cache (off/hit/miss/corrupt), graphs,
     # recompiles (graphs compiled mid-job: a shape no bucket warmed)
     compile: dict[str, Any] = field(default_factory=dict)
+    last_error: str | None = None   # the last failure this worker caused (a worker fault)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def encode(self) -> str:

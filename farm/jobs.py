@@ -1,64 +1,22 @@
-"""Jobs: what a user asks for (JobSpec), its identity (Job), and its lifecycle (JobState).
-
-The lifecycle, written down once (the README draws the same picture):
-
-    queued ──► running ──────────────────────────────► succeeded
-      │          │  └──► latents_ready ──► refining ──┘
-      │          │              (split base → refiner)
-      └──────────┴──────────────┴───────────┴────────► failed | canceled
-
-A running stage may go back to queued, and a refining one to latents_ready (retried on another
-worker; a running one may also be handed back by a worker that is stopping: worker/drain.py).
-succeeded, failed and canceled are final.
-"""
+"""Jobs: what a user asks for (JobSpec), a job of a batch (Job), and what a queue carries
+(Message: it names a job of a manifest, nothing more). The lifecycle is farm/lifecycle.py."""
 
 from __future__ import annotations
 
-import enum
 import re
 import secrets
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, ClassVar
 
-from farm import buckets, models
+from farm import buckets, keys, models
 from farm.errors import ValidationError
+from farm.lifecycle import Stage
 from farm.presets import DEFAULT_PRESET, PRESETS, VAES
 from farm.rules import check_int as _int
 from farm.rules import check_number as _number
 from farm.rules import check_text as _text
 from farm.rules import unknown_key as _unknown_key
 from farm.settings import Settings
-
-
-class JobState(enum.StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    LATENTS_READY = "latents_ready"
-    REFINING = "refining"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELED = "canceled"
-
-    @property
-    def final(self) -> bool:
-        return self in FINAL_STATES
-
-    def can_become(self, new: JobState) -> bool:
-        return new in TRANSITIONS[self]
-
-
-FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED})
-TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELED}),
-    JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.LATENTS_READY, JobState.QUEUED,
-                                 JobState.FAILED, JobState.CANCELED}),
-    JobState.LATENTS_READY: frozenset({JobState.REFINING, JobState.FAILED, JobState.CANCELED}),
-    JobState.REFINING: frozenset({JobState.SUCCEEDED, JobState.LATENTS_READY, JobState.FAILED,
-                                  JobState.CANCELED}),
-    JobState.SUCCEEDED: frozenset(),
-    JobState.FAILED: frozenset(),
-    JobState.CANCELED: frozenset(),
-}
 
 # sampler names a job may use → what the worker builds (worker/pipelines.py maps them)
 SCHEDULERS = ("euler", "euler_a", "dpmpp_2m", "ddim")
@@ -112,14 +70,24 @@ class JobSpec:
         return cls._FIELDS
 
     @classmethod
-    def from_dict(cls, data: Any, settings: Settings) -> JobSpec:
+    def from_dict(cls, data: Any, settings: Settings, *, stored: bool = False) -> JobSpec:
         """Check every field against its rule; fill what is absent from the job's preset, then
-        the model's defaults. Raises ValidationError naming the first field that breaks one."""
+        the model's defaults. Raises ValidationError naming the first field that breaks one.
+
+        `data` is a user's job line unless `stored`: a spec the farm wrote itself (a batch's
+        manifest), which may also carry what only the farm sets: `snapped_from`, the size
+        `--snap` moved. A user's line that names it is refused, so no job can claim a size it
+        never asked for."""
         if not isinstance(data, dict):
             raise ValidationError("job", "must be an object with a prompt", data)
-        unknown = [k for k in data if k not in cls.field_names() and k not in INPUT_ONLY]
+        farm_only = () if stored else ("snapped_from",)
+        inputs = [f for f in cls.field_names() if f not in farm_only]
+        unknown = [k for k in data if k not in inputs and k not in INPUT_ONLY]
+        if "snapped_from" in unknown:
+            raise ValidationError("snapped_from", "is not an input field: the farm records it "
+                                  "when --snap moves a size to a bucket", data["snapped_from"])
         if unknown:
-            allowed = ", ".join((*cls.field_names(), *INPUT_ONLY))
+            allowed = ", ".join((*inputs, *INPUT_ONLY))
             raise _unknown_key(data, unknown, f"is not a known field (known: {allowed})")
         if "prompt" not in data or data["prompt"] is None:
             raise ValidationError("prompt", "is required", show_value=False)
@@ -131,6 +99,12 @@ class JobSpec:
         model = models.resolve(data.get("model", models.DEFAULT_MODEL), role="base")
         steps = _int(data, "steps", 1, settings.max_steps, model.default_steps)
         width, height, snapped_from = _size(data, settings, model)
+        if snapped_from is None and data.get("snapped_from") is not None:  # a stored spec's
+            snapped_from = data["snapped_from"]
+            if not isinstance(snapped_from, str) or not re.fullmatch(r"[0-9]{2,5}x[0-9]{2,5}",
+                                                                     snapped_from):
+                raise ValidationError("snapped_from", "must be the WIDTHxHEIGHT a job asked "
+                                      "for before --snap moved it", snapped_from)
         refiner = data.get("refiner")
         if refiner is not None:
             refiner = models.resolve(refiner, role="refiner", field="refiner").name
@@ -157,14 +131,16 @@ class JobSpec:
             min_vram=_int(data, "min_vram", 0, MAX_VRAM_GB, 0), refiner=refiner, switch=switch,
             split=_choice(data, "split", SPLIT_POLICIES, "auto"), preset=preset,
             cfg_cutoff=cfg_cutoff, vae=_choice(data, "vae", VAES, "default"),
-            snapped_from=snapped_from or data.get("snapped_from"))
+            snapped_from=snapped_from)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def image_seeds(self) -> list[int]:
-        """Image k of a job uses seed + k, so any one image can be re-rendered alone."""
-        return [self.seed + k for k in range(self.n)]
+        """Image k of a job uses (seed + k) mod 2**32, so any one image can be re-rendered alone
+        as a job of its own: the seeds wrap past SEED_MAX to 0 and every image seed is one a
+        job may ask for (seed 4294967295 with n = 2 gives 4294967295, then 0)."""
+        return [(self.seed + k) % (SEED_MAX + 1) for k in range(self.n)]
 
 
 def _choice(data: dict[str, Any], name: str, allowed: tuple[str, ...], default: str) -> str:
@@ -202,23 +178,8 @@ def _size(data: dict[str, Any], settings: Settings, model: models.ModelSpec
     return w, h, f"{width}x{height}"
 
 
-# The stages a message can ask for (the README's "Split base → refiner" explains them):
-#   full     no refiner: render the images
-#   base     denoise to `switch`, then hand the latents to a refiner (through the store, or
-#            in memory when this worker also serves the refiner: split policy "auto")
-#   refiner  finish from the stored latents
-#   pair     base and refiner on this one worker, no store round-trip (split policy "never")
-STAGES = ("full", "base", "refiner", "pair")
 # the stages a worker that is stopping can hand back mid-way, to be resumed from a checkpoint
-RESUMABLE_STAGES = ("full", "base")
-
-
-def checkpoint_key(batch: str, job: str, stage: str, image: int, step: int) -> str:
-    """Where a stage handed back on a worker's shutdown keeps its in-flight latents: under the
-    job's own intermediate prefix (worker/checkpoint.py writes it)."""
-    from farm.records import batch_prefix  # records imports this module
-
-    return f"{batch_prefix(batch)}/intermediate/{job}/resume-{stage}-{image}-{step:04d}.safetensors"
+RESUMABLE_STAGES = (Stage.FULL, Stage.BASE)
 
 
 @dataclass(frozen=True)
@@ -234,49 +195,29 @@ class ResumePoint:
 
 
 @dataclass(frozen=True)
-class Job:
-    """A JobSpec with its place in a batch and the stage to run: what travels on the queue."""
+class Message:
+    """What travels on a queue: the job of a batch's manifest and the stage to run (and, for a
+    handed-back stage, where to resume). No spec: the worker takes that from the manifest, so
+    whoever can push to Redis cannot create or change work."""
 
-    id: str
     batch: str
-    index: int
-    spec: JobSpec
-    vram_class: int     # the smallest class that can run its first stage (farm/vram.py)
-    stage: str = "full"
-    refiner_vram_class: int | None = None   # the class of its refiner stage, when split
-    # set on a stage handed back by a worker that was stopping (worker/drain.py)
-    resume: ResumePoint | None = None
+    job: str
+    stage: Stage
+    resume: Any = None   # unchecked until the job is known (Job.for_message)
 
-    VERSION = 1
-    FIELDS = ("v", "id", "batch", "index", "spec", "vram", "stage", "refiner_vram", "resume")
-
-    @property
-    def stage_class(self) -> int:
-        """The VRAM class the stage in this message needs."""
-        if self.stage == "refiner" and self.refiner_vram_class is not None:
-            return self.refiner_vram_class
-        return self.vram_class
-
-    @property
-    def stage_model(self) -> str:
-        """The model (or base+refiner pair) whose queues carry this stage."""
-        if self.stage == "refiner" and self.spec.refiner:
-            return self.spec.refiner
-        if self.stage == "pair" and self.spec.refiner:
-            return models.pair_name(self.spec.model, self.spec.refiner)
-        return self.spec.model
+    VERSION = 2
+    FIELDS = ("v", "batch", "id", "stage", "resume")
 
     def encode(self) -> dict[str, Any]:
-        data = {"v": self.VERSION, "id": self.id, "batch": self.batch, "index": self.index,
-                "spec": self.spec.to_dict(), "vram": self.vram_class, "stage": self.stage,
-                "refiner_vram": self.refiner_vram_class}
+        data: dict[str, Any] = {"v": self.VERSION, "batch": self.batch, "id": self.job,
+                                "stage": self.stage.value}
         if self.resume is not None:
-            data["resume"] = self.resume.encode()
+            data["resume"] = self.resume
         return data
 
     @classmethod
-    def decode(cls, data: Any, settings: Settings) -> Job:
-        """A message from the queue, checked again: anyone who reaches Redis can push one."""
+    def decode(cls, data: Any) -> Message:
+        """A message from the queue, checked: anyone who reaches Redis can push one."""
         if not isinstance(data, dict):
             raise ValidationError("message", "must be a JSON object", data)
         version = data.get("v")
@@ -284,43 +225,95 @@ class Job:
             raise ValidationError("message.v", f"must be {cls.VERSION}", version)
         extra = [k for k in data if k not in cls.FIELDS]
         if extra:
-            raise _unknown_key(data, extra, "is not a known field of a message",
-                               prefix="message.")
-        batch = data.get("batch")
-        ident = data.get("id")
+            raise _unknown_key(data, extra, "is not a known field of a message (a message "
+                               "names a job of a manifest, nothing more)", prefix="message.")
+        batch, ident = data.get("batch"), data.get("id")
         if not isinstance(batch, str) or not _ID.match(batch):
             raise ValidationError("message.batch", "must be a batch id ([a-z0-9-])", batch)
-        index = data.get("index")
-        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
-            raise ValidationError("message.index", "must be a non-negative integer", index)
-        if not isinstance(ident, str) or ident != job_id(batch, index):
-            raise ValidationError("message.id", "must be the job id of its batch and index",
-                                  ident)
-        vram = data.get("vram")
-        if type(vram) is not int or not 0 < vram <= MAX_VRAM_GB:
-            raise ValidationError("message.vram", f"must be a VRAM class in GB (1 to "
-                                  f"{MAX_VRAM_GB})", vram)
-        spec_data = data.get("spec")
-        if isinstance(spec_data, dict) and spec_data.get("seed") is None:
-            raise ValidationError("spec.seed", "must be set in a queued job", None)
-        spec = JobSpec.from_dict(spec_data, settings)
-        stage = data.get("stage", "full")
-        allowed = ("full",) if spec.refiner is None else ("base", "refiner", "pair")
-        if stage not in allowed:
-            raise ValidationError("message.stage", f"must be one of {', '.join(allowed)} for "
-                                  "this job", stage)
-        refiner_vram = data.get("refiner_vram")
-        if refiner_vram is not None and (type(refiner_vram) is not int
-                                         or not 0 < refiner_vram <= MAX_VRAM_GB):
-            raise ValidationError("message.refiner_vram", "must be a VRAM class in GB",
-                                  refiner_vram)
-        resume = _resume_point(data.get("resume"), batch, ident, stage, spec)
-        return cls(id=ident, batch=batch, index=index, spec=spec, vram_class=vram, stage=stage,
-                   refiner_vram_class=refiner_vram, resume=resume)
+        if not isinstance(ident, str) or not ident.startswith(batch + "-") \
+                or not ident[len(batch) + 1:].isdigit():
+            raise ValidationError("message.id", "must be a job id of its batch", ident)
+        stage = data.get("stage")
+        if stage not in tuple(Stage):
+            raise ValidationError("message.stage", f"must be one of "
+                                  f"{', '.join(s.value for s in Stage)}", stage)
+        return cls(batch=batch, job=ident, stage=Stage(stage), resume=data.get("resume"))
 
 
-def _resume_point(data: Any, batch: str, job: str, stage: str, spec: JobSpec
-                  ) -> ResumePoint | None:
+@dataclass(frozen=True)
+class Job:
+    """A job of a batch, as its manifest has it, and the stage a message asks for."""
+
+    id: str
+    batch: str
+    index: int
+    spec: JobSpec
+    vram_class: int     # the smallest class that can run its first stage (farm/vram.py)
+    stage: Stage = Stage.FULL
+    refiner_vram_class: int | None = None   # the class of its refiner stage, when split
+    # set on a stage handed back by a worker that was stopping (worker/drain.py)
+    resume: ResumePoint | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.stage, Stage):  # a stage name from a plan or a manifest
+            object.__setattr__(self, "stage", Stage(self.stage))
+
+    @property
+    def first_stage(self) -> Stage:
+        return self.stage if self.stage is not Stage.REFINER else Stage.BASE
+
+    @property
+    def stage_class(self) -> int:
+        """The VRAM class the stage in this message needs."""
+        if self.stage is Stage.REFINER and self.refiner_vram_class is not None:
+            return self.refiner_vram_class
+        return self.vram_class
+
+    @property
+    def stage_model(self) -> str:
+        """The model (or base+refiner pair) whose queues carry this stage."""
+        if self.stage is Stage.REFINER and self.spec.refiner:
+            return self.spec.refiner
+        if self.stage is Stage.PAIR and self.spec.refiner:
+            return models.pair_name(self.spec.model, self.spec.refiner)
+        return self.spec.model
+
+    def stages(self) -> tuple[Stage, ...]:
+        """The stages messages of this job may ask for."""
+        if self.spec.refiner is None:
+            return (Stage.FULL,)
+        first = self.first_stage
+        return (first, Stage.REFINER) if first is Stage.BASE else (first,)
+
+    def message(self) -> Message:
+        return Message(batch=self.batch, job=self.id, stage=self.stage,
+                       resume=self.resume.encode() if self.resume is not None else None)
+
+    def encode(self) -> dict[str, Any]:
+        """The message that runs this job's stage."""
+        return self.message().encode()
+
+    def replanned(self, classes: dict[str, int]) -> Job:
+        """This job with its stage at the class a record re-planned it to (out of memory)."""
+        larger = classes.get(self.stage.value)
+        if larger is None:
+            return self
+        if self.stage is Stage.REFINER:
+            return replace(self, refiner_vram_class=larger)
+        return replace(self, vram_class=larger)
+
+    def for_message(self, message: Message) -> Job:
+        """This job (as its manifest has it) at the stage `message` asks for; ValidationError
+        when the message asks for a stage or a resume point the job does not have."""
+        if message.stage not in self.stages():
+            raise ValidationError("message.stage", f"must be one of "
+                                  f"{', '.join(s.value for s in self.stages())} for this job",
+                                  message.stage.value)
+        resume = _resume_point(message.resume, self, message.stage)
+        return replace(self, stage=message.stage, resume=resume)
+
+
+def _resume_point(data: Any, job: Job, stage: Stage) -> ResumePoint | None:
     """A message's `resume`: the image and step a handed-back stage continues from, and its
     checkpoint, which must be exactly the key this job, stage, image and step give (so no
     message can point a worker at another object)."""
@@ -333,13 +326,14 @@ def _resume_point(data: Any, batch: str, job: str, stage: str, spec: JobSpec
         raise ValidationError("message.resume", "must be an object with key, image and step",
                               data)
     image, step = data["image"], data["step"]
+    spec = job.spec
     if type(image) is not int or not 0 <= image < spec.n:
         raise ValidationError("message.resume.image", f"must be an image of the job (0 to "
                               f"{spec.n - 1})", image)
     if type(step) is not int or not 0 <= step < spec.steps:
         raise ValidationError("message.resume.step", f"must be a step inside the job (0 to "
                               f"{spec.steps - 1})", step)
-    key = checkpoint_key(batch, job, stage, image, step)
+    key = keys.checkpoint_key(job.batch, job.id, stage, image, step)
     if data["key"] != key:
         raise ValidationError("message.resume.key", f"must be this job's checkpoint {key}",
                               data["key"])

@@ -44,9 +44,11 @@ def job_queues(job: Job) -> set[str]:
     """Every queue a job's messages can wait on: its first stage's, and its refiner's if split."""
     from dataclasses import replace
 
+    from farm.lifecycle import Stage
+
     names = {stage_queue(job)}
     if job.refiner_vram_class is not None and job.spec.refiner:
-        names.add(stage_queue(replace(job, stage="refiner")))
+        names.add(stage_queue(replace(job, stage=Stage.REFINER)))
     return names
 
 

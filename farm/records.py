@@ -1,51 +1,96 @@
-"""What the store keeps about a batch: the manifest (written once at submit) and one record per
-job (written by the worker that runs it). Together they are the batch's durable record; Redis
-only carries the messages.
+"""What the store keeps about a batch: its manifest, the authority on what the batch is, and the
+job records (farm/lifecycle.py) that say how far each job got. Redis only carries messages
+that name jobs of a manifest (farm/jobs.py Message). Keys: farm/keys.py.
 
-    batches/<batch>/manifest.json            the request and every job's spec and output keys
-    batches/<batch>/jobs/<job>.json          state, attempts, timestamps, worker, error
-    batches/<batch>/images/<job>-<k>.png     image k of the job (create-once)
-    batches/<batch>/images/<job>-<k>.json    its sidecar: full provenance (create-once)
-    batches/<batch>/intermediate/<job>/...   base → refiner latents (worker/handoff.py), and
-                                             the checkpoint of a handed-back stage
-                                             (worker/checkpoint.py)
-    compile-cache/<model>/<key>.bin|.json    compile artefacts for the fleet (worker/compile.py)
+A submit is a transaction. Its progress is recorded beside the manifest, in a small object
+that moves by compare-and-set (the manifest itself is written create-once and never changes, so
+workers read it once per batch):
+
+    submitting ──► submitted          every message was sent
+         │  ▲
+         ▼  │  (the same `farm submit --batch-id` run again)
+       aborted                        the submit failed part-way: workers refuse its messages
+
+The submit object is written before the manifest; a worker refuses the messages of a batch
+without one. A batch left `submitting` (its submit was killed) is finished by running the same
+submit again with its batch id, or canceled as a whole.
 """
 
 from __future__ import annotations
 
+import enum
+import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from farm import keys
 from farm.errors import FarmError, IntegrityError, NotFound
-from farm.jobs import Job, JobSpec, JobState
+from farm.jobs import Job, JobSpec
+from farm.lifecycle import JobRecord, Stage
 from farm.settings import Settings
 from farm.store import Store, get_json, put_json
 
-BATCHES = "batches"
-# worker/compile.py: compile artefacts shared by the fleet, outside any batch
-COMPILE_CACHE = "compile-cache"
+
+class SubmitState(enum.StrEnum):
+    SUBMITTING = "submitting"
+    SUBMITTED = "submitted"
+    ABORTED = "aborted"
 
 
-def batch_prefix(batch: str) -> str:
-    return f"{BATCHES}/{batch}"
+@dataclass(frozen=True)
+class Submit:
+    """How far a batch's submit got."""
+
+    batch: str
+    state: SubmitState
+    jobs: int
+    request: str                # sha256 of the request: a retried submit must send the same
+    reason: str | None = None   # why it was aborted
+    updated_at: float = 0.0
+
+    def encode(self) -> dict[str, Any]:
+        return {"batch": self.batch, "state": self.state.value, "jobs": self.jobs,
+                "request": self.request, "reason": self.reason, "updated_at": self.updated_at}
+
+    @classmethod
+    def decode(cls, data: Any) -> Submit:
+        try:
+            return cls(batch=str(data["batch"]), state=SubmitState(data["state"]),
+                       jobs=int(data["jobs"]), request=str(data.get("request", "")),
+                       reason=data.get("reason"), updated_at=float(data.get("updated_at", 0)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IntegrityError(f"a submit record is malformed: {exc}") from None
+
+    def to(self, state: SubmitState, reason: str | None = None) -> Submit:
+        return replace(self, state=state, reason=reason, updated_at=time.time())
 
 
-def manifest_key(batch: str) -> str:
-    return f"{batch_prefix(batch)}/manifest.json"
+def read_submit(store: Store, batch: str) -> tuple[Submit, str] | None:
+    """The batch's submit record and its version; None when the batch has none."""
+    try:
+        data, version = store.get_versioned(keys.submit_key(batch))
+    except NotFound:
+        return None
+    try:
+        return Submit.decode(json.loads(data)), version
+    except ValueError as exc:
+        raise IntegrityError(f"the submit record of {batch} is not valid JSON: {exc}") from None
 
 
-def record_key(batch: str, job: str) -> str:
-    return f"{batch_prefix(batch)}/jobs/{job}.json"
+def write_submit(store: Store, submit: Submit, version: str | None) -> str:
+    """Create the submit record (version None) or move it on (compare-and-set)."""
+    return put_json(store, keys.submit_key(submit.batch), submit.encode(),
+                    create_once=version is None, if_match=version)
 
 
-def image_key(batch: str, job: str, k: int) -> str:
-    return f"{batch_prefix(batch)}/images/{job}-{k}.png"
-
-
-def sidecar_key(batch: str, job: str, k: int) -> str:
-    return f"{batch_prefix(batch)}/images/{job}-{k}.json"
+def create_batch(store: Store, manifest: Manifest, state: SubmitState) -> tuple[Submit, str]:
+    """Write a new batch: its submit record first, then its manifest (both create-once)."""
+    submit = Submit(batch=manifest.batch, state=state, jobs=len(manifest.jobs),
+                    request=manifest.request, updated_at=time.time())
+    version = write_submit(store, submit, None)
+    put_json(store, keys.manifest_key(manifest.batch), manifest.encode(), create_once=True)
+    return submit, version
 
 
 @dataclass(frozen=True)
@@ -55,16 +100,27 @@ class Manifest:
     source: str                 # the file the prompts came from ("-" for stdin)
     defaults: dict[str, Any]    # the flags given to `farm submit`
     jobs: list[Job]
-    aborted: str | None = None  # set when submit failed part-way: workers drop its jobs
+    # sha256 of the request (its lines and flags): a retried submit must send the same one
+    request: str = ""
+    _index: dict[str, Job] = field(default_factory=dict, compare=False, repr=False)
+
+    def job(self, ident: str) -> Job:
+        """The job `ident` of this batch; NotFound when the manifest has no such job."""
+        if not self._index:
+            self._index.update((j.id, j) for j in self.jobs)
+        try:
+            return self._index[ident]
+        except KeyError:
+            raise NotFound(f"batch {self.batch} has no job {ident}") from None
 
     def encode(self) -> dict[str, Any]:
         return {
-            "version": 1, "batch": self.batch, "created_at": self.created_at,
-            "source": self.source, "defaults": self.defaults, "aborted": self.aborted,
+            "version": 2, "batch": self.batch, "created_at": self.created_at,
+            "source": self.source, "defaults": self.defaults, "request": self.request,
             "jobs": [{"id": j.id, "index": j.index, "spec": j.spec.to_dict(),
-                      "vram": j.vram_class, "stage": j.stage,
+                      "vram": j.vram_class, "stage": j.stage.value,
                       "refiner_vram": j.refiner_vram_class,
-                      "images": [image_key(self.batch, j.id, k) for k in range(j.spec.n)]}
+                      "images": [keys.image_key(self.batch, j.id, k) for k in range(j.spec.n)]}
                      for j in self.jobs],
         }
 
@@ -73,86 +129,30 @@ class Manifest:
         try:
             batch = data["batch"]
             jobs = [Job(id=j["id"], batch=batch, index=j["index"],
-                        spec=JobSpec.from_dict(j["spec"], settings), vram_class=int(j["vram"]),
-                        stage=j.get("stage", "full"), refiner_vram_class=j.get("refiner_vram"))
+                        spec=JobSpec.from_dict(j["spec"], settings, stored=True),
+                        vram_class=int(j["vram"]),
+                        stage=Stage(j.get("stage", "full")),
+                        refiner_vram_class=j.get("refiner_vram"))
                     for j in data["jobs"]]
             return cls(batch=batch, created_at=float(data["created_at"]),
                        source=data.get("source", ""), defaults=data.get("defaults", {}),
-                       jobs=jobs, aborted=data.get("aborted"))
+                       jobs=jobs, request=data.get("request", ""))
         except (KeyError, TypeError, ValueError, FarmError) as exc:
             raise IntegrityError(f"the manifest of batch is malformed: {exc}") from None
 
 
-@dataclass(frozen=True)
-class JobRecord:
-    job: str
-    batch: str
-    state: JobState = JobState.QUEUED
-    attempts: int = 0
-    worker: str | None = None
-    started_at: float | None = None
-    finished_at: float | None = None
-    updated_at: float | None = None
-    images: list[str] = field(default_factory=list)
-    error: str | None = None
-    # whose fault a failure was: "job" (the work itself raised) or "worker" (workers died)
-    error_kind: str | None = None
-    # what happened that is not an error: "handed back at step 37/150 on worker w-1's shutdown"
-    note: str | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-    # per stage ("full", "base", "refiner", "pair"): worker, host, vram_class, profile,
-    # attempts, started_at, finished_at, seconds
-    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    def with_stage(self, stage: str, **info: Any) -> dict[str, dict[str, Any]]:
-        """`stages` with `stage`'s entry updated by `info`."""
-        return {**self.stages, stage: {**self.stages.get(stage, {}), **info}}
-
-    def to(self, state: JobState, **changes: Any) -> JobRecord:
-        """The next record in the lifecycle; refuses a move jobs.py does not allow."""
-        if state != self.state and not self.state.can_become(state):
-            raise ValueError(f"job {self.job} cannot go from {self.state.value} to {state.value}")
-        return replace(self, state=state, updated_at=time.time(), **changes)
-
-    def encode(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["state"] = self.state.value
-        return data
-
-    @classmethod
-    def decode(cls, data: Any) -> JobRecord:
-        try:
-            values = dict(data)
-            values["state"] = JobState(values["state"])
-            known = set(cls.__dataclass_fields__)
-            return cls(**{k: v for k, v in values.items() if k in known})
-        except (KeyError, TypeError, ValueError) as exc:
-            raise IntegrityError(f"a job record is malformed: {exc}") from None
-
-
 def read_manifest(store: Store, batch: str, settings: Settings) -> Manifest:
     try:
-        data = get_json(store, manifest_key(batch))
+        data = get_json(store, keys.manifest_key(batch))
     except NotFound:
         raise NotFound(f"no batch {batch!r} in {store.url}") from None
     return Manifest.decode(data, settings)
 
 
-def read_record(store: Store, batch: str, job: str) -> JobRecord | None:
-    try:
-        return JobRecord.decode(get_json(store, record_key(batch, job)))
-    except NotFound:
-        return None
-
-
-def write_record(store: Store, record: JobRecord) -> None:
-    put_json(store, record_key(record.batch, record.job), record.encode())
-
-
 def read_records(store: Store, batch: str) -> dict[str, JobRecord]:
     """Every job record of a batch that exists; a job without one is still queued."""
     records = {}
-    for key in store.list_keys(f"{batch_prefix(batch)}/jobs/"):
+    for key in store.list_keys(keys.records_prefix(batch)):
         if key.endswith(".json"):
             try:
                 record = JobRecord.decode(get_json(store, key))

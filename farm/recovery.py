@@ -62,6 +62,20 @@ def set_inflight(client: Any, worker: str, tag: str, queue: str, job: str | None
                                               "stage": stage, "since": time.time()}))
 
 
+def holds(client: Any, worker: str, job: str) -> bool:
+    """`worker` is alive and running `job` (its in-flight record names it)."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.exists(worker_key(worker))
+        pipe.get(INFLIGHT + worker)
+        alive, raw = pipe.execute()
+    if not alive or raw is None:
+        return False
+    try:
+        return bool(json.loads(raw).get("job") == job)
+    except (ValueError, AttributeError):
+        return False
+
+
 def clear_inflight(client: Any, worker: str) -> None:
     client.delete(INFLIGHT + worker)
 

@@ -78,8 +78,14 @@ class Settings:
     # same on every process. Dead workers are recovered from their heartbeats within a minute
     # (farm/recovery.py); this is only the backstop, so it can be long.
     visibility_timeout: int = 86400
-    # a stage whose worker died this many times is dead-lettered (a poison job)
+    # a stage that failed for a worker fault (a CUDA error, a crash, a hang, a kill) this many
+    # times, on as many workers as there are, is dead-lettered (a poison job)
     max_attempts: int = 3
+    # a worker that fails this many stages of different jobs in a row, a worker fault each
+    # time, is quarantined: it takes no more work and exits after quarantine_exit_seconds
+    # (non-zero, so its platform restarts or replaces it); a restart releases it
+    quarantine_after: int = 3
+    quarantine_exit_seconds: float = 60.0
     # a stage with no denoising step for this long is hung: its worker exits and the stage is
     # recovered elsewhere (a hung CUDA kernel cannot be interrupted from Python)
     hang_timeout: float = 300.0

@@ -4,10 +4,18 @@ Two backends behind one small interface: a directory (the embedded default, `fil
 S3-compatible bucket through boto3 (`s3://bucket/prefix`, with FARM_S3_ENDPOINT_URL for MinIO,
 R2 or moto). Writes are whole-object and atomic; `create_once=True` never overwrites (a second
 writer gets AlreadyExists), which is what makes duplicate deliveries harmless.
+
+Compare-and-set: `get_versioned` returns an object with its version (S3: the ETag; a file: the
+sha256 of its bytes), and `put(..., if_match=version)` writes only if the object is still that
+version (S3 `If-Match`; a file: under an exclusive lock on its directory), else raises Conflict.
+Every job-record write goes through it (farm/lifecycle.py), so a stale writer never wins.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import tempfile
@@ -17,7 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
 
-from farm.errors import AlreadyExists, ConfigError, NotFound, StoreUnavailable
+from farm.errors import AlreadyExists, ConfigError, Conflict, NotFound, StoreUnavailable
 from farm.settings import Settings
 
 
@@ -25,9 +33,12 @@ class Store(Protocol):
     url: str
 
     def put(self, key: str, data: bytes, *, create_once: bool = False,
-            content_type: str = "application/octet-stream") -> None: ...
+            if_match: str | None = None,
+            content_type: str = "application/octet-stream") -> str: ...
 
     def get(self, key: str) -> bytes: ...
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]: ...
 
     def exists(self, key: str) -> bool: ...
 
@@ -38,9 +49,12 @@ class Store(Protocol):
     def delete(self, key: str) -> None: ...
 
 
-def put_json(store: Store, key: str, value: Any, *, create_once: bool = False) -> None:
+def put_json(store: Store, key: str, value: Any, *, create_once: bool = False,
+             if_match: str | None = None) -> str:
+    """Write `value` as JSON; returns the object's new version."""
     data = json.dumps(value, indent=2, sort_keys=True).encode()
-    store.put(key, data, create_once=create_once, content_type="application/json")
+    return store.put(key, data, create_once=create_once, if_match=if_match,
+                     content_type="application/json")
 
 
 def get_json(store: Store, key: str) -> Any:
@@ -71,11 +85,15 @@ class FileStore:
         return self.root / check_key(key)
 
     def put(self, key: str, data: bytes, *, create_once: bool = False,
-            content_type: str = "application/octet-stream") -> None:
+            if_match: str | None = None,
+            content_type: str = "application/octet-stream") -> str:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Write beside the target, then move it in whole: readers never see half a file.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Write beside the target, then move it in whole: readers never see half a file.
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot write {self.url}/{key}: {exc}") from None
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -84,18 +102,49 @@ class FileStore:
                     os.link(tmp, path)  # atomic, and fails when the name exists
                 except FileExistsError:
                     raise AlreadyExists(f"{self.url}/{key} already exists") from None
+            elif if_match is not None:
+                with self._locked(path.parent):
+                    try:
+                        current = _digest(path.read_bytes())
+                    except FileNotFoundError:
+                        raise Conflict(f"{self.url}/{key} is gone") from None
+                    if current != if_match:
+                        raise Conflict(f"{self.url}/{key} changed since it was read")
+                    os.replace(tmp, path)
+                    tmp = ""
             else:
                 os.replace(tmp, path)
                 tmp = ""
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot write {self.url}/{key}: {exc}") from None
         finally:
             if tmp:
-                os.unlink(tmp)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        return _digest(data)
+
+    @contextlib.contextmanager
+    def _locked(self, folder: Path) -> Iterator[None]:
+        """An exclusive lock on a folder (a dot file, which no listing shows): compare-and-set
+        writers of objects in it take turns, across processes."""
+        with open(folder / ".lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def get(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise NotFound(f"{self.url}/{key} does not exist") from None
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot read {self.url}/{key}: {exc}") from None
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        data = self.get(key)
+        return data, _digest(data)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -107,7 +156,7 @@ class FileStore:
         keys = []
         for dirpath, _dirs, files in os.walk(base):
             for name in files:
-                if not name.startswith(".tmp-"):
+                if not name.startswith("."):  # half-written (.tmp-*) and lock files
                     keys.append(Path(dirpath, name).relative_to(self.root).as_posix())
         return sorted(keys)
 
@@ -120,8 +169,14 @@ class FileStore:
     def delete(self, key: str) -> None:
         try:
             self._path(key).unlink()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             pass
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot delete {self.url}/{key}: {exc}") from None
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 class S3Store:
@@ -174,6 +229,9 @@ class S3Store:
             if code in ("NoSuchKey", "404", "NotFound"):
                 raise NotFound(f"{self.url}/{kwargs.get('Key', '')} does not exist") from None
             if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                if "IfMatch" in kwargs:
+                    raise Conflict(f"{self.url}/{kwargs.get('Key', '')} changed since it was "
+                                   "read") from None
                 raise AlreadyExists(f"{self.url}/{kwargs.get('Key', '')} already exists") \
                     from None
             if code == "NoSuchBucket":
@@ -186,16 +244,26 @@ class S3Store:
             raise StoreUnavailable(f"object store {self.url}: {exc}") from None
 
     def put(self, key: str, data: bytes, *, create_once: bool = False,
-            content_type: str = "application/octet-stream") -> None:
+            if_match: str | None = None,
+            content_type: str = "application/octet-stream") -> str:
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key), "Body": data,
                                   "ContentType": content_type}
         if create_once:
             kwargs["IfNoneMatch"] = "*"
-        self._call(self.client.put_object, **kwargs)
+        elif if_match is not None:
+            kwargs["IfMatch"] = if_match
+        try:
+            response = self._call(self.client.put_object, **kwargs)
+        except NotFound:  # If-Match on an object that is gone
+            raise Conflict(f"{self.url}/{key} is gone") from None
+        return str(response.get("ETag", ""))
 
     def get(self, key: str) -> bytes:
+        return self.get_versioned(key)[0]
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
         response = self._call(self.client.get_object, Bucket=self.bucket, Key=self._key(key))
-        return bytes(response["Body"].read())
+        return bytes(response["Body"].read()), str(response.get("ETag", ""))
 
     def exists(self, key: str) -> bool:
         try:

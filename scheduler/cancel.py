@@ -7,13 +7,11 @@ shows it before any worker sees the message (which it then skips: the record is 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
-from farm import broker, recovery
+from farm import broker, lifecycle, recovery
 from farm.errors import NotFound
-from farm.jobs import JobState
-from farm.records import JobRecord, read_manifest, read_record, write_record
+from farm.records import read_manifest
 from farm.settings import Settings
 from farm.store import Store
 
@@ -37,21 +35,26 @@ def cancel(settings: Settings, store: Store, target: str) -> Canceled:
     recovery.set_canceled(broker.redis_client(settings), target)
     marked, stopping, done = [], [], []
     for ident in ids:
-        record = read_record(store, batch, ident) or JobRecord(job=ident, batch=batch)
-        if record.state.final:
-            done.append(ident)
-        elif record.state in (JobState.RUNNING, JobState.REFINING):
-            stopping.append(ident)
-        else:
-            write_record(store, record.to(JobState.CANCELED, error="canceled by the user",
-                                          finished_at=time.time()))
-            marked.append(ident)
+        while True:  # compare-and-set: a worker may move the job on between read and write
+            held = lifecycle.read(store, batch, ident)
+            record = held.record
+            if record.state.final:
+                done.append(ident)
+            elif record.state.active:
+                stopping.append(ident)
+            else:
+                try:
+                    lifecycle.commit(store, held, lifecycle.cancel(record, "canceled by the user"))
+                except lifecycle.Superseded:
+                    continue
+                marked.append(ident)
+            break
     return Canceled(batch=batch, marked=marked, stopping=stopping, done=done)
 
 
 def _split(store: Store, settings: Settings, target: str) -> tuple[str, str | None]:
     """A batch id, or a job id (its batch id plus -NNNN)."""
-    from farm.records import manifest_key
+    from farm.keys import manifest_key
 
     if store.exists(manifest_key(target)):
         return target, None

@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from farm.records import BATCHES, read_record
+from farm import keys
+from farm.lifecycle import read_record
 from farm.settings import Settings
 from farm.store import Store
 
@@ -26,10 +27,12 @@ def clean_intermediates(store: Store, settings: Settings, older_than_hours: floa
     ttl = settings.intermediate_ttl_hours if older_than_hours is None else older_than_hours
     cutoff = (now or time.time()) - ttl * 3600
     deleted, kept = [], 0
-    for batch in store.list_dirs(BATCHES):
-        for key in store.list_keys(f"{BATCHES}/{batch}/intermediate/"):
-            job = key.split("/")[3]
-            record = read_record(store, batch, job)
+    for batch in store.list_dirs(keys.BATCHES):
+        for key in store.list_keys(keys.intermediates_prefix(batch)):
+            where = keys.intermediate_job(key)
+            if where is None:
+                continue
+            record = read_record(store, *where)
             if (record is not None and record.state.final
                     and (record.finished_at or 0) <= cutoff):
                 if not dry_run:

@@ -7,12 +7,13 @@ from dataclasses import dataclass
 
 from farm import vram
 from farm.jobs import JobSpec
+from farm.lifecycle import Stage
 from farm.settings import Settings
 
 
 @dataclass(frozen=True)
 class Plan:
-    first_stage: str               # "full", "base" or "pair" (farm/jobs.py STAGES)
+    first_stage: Stage             # full, base or pair (farm/lifecycle.py Stage)
     vram_class: int                # the first stage's class
     refiner_vram_class: int | None  # the refiner stage's, when the job is split
 
@@ -30,9 +31,9 @@ def placement(spec: JobSpec, settings: Settings, stage: str = "base") -> vram.Pl
 def plan(spec: JobSpec, settings: Settings) -> Plan:
     base = placement(spec, settings).vram_class
     if spec.refiner is None:
-        return Plan("full", base, None)
+        return Plan(Stage.FULL, base, None)
     refiner = placement(spec, settings, "refiner").vram_class
     if spec.split == "never":
         # one worker holds both models: it must be of the bigger class the two need
-        return Plan("pair", max(base, refiner), None)
-    return Plan("base", base, refiner)
+        return Plan(Stage.PAIR, max(base, refiner), None)
+    return Plan(Stage.BASE, base, refiner)

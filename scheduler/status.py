@@ -1,4 +1,5 @@
-"""A batch's state, read from the store: the manifest plus whatever job records exist."""
+"""A batch's state, read from the store: the manifest, its submit record, and whatever job
+records exist."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from typing import Any
 
 from farm.errors import FarmError
 from farm.fleet import WorkerInfo
-from farm.jobs import JobState
-from farm.records import BATCHES, JobRecord, Manifest, read_manifest, read_records
+from farm.keys import BATCHES
+from farm.lifecycle import JobRecord, JobState
+from farm.records import Manifest, Submit, SubmitState, read_manifest, read_records, read_submit
 from farm.settings import Settings
 from farm.store import Store
 
@@ -21,6 +23,17 @@ class JobView:
     error: str | None
     record: JobRecord | None
     waiting: str | None = None   # why a queued job is not moving, when we can tell
+
+    @property
+    def fault(self) -> str | None:
+        """Whose fault a failed job was: "job" or "worker" (its workers kept failing)."""
+        if self.state != JobState.FAILED or self.record is None:
+            return None
+        return self.record.error_kind
+
+    @property
+    def failed_attempts(self) -> list[dict[str, Any]]:
+        return list(self.record.failures) if self.record is not None else []
 
     @property
     def note(self) -> str | None:
@@ -36,6 +49,7 @@ class BatchStatus:
     created_at: float
     manifest: Manifest
     jobs: list[JobView]
+    submit: Submit | None = None
 
     @property
     def counts(self) -> dict[str, int]:
@@ -51,9 +65,11 @@ class BatchStatus:
     @property
     def state(self) -> str:
         """queued / running while any job is unfinished; then succeeded, failed or canceled."""
-        if self.manifest.aborted:
+        if self.submit is not None and self.submit.state is SubmitState.ABORTED:
             return "aborted"
         states = {j.state for j in self.jobs}
+        if self.half_submitted and not all(s.final for s in states):
+            return "submitting"
         if not all(s.final for s in states):
             return "queued" if states == {JobState.QUEUED} else "running"
         if states == {JobState.SUCCEEDED}:
@@ -65,6 +81,11 @@ class BatchStatus:
         return "succeeded" if JobState.SUCCEEDED in states else "canceled"
 
     @property
+    def half_submitted(self) -> bool:
+        """Its submit stopped part-way (killed): some jobs may never have been queued."""
+        return self.submit is not None and self.submit.state is SubmitState.SUBMITTING
+
+    @property
     def finished(self) -> bool:
         return self.state in ("succeeded", "failed", "canceled", "aborted")
 
@@ -73,8 +94,11 @@ class BatchStatus:
             "batch": self.batch,
             "state": self.state,
             "counts": self.counts,
+            "submit": self.submit.state.value if self.submit is not None else None,
             "jobs": [{"id": j.id, "state": j.state.value, "images": j.images,
-                      "error": j.error, **({"waiting": j.waiting} if j.waiting else {}),
+                      "error": j.error, **({"fault": j.fault} if j.fault else {}),
+                      **({"failed_attempts": j.failed_attempts} if j.failed_attempts else {}),
+                      **({"waiting": j.waiting} if j.waiting else {}),
                       **({"note": j.note} if j.note else {})}
                      for j in self.jobs],
         }
@@ -106,8 +130,9 @@ def batch_status(store: Store, batch: str, settings: Settings) -> BatchStatus:
         else:
             views.append(JobView(job.id, record.state, list(record.images), record.error,
                                  record))
+    found = read_submit(store, batch)
     return BatchStatus(batch=batch, created_at=manifest.created_at, manifest=manifest,
-                       jobs=views)
+                       jobs=views, submit=found[0] if found is not None else None)
 
 
 def recent_batches(store: Store, settings: Settings, limit: int = 20) -> list[BatchStatus]:

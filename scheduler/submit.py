@@ -1,23 +1,43 @@
-"""Submit a validated batch: write its manifest, then enqueue one message per job.
+"""Submit a validated batch as a transaction: its submit record and manifest first, then one
+message per job, then the submit record moves to submitted (farm/records.py draws the states).
 
-All or nothing: validation happened before this (scheduler/parse.py); the broker is checked
-before anything is written; and if enqueuing breaks part-way, the manifest is marked aborted so
-workers drop the messages that did get through, and the user is told nothing was submitted.
+- Validation happened before this (scheduler/parse.py); the broker must answer before anything
+  is written.
+- A message only names a job of the manifest; workers take the spec from the manifest and
+  refuse the messages of a batch whose submit record is missing or aborted.
+- A submit that fails part-way marks the batch aborted (workers then refuse whatever messages
+  got through) and says nothing was submitted. One that is killed leaves it submitting.
+- Either way, the same submit run again with the batch's id (`--batch-id`, the `batch_id`
+  argument: an idempotency key) continues that batch: the same jobs with the same seeds, each
+  queued again unless it ended or a live worker holds it. A job is never rendered twice: a
+  second message of a job finds its record running or final and does nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from farm import broker, fleet, queues, recovery
-from farm.errors import BrokerUnavailable, FarmError
-from farm.jobs import Job, JobSpec, job_id, new_batch_id
-from farm.records import Manifest, manifest_key
+from farm.errors import AlreadyExists, BrokerUnavailable, Conflict, FarmError, UsageError
+from farm.jobs import Job, JobSpec, is_id, job_id, new_batch_id
+from farm.lifecycle import JobRecord, JobState, Stage
+from farm.records import (
+    Manifest,
+    SubmitState,
+    create_batch,
+    read_manifest,
+    read_records,
+    read_submit,
+    write_submit,
+)
 from farm.scheduler.plan import plan
 from farm.settings import Settings
-from farm.store import Store, open_store, put_json
+from farm.store import Store, open_store
 
 BATCH_MARKER_SECONDS = 30 * 24 * 3600
 
@@ -30,97 +50,139 @@ def batch_marker(batch: str) -> str:
 class Submitted:
     batch: str
     jobs: list[Job]
+    sent: int = 0              # messages sent by this call
+    continued: bool = False    # the batch existed: this call continued it
+
+
+def request_digest(specs: list[JobSpec], defaults: dict[str, Any] | None = None) -> str:
+    """What a retried submit must repeat: the jobs and the flags."""
+    body = json.dumps({"jobs": [s.to_dict() for s in specs], "defaults": defaults or {}},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(body.encode()).hexdigest()
 
 
 def submit(settings: Settings, specs: list[JobSpec], *, source: str = "-",
-           defaults: dict[str, Any] | None = None, store: Store | None = None) -> Submitted:
+           defaults: dict[str, Any] | None = None, store: Store | None = None,
+           batch_id: str | None = None, request: str | None = None,
+           announce: Callable[[str], None] | None = None) -> Submitted:
+    """Submit `specs` as a batch. `batch_id` makes the call idempotent: a batch of that id
+    that exists is continued (it must be the same request: `request`, by default the digest
+    of the specs and defaults), not made again. `announce` hears the batch id before any
+    message is sent."""
     # 1. the broker must answer before anything is written
     broker.ensure_broker(settings)
     broker.wait_for_broker(settings)
     store = store or open_store(settings)
     client = broker.redis_client(settings)
     fleet.check_shared(client, settings)  # planned with the classes and buckets workers use
+    if batch_id is not None and not is_id(batch_id):
+        raise UsageError(f"--batch-id must be lowercase letters, digits and dashes (at most 81), "
+                         f"got {batch_id!r}")
+    request = request or request_digest(specs, defaults)
+
+    # 2. the submit record and the manifest, before any message exists
+    batch = batch_id or new_batch_id(time.time())
+    found = read_submit(store, batch)
+    continued = found is not None
+    if found is None:
+        jobs = []
+        for i, spec in enumerate(specs):
+            p = plan(spec, settings)
+            jobs.append(Job(id=job_id(batch, i), batch=batch, index=i, spec=spec,
+                            vram_class=p.vram_class, stage=Stage(p.first_stage),
+                            refiner_vram_class=p.refiner_vram_class))
+        manifest = Manifest(batch=batch, created_at=time.time(), source=source,
+                            defaults=dict(defaults or {}), jobs=jobs, request=request)
+        try:
+            found = create_batch(store, manifest, SubmitState.SUBMITTING)
+        except AlreadyExists:  # the same submit, running at once elsewhere: continue it
+            found = read_submit(store, batch)
+            continued = True
+    if continued:
+        assert found is not None
+        if found[0].request != request:
+            raise UsageError(f"batch {batch} exists with a different request (other prompts "
+                             "or flags); give another --batch-id, or none for a new batch")
+        manifest = read_manifest(store, batch, settings)
+    assert found is not None
+    submit_record, version = found
+    if announce is not None:
+        announce(batch)
+
+    # 3. one message per job that still needs one; first the jobs are noted as open until
+    # each ends, so that workers can find one whose message vanished with a killed worker
+    records = read_records(store, batch) if continued else {}
+    todo = [job for job in (_next_stage(j, records.get(j.id), client) for j in manifest.jobs)
+            if job is not None]
     app = broker.celery_app(settings)
-
-    # 2. the manifest is the record: written once, before any message exists
-    batch = new_batch_id(time.time())
-    jobs = []
-    for i, spec in enumerate(specs):
-        p = plan(spec, settings)
-        jobs.append(Job(id=job_id(batch, i), batch=batch, index=i, spec=spec,
-                        vram_class=p.vram_class, stage=p.first_stage,
-                        refiner_vram_class=p.refiner_vram_class))
-    manifest = Manifest(batch=batch, created_at=time.time(), source=source,
-                        defaults=dict(defaults or {}), jobs=jobs)
-    put_json(store, manifest_key(batch), manifest.encode(), create_once=True)
-
-    # 3. one message per job, on one connection; first the jobs are noted as open until each
-    # ends, so that workers can find one whose message vanished with a killed worker
-    # (farm/recovery.py: reconciling)
     try:
-        recovery.open_jobs(client, batch, [job.id for job in jobs])
+        if submit_record.state is not SubmitState.SUBMITTING:
+            submit_record = submit_record.to(SubmitState.SUBMITTING)
+            version = write_submit(store, submit_record, version)
+        recovery.open_jobs(client, batch, [job.id for job in todo])
         with app.producer_or_acquire() as producer:
-            for job in jobs:
+            for job in todo:
                 app.send_task(queues.RENDER_TASK, args=[job.encode()],
-                              queue=queues.stage_queue(job),
-                              producer=producer, retry=True,
+                              queue=queues.stage_queue(job), producer=producer, retry=True,
                               retry_policy={"max_retries": 3, "interval_start": 0.2,
                                             "interval_step": 0.5, "interval_max": 2})
         recovery.activate(client, batch)
         # the broker's own note of the batch: if it is ever missing while jobs wait, the broker
         # lost its data (farm status says so; farm resubmit queues them again)
-        client.set(batch_marker(batch), len(jobs), ex=BATCH_MARKER_SECONDS)
+        client.set(batch_marker(batch), len(manifest.jobs), ex=BATCH_MARKER_SECONDS)
+        write_submit(store, submit_record.to(SubmitState.SUBMITTED), version)
+    except Conflict:
+        raise UsageError(f"batch {batch} is being submitted by another process at once") \
+            from None
     except Exception as exc:
         reason = f"enqueue failed after the manifest was written: {exc}"
-        try:
-            aborted = Manifest(**{**manifest.__dict__, "aborted": reason})
-            put_json(store, manifest_key(batch), aborted.encode())
+        try:  # workers refuse the messages that did get through
+            write_submit(store, submit_record.to(SubmitState.ABORTED, reason), version)
         except FarmError:
-            pass
-        try:  # workers drop the messages that did get through: the batch is canceled
-            recovery.set_canceled(broker.redis_client(settings), batch)
-        except Exception:  # noqa: BLE001 - the broker is what just failed; status says aborted
-            pass
-        raise BrokerUnavailable(f"nothing was submitted: {reason}") from None
+            pass  # left submitting: status says how to finish or cancel it
+        raise BrokerUnavailable(f"nothing was submitted: {reason}; `farm submit ... --batch-id "
+                                f"{batch}` submits it again") from None
     finally:
         app.close()
-    return Submitted(batch=batch, jobs=jobs)
+    return Submitted(batch=batch, jobs=manifest.jobs, sent=len(todo), continued=continued)
+
+
+def _next_stage(job: Job, record: JobRecord | None, client: Any) -> Job | None:
+    """The stage a job needs a message for, or None: it ended, or a live worker holds it."""
+    if record is None:
+        return job
+    if record.state.final:
+        return None
+    if record.state.active and record.worker and recovery.holds(client, record.worker, job.id):
+        return None
+    if record.state in (JobState.LATENTS_READY, JobState.REFINING):
+        job = replace(job, stage=Stage.REFINER)
+    return job.replanned(record.replanned)
 
 
 def resubmit(settings: Settings, batch: str, store: Store | None = None) -> list[Job]:
-    """Queue again every job of `batch` that has not ended, at the stage it stands at (for a
-    broker that lost its data: status says when). Idempotent: a job that meanwhile runs or
-    ends is skipped by its worker."""
-    from farm.jobs import JobState
-    from farm.records import read_manifest, read_records
-
+    """Queue again every job of `batch` that has not ended and that no live worker holds, at
+    the stage it stands at (for a broker that lost its data: status says when). Idempotent: a
+    second message of a job does nothing."""
     broker.ensure_broker(settings)
     broker.wait_for_broker(settings)
     store = store or open_store(settings)
     manifest = read_manifest(store, batch, settings)
     records = read_records(store, batch)
-    app = broker.celery_app(settings)
     client = broker.redis_client(settings)
-    again = []
+    again = [job for job in (_next_stage(j, records.get(j.id), client) for j in manifest.jobs)
+             if job is not None]
+    app = broker.celery_app(settings)
     try:
-        recovery.open_jobs(client, batch, [job.id for job in manifest.jobs
-                                           if job.id not in records
-                                           or not records[job.id].state.final])
+        recovery.open_jobs(client, batch, [job.id for job in again])
         with app.producer_or_acquire() as producer:
-            for job in manifest.jobs:
-                record = records.get(job.id)
-                if record is not None and record.state.final:
-                    continue
-                if record is not None and record.state in (JobState.LATENTS_READY,
-                                                           JobState.REFINING):
-                    from dataclasses import replace
-
-                    job = replace(job, stage="refiner")
+            for job in again:
                 app.send_task(queues.RENDER_TASK, args=[job.encode()],
                               queue=queues.stage_queue(job), producer=producer)
-                again.append(job)
         client.set(batch_marker(batch), len(manifest.jobs), ex=BATCH_MARKER_SECONDS)
         recovery.activate(client, batch)
     finally:
         app.close()
     return again
+
+

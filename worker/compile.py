@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from farm.errors import ConfigError, FarmError
-from farm.records import COMPILE_CACHE
+from farm.keys import COMPILE_CACHE
 from farm.settings import COMPILE_BACKENDS
 from farm.store import Store
 

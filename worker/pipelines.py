@@ -5,7 +5,8 @@ Every model - tiny, Hub or local - goes through diffusers' own `from_pretrained`
 
 Determinism: each image gets its own CPU `torch.Generator` seeded with its image seed, and images
 are rendered one at a time. Same seed, same pixels on the same device type and thread count,
-whatever else the job asks for: image k of a job equals that image rendered alone with seed + k.
+whatever else the job asks for: image k of a job equals that image rendered alone with its
+image seed, (seed + k) mod 2**32 (JobSpec.image_seeds).
 """
 
 from __future__ import annotations

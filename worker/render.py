@@ -3,7 +3,8 @@ choice and CFG cut-off; and warming every shape a job can bring, before the firs
 
 Determinism: each image gets its own CPU `torch.Generator` seeded with its image seed, and images
 are rendered one at a time. Same seed, same pixels on the same device type and thread count,
-whatever else the job asks for: image k of a job equals that image rendered alone with seed + k.
+whatever else the job asks for: image k of a job equals that image rendered alone with its
+image seed, (seed + k) mod 2**32 (JobSpec.image_seeds).
 """
 
 from __future__ import annotations
@@ -229,10 +230,7 @@ def _continue(model: LoadedModel, spec: jobs.JobSpec, point: Continue,
     """Continue one image from `point.step` with the base model's own components in an img2img
     pipeline (the latents as its image, `denoising_start` at that step): the same mechanism
     the refiner continues the base with. The CFG cut-off keeps its place in the whole run."""
-    from diffusers import StableDiffusionXLImg2ImgPipeline
-
-    pipe = StableDiffusionXLImg2ImgPipeline.from_pipe(model.pipe)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = _img2img(model)
     timesteps, train = _schedule(model, spec)
     guidance, cutoff = spec.guidance, None
     if spec.cfg_cutoff > 0:
@@ -243,14 +241,41 @@ def _continue(model: LoadedModel, spec: jobs.JobSpec, point: Continue,
         else:
             guidance = 0.0  # the uninterrupted run had turned guidance off already
     extra = _callbacks(callback, cutoff)
-    result = pipe(
-        prompt=spec.prompt, negative_prompt=spec.negative_prompt or None,
-        image=point.latents.to(device=model.device, dtype=model.dtype),
-        num_inference_steps=spec.steps, denoising_start=start_fraction(timesteps, train, point.step, spec),
-        denoising_end=end, guidance_scale=guidance, generator=generator,
-        output_type=output_type, **extra,
-    )
+    try:
+        result = pipe(
+            prompt=spec.prompt, negative_prompt=spec.negative_prompt or None,
+            image=point.latents.to(device=model.device, dtype=model.dtype),
+            num_inference_steps=spec.steps,
+            denoising_start=start_fraction(timesteps, train, point.step, spec),
+            denoising_end=end, guidance_scale=guidance, generator=generator,
+            output_type=output_type, **extra,
+        )
+    finally:
+        # Under model offload the shared modules carry the worker pipeline's hooks, and only
+        # that pipeline puts them all back on the CPU when a call ends (a no-op otherwise).
+        model.pipe.maybe_free_model_hooks()
     return result.images if output_type == "latent" else result.images[0]
+
+
+def _img2img(model: LoadedModel) -> Any:
+    """The worker pipeline's own modules as they stand (the job's sampler, the VAE its profile
+    or the job chose, the profile's fp8 storage and offload hooks) in an img2img pipeline.
+
+    Built directly, not with diffusers' `from_pipe`: that drops a module whose class is not
+    the new pipeline's type hint (the tiny VAE, AutoencoderTiny, of the lean profiles and of
+    `vae: tiny` jobs, so the pipeline cannot be built), and casts every shared module to its
+    `dtype` argument (float32 by default), which would undo the worker's fp16 weights and fp8
+    storage for every later job."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    base = model.pipe
+    pipe: Any = StableDiffusionXLImg2ImgPipeline(
+        **base.components,
+        force_zeros_for_empty_prompt=base.config.force_zeros_for_empty_prompt,
+        add_watermarker=getattr(base, "watermark", None) is not None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 @torch.no_grad()

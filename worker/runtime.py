@@ -4,6 +4,8 @@
     2. load every pipeline and warm it (heartbeat says "starting" meanwhile)
     3. report ready, then consume its queues with Celery's solo pool, one job at a time
     4. after --max-jobs jobs, or on SIGTERM/SIGINT, finish the current job and exit
+    5. quarantined (FARM_QUARANTINE_AFTER worker faults in a row, on different jobs): stop
+       taking work, show it in `farm workers` with the last error, then exit non-zero
 """
 
 from __future__ import annotations
@@ -20,16 +22,17 @@ from typing import Any
 from farm import broker, fleet, limits, models, queues, recovery, vram
 from farm.errors import RetryableError
 from farm.jobs import Job
+from farm.lifecycle import Fault
 from farm.settings import Settings
 from farm.store import open_store
 from farm.worker import compile
 from farm.worker.drain import Drain
-from farm.worker.stage import WorkerContext, package_versions, run_job
+from farm.worker.stage import Outcome, Result, WorkerContext, package_versions, resolve, run_job
 
 log = logging.getLogger("farm.worker")
 
-# outcomes after which the job has its final record (a duplicate: some earlier delivery's)
-ENDED = ("succeeded", "failed", "canceled", "duplicate")
+# the exit status of a quarantined worker: its platform restarts or replaces it
+QUARANTINED_EXIT = 70
 
 
 def resolve_device(requested: str) -> str:
@@ -56,14 +59,10 @@ def resolve_class(settings: Settings, device: str) -> int:
     return max(settings.vram_classes)
 
 
-def _hard_limit(message: Any) -> float:
-    """The running stage's hard limit (farm/limits.py), from its message as far as it reads."""
-    try:
-        spec = message["spec"]
-        return limits.stage_seconds(int(spec["steps"]), int(spec["width"]),
-                                    int(spec["height"]), int(spec.get("n", 1)))
-    except (KeyError, TypeError, ValueError):
-        return limits.FLOOR_SECONDS
+def _hard_limit(job: Job) -> float:
+    """The running stage's hard limit (farm/limits.py)."""
+    spec = job.spec
+    return limits.stage_seconds(spec.steps, spec.width, spec.height, spec.n)
 
 
 def default_name(device: str) -> str:
@@ -89,6 +88,11 @@ class Worker:
         self.progress: float | None = None  # monotonic time of the running stage's last step
         self.deadline: float | None = None  # when the running stage passes its hard limit
         self.ctx: WorkerContext | None = None
+        self.drain = Drain(settings.stop_grace)
+        # the jobs of this worker's latest stages that ended in a worker fault, newest last;
+        # any other end clears it (farm/settings.py quarantine_after)
+        self.faults: list[str] = []
+        self.quarantined_at: float | None = None
 
     # -- 1-2: setup, once ---------------------------------------------------------------------
 
@@ -140,10 +144,17 @@ class Worker:
                       f"(weights {model.weights_hash[:12]})")
             self._compile_and_warm(model, spec, device, profile.name, store)
             loaded[spec.name] = model
-        self.ctx = WorkerContext(settings=self.settings, store=store,
-                                 models=loaded, render=pipelines.render, name=self.name,
-                                 versions=package_versions(), threads=self.settings.threads,
-                                 vram_class=self.vram_class, backend=pipelines)
+        self.app = broker.celery_app(self.settings)
+        self.listener = recovery.CancelListener(broker.redis_client(self.settings))
+        self.ctx = WorkerContext(
+            settings=self.settings, store=store, models=loaded, backend=pipelines,
+            name=self.name, versions=package_versions(), threads=self.settings.threads,
+            vram_class=self.vram_class, enqueue=self._enqueue,
+            canceled=lambda *ids: recovery.is_canceled(self.redis, *ids),
+            canceled_now=self.listener.canceled,
+            holds=lambda worker, job: recovery.holds(self.redis, worker, job),
+            alive=lambda worker: bool(self.redis.exists(fleet.worker_key(worker))),
+            others_serve=self._others_serve, on_progress=self._progressed, drain=self.drain)
         self.info.state = fleet.WorkerState.READY
         self._beat()
         if self.ready_file is not None:
@@ -202,32 +213,74 @@ class Worker:
             recovery.set_inflight(self.redis, self.name or "", tag, queue, job_id, stage)
         graphs = compile.graphs() if self.compile_backend != "none" else 0
         self.progress = time.monotonic()
-        self.deadline = self.progress + _hard_limit(message)
+        self.deadline = self.progress + limits.FLOOR_SECONDS
         try:
-            outcome = run_job(self.ctx, message)
+            job = resolve(self.ctx, message)
+            if isinstance(job, Result):
+                result = job
+            else:
+                self.deadline = self.progress + _hard_limit(job)
+                result = run_job(self.ctx, job)
+        except RetryableError:
+            # the message goes back on its queue (the task's Reject): this worker holds it no
+            # longer, so no duplicate check may take it for running here
+            recovery.clear_inflight(self.redis, self.name or "")
+            raise
         finally:
             self.progress = None
             self.done += 1
             self.info.current_job = None
             self.info.state = fleet.WorkerState.READY
-        if outcome.job and outcome.state in ENDED and isinstance(message, dict):
+        if result.job and result.outcome.ended and isinstance(message, dict):
             # the job has its final record: reconciling stops looking for its message
-            recovery.job_ended(self.redis, str(message.get("batch")), outcome.job)
+            recovery.job_ended(self.redis, str(message.get("batch")), result.job)
         # a stage done counts, whether it finished the job or handed it to a refiner
-        if outcome.state in ("succeeded", "latents_ready"):
+        if result.outcome in (Outcome.SUCCEEDED, Outcome.LATENTS_READY):
             self.info.jobs_done += 1
-        elif outcome.state in ("failed", "rejected", "canceled"):
+        elif result.outcome in (Outcome.FAILED, Outcome.REJECTED, Outcome.CANCELED,
+                                Outcome.RETRYING):
             self.info.jobs_failed += 1
+        self._note_fault(result)
         if self.compile_backend != "none" and compile.graphs() > graphs:
             # a shape no bucket warmed: it compiled mid-job (and will be fast next time)
             self.info.compile["recompiles"] += compile.graphs() - graphs
-            log.warning("job %s compiled %d new graph(s) mid-job", outcome.job,
+            log.warning("job %s compiled %d new graph(s) mid-job", result.job,
                         compile.graphs() - graphs)
-        self.echo(f"worker {self.name}: job {outcome.job or '(none)'} {outcome.state}"
-                  + (f": {outcome.error}" if outcome.error else ""))
+        self.echo(f"worker {self.name}: job {result.job or '(none)'} {result.outcome.value}"
+                  + (f": {result.error}" if result.error else ""))
         if self.max_jobs and self.done >= self.max_jobs:
             self.request_stop()
         self._beat()
+
+    def _note_fault(self, result: Result) -> None:
+        """Quarantine after `quarantine_after` worker faults in a row, on different jobs."""
+        if result.outcome in (Outcome.DUPLICATE, Outcome.REJECTED, Outcome.PUT_BACK):
+            return  # nothing ran: neither a fault nor a proof of health
+        if result.fault is not Fault.WORKER or result.job is None:
+            self.faults.clear()
+            return
+        assert self.info is not None
+        self.info.last_error = result.error
+        if result.job not in self.faults:
+            self.faults.append(result.job)
+        if len(self.faults) >= self.settings.quarantine_after and self.quarantined_at is None:
+            self.quarantined_at = time.monotonic()
+            self.info.state = fleet.WorkerState.QUARANTINED
+            self.echo(f"worker {self.name}: quarantined after failing "
+                      f"{len(self.faults)} stages of different jobs in a row (last: "
+                      f"{result.error}); taking no more work, exiting in "
+                      f"{self.settings.quarantine_exit_seconds:.0f} s")
+            self.request_stop()
+
+    def _enqueue(self, job: Job) -> None:
+        self.app.send_task(queues.RENDER_TASK, args=[job.encode()],
+                           queue=queues.stage_queue(job))
+
+    def _others_serve(self, job: Job) -> bool:
+        queue = queues.stage_queue(job)
+        return any(w.name != self.name and queue in w.queues
+                   and w.state != fleet.WorkerState.QUARANTINED
+                   for w in fleet.live_workers(self.redis))
 
     @property
     def ready_file(self) -> Path | None:
@@ -239,7 +292,7 @@ class Worker:
     def request_stop(self) -> None:
         from celery.worker import state as celery_state
 
-        if self.info is not None:
+        if self.info is not None and self.quarantined_at is None:
             self.info.state = fleet.WorkerState.DRAINING
         celery_state.should_stop = 0  # the consumer loop exits cleanly before the next job
 
@@ -248,7 +301,7 @@ class Worker:
         warm shutdown on SIGTERM (or SIGINT) notes its time; the grace is FARM_STOP_GRACE."""
         from celery import signals
 
-        drain = Drain(self.settings.stop_grace)
+        drain = self.drain
 
         def shutting_down(**_: Any) -> None:
             drain.request()
@@ -282,7 +335,7 @@ class Worker:
         warnings.filterwarnings("ignore", category=SecurityWarning)
         from celery.exceptions import Reject
 
-        app = broker.celery_app(self.settings)
+        app = self.app
         worker = self
 
         @app.task(name=queues.RENDER_TASK, acks_late=True, bind=True)
@@ -298,18 +351,7 @@ class Worker:
                 time.sleep(min(5.0, self.settings.heartbeat_interval))
                 raise Reject(str(exc), requeue=True) from None
 
-        def enqueue(job: Job) -> None:
-            app.send_task(queues.RENDER_TASK, args=[job.encode()],
-                          queue=queues.stage_queue(job))
-
-        assert self.ctx is not None
-        self.ctx.enqueue = enqueue
-        listener = recovery.CancelListener(broker.redis_client(self.settings))
-        listener.start()
-        self.ctx.canceled = lambda *ids: recovery.is_canceled(self.redis, *ids)
-        self.ctx.canceled_now = listener.canceled
-        self.ctx.on_progress = self._progressed
-        self.ctx.drain = drain
+        self.listener.start()
         threading.Thread(target=self._reconcile_loop, name="reconcile", daemon=True).start()
 
         crashes: list[float] = []
@@ -336,6 +378,8 @@ class Worker:
                     break
                 self.echo(f"worker {self.name}: the consumer stopped unexpectedly (exit "
                           f"{consumer.exitcode}); consuming again")
+            if self.quarantined_at is not None:
+                exitcode = self._stay_quarantined()
         finally:
             self._stop.set()
             if self.ready_file is not None:
@@ -347,6 +391,16 @@ class Worker:
                 pass
             self.echo(f"worker {self.name}: stopped after {self.done} jobs")
         return exitcode
+
+    def _stay_quarantined(self) -> int:
+        """Keep beating as quarantined (so `farm workers` shows it, with its last error) until
+        quarantine_exit_seconds have passed, then exit non-zero: the platform restarts it."""
+        assert self.quarantined_at is not None
+        left = self.quarantined_at + self.settings.quarantine_exit_seconds - time.monotonic()
+        if left > 0:
+            self._stop.wait(left)
+        self.echo(f"worker {self.name}: exiting quarantined (status {QUARANTINED_EXIT})")
+        return QUARANTINED_EXIT
 
     # -- heartbeat -------------------------------------------------------------------------
 
@@ -378,10 +432,10 @@ class Worker:
         from dataclasses import replace
 
         from farm.errors import NotFound
-        from farm.jobs import JobState
-        from farm.records import read_manifest, read_record
+        from farm.lifecycle import JobState, Stage, read_record
+        from farm.records import read_manifest
 
-        assert self.ctx is not None and self.ctx.enqueue is not None
+        assert self.ctx is not None
         every = max(self.settings.heartbeat_interval, self.settings.heartbeat_ttl / 2)
         if not self.redis.set(recovery.RECONCILE_LOCK, self.name or "", nx=True,
                               px=int(every * 1000)):
@@ -398,11 +452,8 @@ class Worker:
                     self.redis.delete(recovery.OPEN + batch, recovery.MISSING + batch)
                     continue
                 # read and derived once per batch: its jobs by id, and the queues they use
-                manifests[batch] = (None if manifest.aborted else (
-                    {j.id: j for j in manifest.jobs},
-                    set().union(*(queues.job_queues(j) for j in manifest.jobs))))
-            if manifests[batch] is None:
-                continue
+                manifests[batch] = ({j.id: j for j in manifest.jobs},
+                                    set().union(*(queues.job_queues(j) for j in manifest.jobs)))
             jobs, names = manifests[batch]
             for job_id in recovery.missing_jobs(self.redis, batch, names,
                                                 grace=self.settings.heartbeat_ttl):
@@ -414,7 +465,9 @@ class Worker:
                     continue
                 if record is not None and record.state in (JobState.LATENTS_READY,
                                                            JobState.REFINING):
-                    job = replace(job, stage="refiner")
+                    job = replace(job, stage=Stage.REFINER)
+                if record is not None:
+                    job = job.replanned(record.replanned)
                 log.warning("job %s was in no queue and held by no worker for %.0f s (its "
                             "message was lost with a worker): queued again", job_id,
                             self.settings.heartbeat_ttl)

@@ -14,26 +14,17 @@ workers (`denoise_base`, `refine`) need farm.worker.pipelines and raise NotImple
     Worker(settings, ["tiny-sdxl"], device="cpu", backend=farm.worker.standin)         # instant
     Worker(settings, ["tiny-sdxl"], device="cpu", backend=StandIn(render_seconds=2.0))
 
-Test tool - a poison job: `StandIn(crash_on="TEXT")` (the launcher's `--crash-on TEXT`, in
-benchmarks/_standin_worker.py) makes the render of any job whose prompt contains TEXT kill its
-own process with `os._exit(1)` half-way through its steps, the way a segfaulting GPU kernel
-takes a worker down: no exception, no `finally`, no failure record, the heartbeat simply stops.
-The fault tests use it to prove the attempt cap and the dead letter (tests/e2e/test_poison.py).
-Test tool - a hung stage: `StandIn(hang_on="TEXT")` (`--hang-on TEXT`) makes the render of such
-a job stop making step progress half-way (it sleeps for good, as a stuck kernel or driver
-would), so the worker's watchdog must notice (tests/e2e/test_faults.py). Never set either on a
-real farm.
+The fault tests inject faults through a subclass of it that lives with them (tests/faults.py:
+crashes, hangs, CUDA errors, out of memory); nothing here can fail on purpose.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 import PIL.Image
 
@@ -65,19 +56,12 @@ def seed_colour(seed: int) -> tuple[int, int, int]:
 
 
 class StandIn:
-    """The stand-in backend; `render_seconds` makes each image take that long (a sleep).
+    """The stand-in backend; `render_seconds` makes each image take that long (a sleep)."""
 
-    `crash_on` is a test tool: a job whose prompt contains it kills this process mid-render
-    (os._exit(1), as a segfaulting kernel would). None or "" (the default) never crashes.
-    """
-
-    def __init__(self, render_seconds: float = 0.0, crash_on: str | None = None,
-                 hang_on: str | None = None) -> None:
+    def __init__(self, render_seconds: float = 0.0) -> None:
         if render_seconds < 0:
             raise ValueError(f"render_seconds must be 0 or more, got {render_seconds}")
         self.render_seconds = render_seconds
-        self.crash_on = crash_on or None
-        self.hang_on = hang_on or None
 
     def load_model(self, spec: ModelSpec, settings: Settings, device: str,
                    profile: Any = None) -> StandInModel:
@@ -99,13 +83,11 @@ class StandIn:
         """spec.n flat images of spec.width x spec.height; image k's colour comes from seed+k.
 
         `callback` is called once per image and step, as the real pipeline would, so a
-        canceling callback raises out of here the same way. A poison prompt (`crash_on`) ends
-        the process half-way through the first image's steps. There are no latents: `resume`
-        is ignored (every image renders from the start, to the same colour) and `track` hears
-        of each image with no generator.
+        canceling callback raises out of here the same way. There are no latents: `resume` is
+        ignored (every image renders from the start, to the same colour) and `track` hears of
+        each image with no generator. `on_step(spec, step)` runs after each step's callback:
+        where a test's subclass injects its faults.
         """
-        poison = self.crash_on is not None and self.crash_on in spec.prompt
-        hang = self.hang_on is not None and self.hang_on in spec.prompt
         images = []
         for k, seed in enumerate(spec.image_seeds()):
             if track is not None:
@@ -115,21 +97,12 @@ class StandIn:
             for step in range(spec.steps):
                 if callback is not None:
                     callback(None, step, None, {})
-                if poison and step >= spec.steps // 2:
-                    self._crash(spec)
-                if hang and step >= spec.steps // 2:
-                    print(f"standin: prompt contains the hang-on text {self.hang_on!r}: no more "
-                          "step progress (a test tool)", file=sys.stderr, flush=True)
-                    while True:
-                        time.sleep(3600)
+                self.on_step(spec, step)
             images.append(PIL.Image.new("RGB", (spec.width, spec.height), seed_colour(seed)))
         return images
 
-    def _crash(self, spec: JobSpec) -> NoReturn:
-        """Die as a segfaulting kernel would: at once, with no cleanup and no record."""
-        print(f"standin: prompt contains the crash-on text {self.crash_on!r}: exiting with "
-              "status 1 mid-render (a test tool)", file=sys.stderr, flush=True)
-        os._exit(1)
+    def on_step(self, spec: JobSpec, step: int) -> None:
+        """Nothing: a render step of the stand-in costs nothing."""
 
     def ensemble(self, base: StandInModel, refiner: StandInModel,
                  spec: JobSpec) -> list[PIL.Image.Image]:

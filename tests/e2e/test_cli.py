@@ -164,3 +164,61 @@ def test_a_killed_worker_drops_off_the_list_within_its_heartbeat_ttl(env: dict[s
     finally:
         run_farm(env, "down")
     assert [p.name for p in ready.iterdir()] == ["local-1"]  # -9 left it; a clean stop did not
+
+
+def test_results_wait_exits_1_when_the_batch_ended_with_failed_jobs(env: dict[str, str],
+                                                                    tmp_path: Path) -> None:
+    """`farm results --wait` downloads what succeeded, then exits 1 when any job failed, also
+    when there was nothing to download. A stand-in worker process (worker/standin.py: the real
+    worker, no diffusion) renders the plain job and fails the split one (its base stage needs
+    latents the stand-in does not have): a failure that is the job's own."""
+    from farm import broker, procs
+    from farm.images import read_parameters
+    from farm.jobs import SEED_MAX
+    from farm.settings import Settings
+    from farm.worker.standin import seed_colour
+
+    plain = {"prompt": "a plain job", "seed": SEED_MAX, "n": 2, "steps": 4, "width": 64,
+             "height": 64}
+    split = {"prompt": "needs latents", "seed": 1, "steps": 4, "width": 64, "height": 64,
+             "refiner": "tiny-sdxl-refiner", "split": "always", "switch": 0.5}
+    mixed, failing = tmp_path / "mixed.jsonl", tmp_path / "failing.jsonl"
+    mixed.write_text(json.dumps(plain) + "\n" + json.dumps(split) + "\n")
+    failing.write_text(json.dumps(split) + "\n")
+    settings = Settings.load(env=env)
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        batches = []
+        for prompts in (mixed, failing):
+            sub = run_farm(env, "submit", str(prompts), "--json")
+            assert sub.returncode == 0, sub.stderr
+            batches.append(json.loads(sub.stdout)["batch"])
+        log = tmp_path / "standin.log"
+        with open(log, "wb") as sink:
+            worker = subprocess.Popen([sys.executable, "-m", "benchmarks._standin_worker",
+                                       "--name", "standin-results"], env=env, cwd=ROOT,
+                                      stdout=sink, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+
+        out = tmp_path / "mixed"
+        res = run_farm(env, "results", batches[0], "--wait", "-o", str(out), timeout=120)
+        assert res.returncode == 1, (res.stdout, res.stderr, log.read_text()[-2000:])
+        assert f"2 images and sidecars in {out}/" in res.stdout
+        assert (f"batch {batches[0]} ended failed: succeeded=1 failed=1; `farm status "
+                f"{batches[0]}` shows each job's error") in res.stderr
+        # what succeeded is downloaded; image 1's seed wraps past the largest seed to 0
+        sides = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+        assert [(s["image_index"], s["seed"]) for s in sides] == [(0, SEED_MAX), (1, 0)]
+        png = next(out.glob("*-1.png"))
+        assert "Seed: 0," in (read_parameters(png.read_bytes()) or "")
+        assert Image.open(png).convert("RGB").getpixel((5, 5)) == seed_colour(0)
+
+        res = run_farm(env, "results", batches[1], "--wait", "-o", str(tmp_path / "failing"),
+                       timeout=120)
+        assert res.returncode == 1, (res.stdout, res.stderr)
+        assert "0 images and sidecars" in res.stdout
+        assert f"batch {batches[1]} ended failed: failed=1" in res.stderr
+    finally:
+        if worker is not None:
+            procs.stop_group([worker], 15)
+        broker.stop_broker(settings)

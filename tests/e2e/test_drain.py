@@ -13,8 +13,8 @@ import numpy as np
 from PIL import Image
 
 from farm import broker, models
-from farm.jobs import JobSpec, JobState
-from farm.records import read_record
+from farm.jobs import JobSpec
+from farm.lifecycle import JobState, read_record
 from farm.scheduler.submit import submit
 from farm.settings import Settings
 from farm.store import get_json, open_store

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from farm import broker, queues
-from farm.jobs import JobSpec, JobState
-from farm.records import read_record
+from farm.jobs import JobSpec
+from farm.lifecycle import JobState, read_record
 from farm.scheduler.status import batch_status
 from farm.scheduler.submit import submit
 from farm.settings import Settings

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from farm import broker, fleet
-from farm.jobs import JobSpec, JobState
-from farm.records import read_record
+from farm.jobs import JobSpec
+from farm.lifecycle import JobState, read_record
 from farm.scheduler.status import batch_status
 from farm.scheduler.submit import submit
 from farm.settings import Settings

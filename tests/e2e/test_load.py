@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from farm import broker, fleet, recovery
-from farm.jobs import JobSpec, JobState
-from farm.records import JobRecord, read_record
+from farm.jobs import JobSpec
+from farm.lifecycle import JobRecord, JobState, read_record
 from farm.scheduler.status import batch_status
 from farm.scheduler.submit import submit
 from farm.settings import Settings

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from farm import broker, queues, recovery
-from farm.jobs import JobSpec, JobState
-from farm.records import read_record
+from farm.jobs import JobSpec
+from farm.lifecycle import JobState, read_record
 from farm.scheduler.status import batch_status
 from farm.scheduler.submit import Submitted, submit
 from farm.settings import Settings

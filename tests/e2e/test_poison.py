@@ -23,8 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from farm import broker, procs
-from farm.jobs import JobSpec, JobState
-from farm.records import JobRecord, read_record
+from farm.jobs import JobSpec
+from farm.lifecycle import JobRecord, JobState, read_record
 from farm.scheduler.status import batch_status
 from farm.scheduler.submit import submit
 from farm.settings import Settings
@@ -55,7 +55,7 @@ class StandInFleet:
         name = f"{slot}-{self.generation[slot]}"
         with open(self.logs / f"{name}.log", "wb") as log:
             self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "benchmarks._standin_worker", "--name", name,
+                [sys.executable, "-m", "tests.faults", "--name", name,
                  *self.args], env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True)
         self.slot_of[name] = slot

@@ -10,15 +10,19 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
+from farm import models, vram
 from farm.errors import IntegrityError, ValidationError
-from farm.jobs import Job, JobSpec, JobState, ResumePoint, checkpoint_key
-from farm.records import read_record
+from farm.jobs import Job, JobSpec, Message, ResumePoint
+from farm.keys import checkpoint_key
+from farm.lifecycle import JobState, read_record
 from farm.settings import Settings
 from farm.store import FileStore, get_json
-from farm.worker import checkpoint, handoff, pipelines
+from farm.worker import latents, pipelines
 from farm.worker.drain import Drain
-from farm.worker.stage import WorkerContext, run_job
+from farm.worker.render import Continue
+from farm.worker.stage import WorkerContext, run_message
 from tests.integration.helpers import one_job_batch
 
 BATCH = "20261129-000000-d4a1b2"
@@ -49,13 +53,13 @@ class Farm:
 
         return WorkerContext(settings=self.settings, store=self.store,
                              models={m: self.loaded[m] for m in serve},
-                             render=pipelines.render, name=name, vram_class=24,
+                             name=name, vram_class=24,
                              backend=pipelines, enqueue=self.queued.append,
                              on_progress=progressed, drain=drain)
 
     def run(self, job: Job, ctx: WorkerContext) -> Any:
         # through the wire format: the worker decodes (and checks) every message
-        return run_job(ctx, job.encode())
+        return run_message(ctx, job.encode())
 
     def record(self) -> Any:
         return read_record(self.store, BATCH, self.job.id)
@@ -108,6 +112,66 @@ def test_a_full_stage_handed_back_resumes_to_the_uninterrupted_image(
     assert farm.intermediates() == []  # the checkpoint is gone after success
 
 
+# Every load profile loads on CPU (offloading is a no-op there; the VAE swap and fp8 storage are
+# applied), so a stage is resumed under each; and a `vae: tiny` job (the fast preset's) on a
+# worker whose profile keeps the model's VAE, which swaps the tiny one in for that job.
+@pytest.mark.parametrize(("profile", "vae"), [*((p, "default") for p in vram.PROFILES),
+                                              ("resident", "tiny")])
+def test_a_stage_handed_back_resumes_under_every_load_profile(
+        loaded: dict[str, Any], tmp_path: Path, profile: str, vae: str) -> None:
+    settings = loaded["settings"]
+    model = pipelines.load_model(models.TINY_BASE, settings, "cpu", vram.PROFILES[profile])
+    unet_dtypes = {p.dtype for p in model.pipe.unet.parameters()}
+    assert (torch.float8_e4m3fn in unet_dtypes) == vram.PROFILES[profile].fp8_weights
+    farm = Farm({"settings": settings, "tiny-sdxl": model}, tmp_path, scheduler="euler_a", n=2,
+                cfg_cutoff=0.5, vae=vae)
+    expected = [np.array(im) for im in pipelines.render(model, farm.spec)]
+
+    # image 0 finished (decoded from its latents on resume), image 1 stopped at step 4 of 12
+    assert farm.run(farm.job, farm.worker("w-stopping", stop_after=16)).state == "handed_back"
+    (resume_msg,) = farm.queued
+    assert resume_msg.resume is not None
+    assert (resume_msg.resume.image, resume_msg.resume.step) == (1, 4)
+
+    assert farm.run(resume_msg, farm.worker("w-rescuer")).state == "succeeded"
+    record = farm.record()
+    assert record.stages["full"]["resumed"] == {"image": 1, "step": 4, "worker": "w-rescuer"}
+    for k in range(2):
+        assert np.array_equal(farm.pixels(k), expected[k]), (profile, vae, k)
+    side = get_json(farm.store, record.images[1].replace(".png", ".json"))
+    assert side["profile"] == profile and side["stages"]["full"]["resumed"]["step"] == 4
+
+
+def test_resuming_leaves_the_worker_pipeline_in_its_own_dtype(loaded: dict[str, Any]) -> None:
+    """The resume builds its img2img pipeline from the worker's own modules; building it must
+    not cast them (diffusers' `from_pipe` casts to float32), or every later job on a CUDA
+    worker would run in float32. bfloat16 stands in on CPU for a CUDA worker's float16."""
+    settings = loaded["settings"]
+    model = pipelines.load_model(models.TINY_BASE, settings, "cpu")
+    model.pipe.to(dtype=torch.bfloat16)
+    model = replace(model, dtype=torch.bfloat16)
+    spec = JobSpec.from_dict({"prompt": "half precision", "seed": 3, "steps": 4, "width": 64,
+                              "height": 64, "scheduler": "euler_a"}, settings)
+    # the latents and generator after step 2, as a stopping worker checkpoints them
+    seen: dict[str, Any] = {}
+
+    def track(k: int, generator: torch.Generator, step: int) -> None:
+        seen["generator"] = generator
+
+    def step(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if i == 1:
+            seen["point"] = Continue(kwargs["latents"].clone(), 2,
+                                     seen["generator"].get_state().clone())
+        return kwargs
+
+    pipelines.render(model, spec, callback=step, track=track)
+    modules = {n: c for n, c in model.pipe.components.items() if isinstance(c, torch.nn.Module)}
+    assert {c.dtype for c in modules.values()} == {torch.bfloat16}
+    (image,) = pipelines.render(model, spec, resume={0: seen["point"]})
+    assert image.size == (64, 64)
+    assert {n: c.dtype for n, c in modules.items()} == dict.fromkeys(modules, torch.bfloat16)
+
+
 def test_a_long_grace_finishes_the_stage_and_writes_no_checkpoint(
         loaded: dict[str, Any], tmp_path: Path) -> None:
     farm = Farm(loaded, tmp_path)
@@ -145,7 +209,7 @@ def test_the_split_base_stage_hands_back_and_the_job_equals_the_ensemble(
     assert farm.run(resume_msg, farm.worker("w-base-2")).state == "latents_ready"
     (refine_msg,) = farm.queued
     assert refine_msg.stage == "refiner" and refine_msg.resume is None
-    assert farm.intermediates() == [handoff.handoff_key(farm.job)]  # checkpoint gone
+    assert farm.intermediates() == [latents.handoff_key(farm.job)]  # checkpoint gone
     refiner = farm.worker("w-refiner", serve=("tiny-sdxl-refiner",))
     assert farm.run(refine_msg, refiner).state == "succeeded"
     expected = pipelines.ensemble(loaded["tiny-sdxl"], loaded["tiny-sdxl-refiner"], farm.spec)
@@ -176,7 +240,7 @@ def test_a_refiner_stage_handed_back_runs_again_from_the_base_latents(
     assert record.state == JobState.LATENTS_READY and record.error is None
     assert record.note is not None and "refiner stage handed back" in record.note
     assert record.stages["refiner"]["attempts"] == 0  # not an attempt
-    assert farm.intermediates() == [handoff.handoff_key(farm.job)]
+    assert farm.intermediates() == [latents.handoff_key(farm.job)]
     assert farm.store.list_keys(f"batches/{BATCH}/images/") == []
     (again,) = farm.queued
     assert again.stage == "refiner" and again.resume is None
@@ -199,18 +263,18 @@ def test_a_damaged_or_foreign_checkpoint_is_refused_and_the_stage_runs_from_the_
     key = resume_msg.resume.key
     good = farm.store.get(key)
     model_hash = loaded["tiny-sdxl"].weights_hash
-    assert checkpoint.decode(good, resume_msg, model_hash).images[0].step == 5
+    assert latents.decode_checkpoint(good, resume_msg, model_hash).images[0].step == 5
     bad = bytearray(good)
     bad[-3] ^= 0xFF
     with pytest.raises(IntegrityError, match="fails its checksum"):
-        checkpoint.decode(bytes(bad), resume_msg, model_hash)
+        latents.decode_checkpoint(bytes(bad), resume_msg, model_hash)
     with pytest.raises(IntegrityError, match="unreadable"):
-        checkpoint.decode(good[: len(good) // 2], resume_msg, model_hash)
+        latents.decode_checkpoint(good[: len(good) // 2], resume_msg, model_hash)
     with pytest.raises(IntegrityError, match="model_hash is"):
-        checkpoint.decode(good, resume_msg, "0" * 64)
+        latents.decode_checkpoint(good, resume_msg, "0" * 64)
     other = replace(resume_msg, spec=replace(resume_msg.spec, seed=6))
     with pytest.raises(IntegrityError, match="seeds is"):
-        checkpoint.decode(good, other, model_hash)
+        latents.decode_checkpoint(good, other, model_hash)
     # damaged in the store: the resuming worker renders from step 0 (the same image, later)
     farm.store.put(key, bytes(bad))
     assert farm.run(resume_msg, farm.worker("w-2")).state == "succeeded"
@@ -222,10 +286,9 @@ def test_a_damaged_or_foreign_checkpoint_is_refused_and_the_stage_runs_from_the_
 def test_resume_fields_are_checked_like_every_other_field(loaded: dict[str, Any],
                                                           tmp_path: Path) -> None:
     farm = Farm(loaded, tmp_path)
-    settings = farm.settings
     key = checkpoint_key(BATCH, farm.job.id, "full", 0, 5)
     good = {**farm.job.encode(), "resume": {"key": key, "image": 0, "step": 5}}
-    assert Job.decode(good, settings).resume == ResumePoint(key, 0, 5)
+    assert farm.job.for_message(Message.decode(good)).resume == ResumePoint(key, 0, 5)
     hostile = [
         ({"key": f"batches/{BATCH}/jobs/{farm.job.id}.json", "image": 0, "step": 5},
          "message.resume.key"),
@@ -241,13 +304,13 @@ def test_resume_fields_are_checked_like_every_other_field(loaded: dict[str, Any]
     ]
     for value, field in hostile:
         with pytest.raises(ValidationError) as info:
-            Job.decode({**good, "resume": value}, settings)
+            farm.job.for_message(Message.decode({**good, "resume": value}))
         assert str(info.value).startswith(field), (value, str(info.value))
     split = Farm(loaded, tmp_path / "s", refiner="tiny-sdxl-refiner", split="always")
     refiner_msg = {**replace(split.job, stage="refiner").encode(),
                    "resume": {"key": key, "image": 0, "step": 5}}
     with pytest.raises(ValidationError, match="only allowed on the full and base stages"):
-        Job.decode(refiner_msg, settings)
+        split.job.for_message(Message.decode(refiner_msg))
     # the worker refuses it before any model work
-    outcome = run_job(farm.worker("w"), {**good, "resume": hostile[0][0]})
+    outcome = run_message(farm.worker("w"), {**good, "resume": hostile[0][0]})
     assert outcome.state == "rejected" and "message.resume.key" in (outcome.error or "")

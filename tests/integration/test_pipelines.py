@@ -306,7 +306,7 @@ def test_a_fresh_process_renders_the_same_pixels(base: LoadedModel, settings: Se
         "torch.set_num_threads(args['threads'])\n"
         "s = Settings(home=Path(args['home']), models_dir=Path(args['models']))\n"
         "m = load_model(models.TINY_BASE, s, 'cpu')\n"
-        "print('DIGEST', pixels_digest(render(m, JobSpec.from_dict(args['spec'], s))))\n"
+        "print('DIGEST', pixels_digest(render(m, JobSpec.from_dict(args['spec'], s, stored=True))))\n"
     )
     # same thread count: CPU kernels may sum in another order with another one
     args = {"threads": torch.get_num_threads(), "home": str(settings.home),

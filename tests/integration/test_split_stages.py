@@ -10,12 +10,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from farm.jobs import Job, JobSpec, JobState
-from farm.records import read_record
+from farm.jobs import Job, JobSpec
+from farm.lifecycle import JobState, read_record
 from farm.settings import Settings
 from farm.store import FileStore, get_json
-from farm.worker import handoff, pipelines
-from farm.worker.stage import WorkerContext, run_job
+from farm.worker import latents, pipelines
+from farm.worker.stage import WorkerContext, run_message
 from tests.integration.helpers import one_job_batch
 
 BATCH = "20261129-000000-abcdef"
@@ -58,12 +58,12 @@ class Farm:
             ensemble = staticmethod(pipelines.ensemble)
 
         return WorkerContext(settings=self.settings, store=self.store,
-                             models={m: loaded[m] for m in serve}, render=pipelines.render,
+                             models={m: loaded[m] for m in serve},
                              name=name, vram_class=vram_class, backend=Backend,
                              enqueue=self.queued.append)
 
     def run(self, job: Job, ctx: WorkerContext | None = None) -> Any:
-        return run_job(ctx or self.ctx, job.encode())
+        return run_message(ctx or self.ctx, job.encode())
 
     def record(self) -> Any:
         return read_record(self.store, BATCH, self.job.id)
@@ -88,7 +88,7 @@ def test_split_through_the_store_equals_the_one_process_ensemble(
     refiner_worker = farm.context("w-refiner", ("tiny-sdxl-refiner",), 24, loaded)
     assert farm.run(farm.job).state == "latents_ready"
     assert farm.record().state == JobState.LATENTS_READY
-    key = handoff.handoff_key(farm.job)
+    key = latents.handoff_key(farm.job)
     assert farm.store.exists(key)
     (refine_msg,) = farm.queued
     assert refine_msg.stage == "refiner" and refine_msg.stage_class == 4  # the tiny refiner
@@ -144,7 +144,7 @@ def test_a_failed_refiner_retries_only_the_refiner_from_stored_latents(
     assert farm.run(farm.job).state == "retrying"
     assert farm.record().state == JobState.LATENTS_READY
     (retry,) = farm.queued
-    assert retry.stage == "refiner" and farm.store.exists(handoff.handoff_key(farm.job))
+    assert retry.stage == "refiner" and farm.store.exists(latents.handoff_key(farm.job))
     assert farm.run(retry).state == "succeeded"
     assert farm.calls == {"base": 1, "refine": 2}
     record = farm.record()
@@ -171,12 +171,12 @@ def _handed_off(loaded: dict[str, Any], tmp_path: Path) -> Farm:
 def test_corrupt_latents_fail_clearly_and_write_no_image(loaded: dict[str, Any],
                                                          tmp_path: Path) -> None:
     farm = _handed_off(loaded, tmp_path)
-    path = farm.store.root / handoff.handoff_key(farm.job)
+    path = farm.store.root / latents.handoff_key(farm.job)
     data = bytearray(path.read_bytes())
     data[-3] ^= 0xFF  # one flipped byte in the tensor data
     path.write_bytes(bytes(data))
     outcome = farm.run(farm.queued[0])
-    assert outcome.state == "failed" and "fail their checksum" in (outcome.error or "")
+    assert outcome.state == "failed" and "fails its checksum" in (outcome.error or "")
     assert farm.store.list_keys(f"batches/{BATCH}/images/") == []
     assert farm.record().state == JobState.FAILED
 
@@ -184,14 +184,14 @@ def test_corrupt_latents_fail_clearly_and_write_no_image(loaded: dict[str, Any],
 def test_truncated_missing_or_mismatched_latents_fail_clearly(loaded: dict[str, Any],
                                                               tmp_path: Path) -> None:
     farm = _handed_off(loaded, tmp_path)
-    key = handoff.handoff_key(farm.job)
+    key = latents.handoff_key(farm.job)
     good = farm.store.get(key)
     with pytest.raises(Exception, match="unreadable"):
-        handoff.decode(good[: len(good) // 2], farm.job)
+        latents.decode_handoff(good[: len(good) // 2], farm.job)
     other = replace(farm.job, spec=replace(farm.spec, switch=0.7))
-    with pytest.raises(Exception, match="were made for other settings: switch is 0.6, this job "
+    with pytest.raises(Exception, match="was made for other settings: switch is 0.6, this job "
                                         "has 0.7"):
-        handoff.decode(good, other)
+        latents.decode_handoff(good, other)
     farm.store.delete(key)
     outcome = farm.run(farm.queued[0])
     assert outcome.state == "failed" and "are missing" in (outcome.error or "")
@@ -213,7 +213,7 @@ def test_failed_jobs_keep_their_latents_until_farm_clean(loaded: dict[str, Any],
 
     farm = Farm(loaded, tmp_path, ("tiny-sdxl", "tiny-sdxl-refiner"), split="always")
     farm.run(farm.job)
-    key = handoff.handoff_key(farm.job)
+    key = latents.handoff_key(farm.job)
     # a job still on its way keeps its latents whatever their age
     assert clean_intermediates(farm.store, farm.settings, older_than_hours=0).deleted == []
     farm.fail_refine = 99

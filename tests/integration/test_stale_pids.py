@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from farm import broker
+from farm import broker, procs
 from farm.cli.local import LocalWorker, is_worker, stop_workers
 from farm.settings import Settings
 
@@ -36,6 +37,11 @@ def test_a_live_worker_is_recognised_by_its_command_line(settings: Settings) -> 
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "worker",
                              "--name", "local-7"], start_new_session=True)
     try:
+        # until the child has exec'd, /proc shows the parent's command line
+        deadline = time.monotonic() + 10
+        while "local-7" not in (procs.command_line(proc.pid) or []):
+            assert time.monotonic() < deadline, "the child never showed its command line"
+            time.sleep(0.02)
         assert is_worker(LocalWorker(pid=proc.pid, name="local-7", log=""))
         assert not is_worker(LocalWorker(pid=proc.pid, name="local-8", log=""))
         assert stop_workers(settings, [LocalWorker(pid=proc.pid, name="local-7", log="")],

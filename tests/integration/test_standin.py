@@ -13,7 +13,7 @@ from PIL import Image
 
 from farm import broker
 from farm.jobs import JobSpec
-from farm.records import image_key, sidecar_key
+from farm.keys import image_key, sidecar_key
 from farm.scheduler.status import batch_status
 from farm.scheduler.submit import submit
 from farm.settings import Settings

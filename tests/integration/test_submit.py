@@ -10,8 +10,9 @@ import redis
 
 from farm import broker, queues
 from farm.errors import BrokerUnavailable
-from farm.jobs import Job, JobSpec
-from farm.records import manifest_key, read_manifest
+from farm.jobs import JobSpec, Message
+from farm.keys import manifest_key
+from farm.records import read_manifest
 from farm.scheduler.status import batch_status
 from farm.scheduler.submit import submit
 from farm.settings import Settings
@@ -57,11 +58,12 @@ def test_submit_writes_the_manifest_and_queues_by_priority(target: Settings) -> 
     client = broker.redis_client(settings)
     waiting = _waiting(client)
     # most urgent first, then submission order within a priority
-    assert [m["spec"]["priority"] for m in waiting] == [9, 5, 5, 0]
-    assert [m["index"] for m in waiting] == [1, 0, 3, 2]
-    # what travels decodes back into the same job, checked like a worker checks it
-    decoded = Job.decode(waiting[0], settings)
-    assert decoded == result.jobs[1]
+    jobs = {j.id: j for j in manifest.jobs}
+    assert [jobs[m["id"]].spec.priority for m in waiting] == [9, 5, 5, 0]
+    assert [jobs[m["id"]].index for m in waiting] == [1, 0, 3, 2]
+    # what travels names a job of the manifest, nothing more, and resolves to that job
+    message = Message.decode(waiting[0])
+    assert manifest.job(message.job).for_message(message) == result.jobs[1]
 
 
 def test_embedded_broker_starts_on_demand_and_keeps_jobs_across_restart(env: dict[str, str]
@@ -97,8 +99,9 @@ def test_jobs_are_routed_to_the_queue_of_their_model_class_and_priority(redis_ur
         assert job.id in [_message(raw)["id"] for raw in client.lrange(queue, 0, -1)]
     # what an 8 GB worker would take, in order: its own class by priority, then the 4 GB one;
     # never the 24 GB job
-    assert [m["index"] for m in _waiting(client, 8)] == [1, 3, 0]
-    assert [m["index"] for m in _waiting(client, 24)] == [2, 1, 3, 0]
+    index = {j.id: j.index for j in result.jobs}
+    assert [index[m["id"]] for m in _waiting(client, 8)] == [1, 3, 0]
+    assert [index[m["id"]] for m in _waiting(client, 24)] == [2, 1, 3, 0]
 
 
 def test_unreachable_broker_fails_clearly_and_writes_nothing(env: dict[str, str]) -> None:
@@ -165,4 +168,4 @@ def test_enqueue_breaking_part_way_marks_the_batch_aborted(
     (batch,) = store.list_dirs("batches")
     status = batch_status(store, batch, settings)
     assert status.state == "aborted"
-    assert "broker went away" in (status.manifest.aborted or "")
+    assert status.submit is not None and "broker went away" in (status.submit.reason or "")

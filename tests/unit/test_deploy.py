@@ -30,7 +30,7 @@ from farm.deploy import gpus as deploy_gpus
 from farm.deploy import k8s as deploy_k8s
 from farm.deploy import skypilot as deploy_skypilot
 from farm.jobs import PRIORITY_MAX, PRIORITY_MIN, Job, JobSpec, job_id
-from farm.records import COMPILE_CACHE, manifest_key, record_key
+from farm.keys import COMPILE_CACHE, manifest_key, record_key
 from farm.scheduler.plan import plan
 from farm.settings import Settings
 

@@ -68,8 +68,32 @@ def test_snap_moves_to_the_nearest_bucket_and_records_where_from() -> None:
     assert (wide.width, wide.height) == (1536, 640)
     exact = spec(width=144, height=112, snap=True)
     assert exact.snapped_from is None
-    # the worker checks the message again: a snapped spec stays valid as it travels
-    assert JobSpec.from_dict(sdxl.to_dict(), SETTINGS) == sdxl
+    # the farm decodes the specs it stored (a manifest) as stored: a snapped one keeps its origin
+    assert JobSpec.from_dict(sdxl.to_dict(), SETTINGS, stored=True) == sdxl
+
+
+def test_a_job_line_cannot_claim_where_it_was_snapped_from() -> None:
+    """Only --snap sets snapped_from; a user's line that names it is refused, in any format."""
+    rule = ("snapped_from is not an input field: the farm records it when --snap moves a size "
+            "to a bucket")
+    for text, fmt, line in (('{"prompt": "a", "snapped_from": "999x999"}\n', "jsonl", 1),
+                            ("prompt,snapped_from\na,999x999\n", "csv", 2)):
+        with pytest.raises(ValidationError) as err:
+            parse_batch(text, fmt, {}, SETTINGS)
+        assert str(err.value) == f"line {line}: {rule}, got '999x999'", fmt
+    with pytest.raises(ValidationError, match=f"^{rule}, got None$"):
+        JobSpec.from_dict({"prompt": "a", "snapped_from": None}, SETTINGS)
+    with pytest.raises(ValidationError) as err:
+        spec(typo=1)
+    assert "known: " in str(err.value) and "snapped_from" not in str(err.value)
+
+
+def test_a_stored_spec_keeps_a_well_formed_snapped_from_only() -> None:
+    stored = {**spec(width=128, height=128).to_dict(), "snapped_from": "130x126"}
+    assert JobSpec.from_dict(stored, SETTINGS, stored=True).snapped_from == "130x126"
+    for bad in (5, "", "999x999; rm -rf /", "１２８x128", ["1", "2"]):
+        with pytest.raises(ValidationError, match="^snapped_from must be the WIDTHxHEIGHT"):
+            JobSpec.from_dict({**stored, "snapped_from": bad}, SETTINGS, stored=True)
 
 
 def test_buckets_are_configurable_and_checked() -> None:

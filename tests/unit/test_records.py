@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import pytest
 from PIL import Image
 
 from farm import queues
 from farm.images import a1111_parameters, contact_sheet, encode_png, read_parameters
-from farm.jobs import JobSpec, JobState
-from farm.records import JobRecord, Manifest, image_key, manifest_key, record_key, sidecar_key
+from farm.jobs import JobSpec
+from farm.keys import image_key, manifest_key, record_key, sidecar_key
+from farm.lifecycle import JobRecord, JobState
+from farm.records import Manifest
 from farm.scheduler.status import batch_status
 from farm.settings import Settings
 from farm.store import FileStore
@@ -36,6 +39,16 @@ def test_record_follows_the_lifecycle_and_refuses_a_skip() -> None:
 def test_record_round_trips_through_json() -> None:
     r = JobRecord(job="b-0001", batch="b").to(JobState.RUNNING, attempts=2, worker="w1")
     assert JobRecord.decode(r.encode()) == r
+
+
+def test_a_manifest_keeps_a_snapped_jobs_origin() -> None:
+    from farm.jobs import Job
+
+    snapped = spec(model="sdxl-base", width=1000, height=1000, snap=True)
+    manifest = Manifest(batch="b1", created_at=1.0, source="x", defaults={},
+                        jobs=[Job(id="b1-0000", batch="b1", index=0, spec=snapped, vram_class=24)])
+    (job,) = Manifest.decode(manifest.encode(), SETTINGS).jobs
+    assert job.spec == snapped and job.spec.snapped_from == "1000x1000"
 
 
 def test_keys_are_deterministic_per_job_and_image() -> None:
@@ -87,7 +100,6 @@ def test_contact_sheet_holds_every_image_in_a_grid() -> None:
 
 def test_status_counts_and_batch_state(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from farm.jobs import Job
-    from farm.records import write_record
     from farm.store import put_json
 
     store = FileStore(tmp_path)
@@ -97,13 +109,21 @@ def test_status_counts_and_batch_state(tmp_path) -> None:  # type: ignore[no-unt
              Manifest(batch="b1", created_at=1.0, source="x", defaults={}, jobs=jobs).encode())
     st = batch_status(store, "b1", SETTINGS)
     assert (st.state, st.counts, st.done) == ("queued", {"queued": 3}, 0)
-    write_record(store, JobRecord(job="b1-0000", batch="b1").to(JobState.RUNNING))
+    _plant(store, JobRecord(job="b1-0000", batch="b1").to(JobState.RUNNING))
     assert batch_status(store, "b1", SETTINGS).state == "running"
-    write_record(store, JobRecord(job="b1-0000", batch="b1", state=JobState.SUCCEEDED))
-    write_record(store, JobRecord(job="b1-0001", batch="b1", state=JobState.SUCCEEDED))
-    write_record(store, JobRecord(job="b1-0002", batch="b1", state=JobState.FAILED,
+    _plant(store, JobRecord(job="b1-0000", batch="b1", state=JobState.SUCCEEDED))
+    _plant(store, JobRecord(job="b1-0001", batch="b1", state=JobState.SUCCEEDED))
+    _plant(store, JobRecord(job="b1-0002", batch="b1", state=JobState.FAILED,
                                   error="boom"))
     st = batch_status(store, "b1", SETTINGS)
     assert (st.state, st.counts) == ("failed", {"succeeded": 2, "failed": 1})
     assert st.to_json()["jobs"][2] == {"id": "b1-0002", "state": "failed", "images": [],
                                         "error": "boom"}
+
+
+def _plant(store: Any, record: JobRecord) -> None:
+    """Put a record in the store as a worker would have left it (a test's set-up)."""
+    from farm.keys import record_key
+    from farm.store import put_json
+
+    put_json(store, record_key(record.batch, record.job), record.encode())

@@ -12,7 +12,8 @@ import pytest
 
 from farm import models
 from farm.errors import UsageError, ValidationError
-from farm.jobs import SEED_MAX, Job, JobSpec, JobState, job_id
+from farm.jobs import SEED_MAX, Job, JobSpec, Message, job_id
+from farm.lifecycle import JobState
 from farm.scheduler.parse import parse_batch
 from farm.settings import Settings
 from tests.unit.expect import expect
@@ -142,12 +143,12 @@ def test_tighter_settings_tighten_the_rules() -> None:
 
 Q, R, L, F = JobState.QUEUED, JobState.RUNNING, JobState.LATENTS_READY, JobState.REFINING
 OK, FAIL, CANCEL = JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED
-# the lifecycle in farm/jobs.py's docstring, written out edge by edge
+# the lifecycle in farm/lifecycle.py's docstring, written out edge by edge
 ALLOWED = {
     (Q, R), (Q, FAIL), (Q, CANCEL),
-    (R, OK), (R, L), (R, Q), (R, FAIL), (R, CANCEL),
-    (L, F), (L, FAIL), (L, CANCEL),
-    (F, OK), (F, L), (F, FAIL), (F, CANCEL),
+    (R, R), (R, OK), (R, L), (R, Q), (R, FAIL), (R, CANCEL),
+    (L, F), (L, R), (L, FAIL), (L, CANCEL),
+    (F, F), (F, OK), (F, L), (F, R), (F, FAIL), (F, CANCEL),
 }
 
 
@@ -167,7 +168,8 @@ def test_final_states_have_no_way_out(state: JobState) -> None:
 def test_live_states_are_not_final_and_can_fail_or_be_canceled(state: JobState) -> None:
     assert not state.final
     assert state.can_become(FAIL) and state.can_become(CANCEL)
-    assert not state.can_become(state)
+    # only a running stage "moves" to itself: another worker takes over a dead one's
+    assert state.can_become(state) == state.active
 
 
 def test_states_are_their_wire_strings() -> None:
@@ -176,20 +178,22 @@ def test_states_are_their_wire_strings() -> None:
     assert JobState("queued") is Q
 
 
-# -- Job on the wire --------------------------------------------------------------------
+# -- Message on the wire: it names a job of a manifest, nothing more ---------------------------
+
+BATCH = "20260101-000000-abc123"
 
 
 def a_job() -> Job:
     spec = JobSpec.from_dict({"prompt": "a red fox", "seed": 7, "steps": 4}, SETTINGS)
-    return Job(id=job_id("20260101-000000-abc123", 3), batch="20260101-000000-abc123",
-               index=3, spec=spec, vram_class=8)
+    return Job(id=job_id(BATCH, 3), batch=BATCH, index=3, spec=spec, vram_class=8)
 
 
-def test_encode_decode_round_trip_through_json() -> None:
+def test_a_message_round_trips_through_json_and_carries_no_spec() -> None:
     job = a_job()
     message = json.loads(json.dumps(job.encode()))
-    assert Job.decode(message, SETTINGS) == job
-    assert message["v"] == Job.VERSION and message["spec"]["seed"] == 7
+    assert message == {"v": Message.VERSION, "batch": BATCH, "id": job.id, "stage": "full"}
+    decoded = Message.decode(message)
+    assert job.for_message(decoded) == job
 
 
 def hostile(**changes: object) -> dict[str, object]:
@@ -201,24 +205,19 @@ def hostile(**changes: object) -> dict[str, object]:
 HOSTILE = {
     "not-a-dict": (["v", 1], "message", "must be a JSON object"),
     "none": (None, "message", "must be a JSON object"),
-    "wrong-version": (hostile(v=2), "message.v", "must be 1"),
-    "no-version": ({k: v for k, v in hostile().items() if k != "v"}, "message.v", "must be 1"),
+    "wrong-version": (hostile(v=1), "message.v", "must be 2"),
+    "version-true": (hostile(v=True), "message.v", "must be 2"),
+    "no-version": ({k: v for k, v in hostile().items() if k != "v"}, "message.v", "must be 2"),
     "extra-field": (hostile(callback="http://x"), "message.callback", "is not a known field"),
+    # a message cannot bring its own spec: the worker takes it from the manifest
+    "a-spec": (hostile(spec={"prompt": "another prompt", "seed": 1}), "message.spec",
+               "is not a known field"),
     "batch-bad-chars": (hostile(batch="../etc", id="../etc-0003"), "message.batch",
                         "must be a batch id"),
     "id-not-under-batch": (hostile(id="other-batch-0003"), "message.id",
-                           "must be the job id of its batch and index"),
-    "index-negative": (hostile(index=-1), "message.index", "must be a non-negative integer"),
-    "index-bool": (hostile(index=True), "message.index", "must be a non-negative integer"),
-    "missing-seed": (hostile(spec={**a_job().spec.to_dict(), "seed": None}), "spec.seed",
-                     "must be set in a queued job"),
-    "spec-steps-over-cap": (hostile(spec={**a_job().spec.to_dict(), "steps": 10_000}),
-                            "steps", "must be an integer from 1 to 150"),
-    "spec-not-dict": (hostile(spec="rm -rf"), "job", "must be an object with a prompt"),
-    "vram-missing": ({k: v for k, v in hostile().items() if k != "vram"}, "message.vram",
-                     "must be a VRAM class in GB"),
-    "vram-zero": (hostile(vram=0), "message.vram", "must be a VRAM class in GB"),
-    "vram-text": (hostile(vram="24"), "message.vram", "must be a VRAM class in GB"),
+                           "must be a job id of its batch"),
+    "id-not-a-number": (hostile(id=BATCH + "-x"), "message.id", "must be a job id of its batch"),
+    "unknown-stage": (hostile(stage="shell"), "message.stage", "must be one of"),
 }
 
 
@@ -226,9 +225,16 @@ HOSTILE = {
 def test_decode_refuses_hostile_messages(case: str) -> None:
     message, field, rule = HOSTILE[case]
     with pytest.raises(ValidationError) as info:
-        Job.decode(message, SETTINGS)
+        Message.decode(message)
     assert info.value.field == field
     assert rule in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_message_may_only_ask_for_a_stage_its_job_has() -> None:
+    job = a_job()  # no refiner: only the full stage
+    with pytest.raises(ValidationError) as info:
+        job.for_message(Message.decode(hostile(stage="refiner")))
+    assert info.value.field == "message.stage" and "full" in str(info.value)
 
 
 # -- edge cases that once slipped through farm/jobs.py and farm/errors.py ------------------
@@ -250,16 +256,6 @@ def test_from_dict_huge_integer_is_a_validation_error() -> None:
         JobSpec.from_dict({"prompt": "a", "steps": 10**5000}, SETTINGS)
 
 
-def test_decode_refuses_version_true() -> None:
-    with pytest.raises(ValidationError):
-        Job.decode(hostile(v=True), SETTINGS)
-
-
-def test_decode_refuses_index_that_disagrees_with_id() -> None:
-    with pytest.raises(ValidationError):
-        Job.decode(hostile(index=4), SETTINGS)
-
-
 def test_prompt_with_lone_surrogate_is_refused() -> None:
     with pytest.raises(ValidationError):
         parse_batch('{"prompt": "a \\ud800 b"}', "jsonl", {}, SETTINGS)
@@ -269,6 +265,16 @@ def test_seed_is_drawn_in_range_when_absent() -> None:
     seeds = {JobSpec.from_dict({"prompt": "a"}, SETTINGS).seed for _ in range(50)}
     assert all(0 <= s <= SEED_MAX for s in seeds)
     assert len(seeds) > 1
+
+
+def test_image_seeds_wrap_past_the_largest_seed_so_every_image_can_be_replayed() -> None:
+    top = JobSpec.from_dict({"prompt": "a", "seed": SEED_MAX, "n": 3}, SETTINGS)
+    assert top.image_seeds() == [SEED_MAX, 0, 1]
+    assert JobSpec.from_dict({"prompt": "a", "seed": 7, "n": 3}, SETTINGS).image_seeds() == [
+        7, 8, 9]
+    # each image's seed is one a job may ask for: image k alone, as a job of its own
+    for seed in top.image_seeds():
+        assert JobSpec.from_dict({"prompt": "a", "seed": seed}, SETTINGS).image_seeds() == [seed]
 
 
 def test_model_defaults_fill_absent_fields() -> None:
