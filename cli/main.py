@@ -3,6 +3,7 @@ lazily inside `farm worker`, so submit/status/results/batches start fast and tor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -57,13 +58,15 @@ def cli() -> None:
               help="Job defaults from the SDXL guide (default: balanced).")
 @click.option("--snap", is_flag=True, default=None,
               help="Move sizes that are not a bucket to the nearest bucket (else refused).")
+@click.option("--batch-id", help="The batch's id (lowercase letters, digits, dashes). Running "
+              "the same submit again with it continues that batch instead of making a new one.")
 @click.option("--wait", is_flag=True, help="Wait until the batch ends, showing progress.")
 @click.option("--json", "as_json", is_flag=True, help="Print {batch, jobs} as JSON.")
 def submit(prompts: str, model: str | None, steps: int | None, guidance: float | None,
            size: str | None, seed: int | None, n: int | None, negative: str | None,
            scheduler: str | None, priority: int | None, min_vram: int | None,
            refiner: str | None, switch: float | None, split: str | None, preset: str | None,
-           snap: bool | None, wait: bool, as_json: bool) -> None:
+           snap: bool | None, batch_id: str | None, wait: bool, as_json: bool) -> None:
     """Submit PROMPTS (.txt, .jsonl, .csv, or - for stdin) and print the batch id."""
     from farm.scheduler.parse import detect_format, parse_batch, parse_size
     from farm.scheduler.submit import submit as do_submit
@@ -79,7 +82,18 @@ def submit(prompts: str, model: str | None, steps: int | None, guidance: float |
     defaults = {k: v for k, v in defaults.items() if v is not None}
     text = _read_prompts(prompts)
     specs = parse_batch(text, detect_format(prompts), defaults, settings)
-    result = do_submit(settings, specs, source=prompts, defaults=defaults)
+    # what a retried submit must repeat: the lines and flags (seeds drawn for lines without
+    # one are kept in the manifest, so a retry reuses them)
+    request = hashlib.sha256(json.dumps({"text": text, "format": detect_format(prompts),
+                                         "defaults": defaults}, sort_keys=True).encode()
+                             ).hexdigest()
+
+    def announce(batch: str) -> None:
+        if not as_json:
+            click.echo(f"batch {batch}: queueing {len(specs)} jobs", err=True)
+
+    result = do_submit(settings, specs, source=prompts, defaults=defaults, batch_id=batch_id,
+                       request=request, announce=announce)
     snapped = [j for j in result.jobs if j.spec.snapped_from]
     if snapped:
         first = snapped[0].spec
@@ -90,8 +104,13 @@ def submit(prompts: str, model: str | None, steps: int | None, guidance: float |
     else:
         images = sum(j.spec.n for j in result.jobs)
         click.echo(result.batch)
-        click.echo(f"submitted {len(result.jobs)} jobs ({images} images); "
-                   f"`farm status {result.batch} --watch` follows it", err=True)
+        if result.continued:
+            click.echo(f"continued batch {result.batch}: queued {result.sent} of its "
+                       f"{len(result.jobs)} jobs again (the others ended or are running); "
+                       f"`farm status {result.batch} --watch` follows it", err=True)
+        else:
+            click.echo(f"submitted {len(result.jobs)} jobs ({images} images); "
+                       f"`farm status {result.batch} --watch` follows it", err=True)
     if wait:
         _exit_unless_succeeded(_watch(settings, result.batch, quiet=as_json))
 
@@ -380,6 +399,11 @@ def workers(as_json: bool) -> None:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         click.echo("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+    for w in found:
+        if w.state == fleet.WorkerState.QUARANTINED:
+            click.echo(f"{w.name} is quarantined (it failed {settings.quarantine_after} stages "
+                       f"of different jobs in a row; it exits so its platform restarts it); "
+                       f"last error: {w.last_error}")
 
 
 def _compile_cell(w: Any) -> str:

@@ -23,8 +23,16 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from farm import broker, fleet, queues, recovery
-from farm.errors import AlreadyExists, BrokerUnavailable, Conflict, FarmError, UsageError
+from farm.errors import (
+    AlreadyExists,
+    BrokerUnavailable,
+    Conflict,
+    FarmError,
+    NotFound,
+    UsageError,
+)
 from farm.jobs import Job, JobSpec, is_id, job_id, new_batch_id
+from farm.keys import manifest_key
 from farm.lifecycle import JobRecord, JobState, Stage
 from farm.records import (
     Manifest,
@@ -37,7 +45,7 @@ from farm.records import (
 )
 from farm.scheduler.plan import plan
 from farm.settings import Settings
-from farm.store import Store, open_store
+from farm.store import Store, open_store, put_json
 
 BATCH_MARKER_SECONDS = 30 * 24 * 3600
 
@@ -84,26 +92,24 @@ def submit(settings: Settings, specs: list[JobSpec], *, source: str = "-",
     batch = batch_id or new_batch_id(time.time())
     found = read_submit(store, batch)
     continued = found is not None
-    if found is None:
-        jobs = []
-        for i, spec in enumerate(specs):
-            p = plan(spec, settings)
-            jobs.append(Job(id=job_id(batch, i), batch=batch, index=i, spec=spec,
-                            vram_class=p.vram_class, stage=Stage(p.first_stage),
-                            refiner_vram_class=p.refiner_vram_class))
-        manifest = Manifest(batch=batch, created_at=time.time(), source=source,
-                            defaults=dict(defaults or {}), jobs=jobs, request=request)
+    if found is not None and found[0].request != request:
+        raise UsageError(f"batch {batch} exists with a different request (other prompts or "
+                         "flags); give another --batch-id, or none for a new batch")
+    try:
+        manifest = read_manifest(store, batch, settings) if continued else None
+    except NotFound:  # killed between its submit record and its manifest
+        manifest = None
+    if manifest is None:
+        manifest = _manifest(batch, specs, settings, source, defaults, request)
         try:
-            found = create_batch(store, manifest, SubmitState.SUBMITTING)
+            if found is None:
+                found = create_batch(store, manifest, SubmitState.SUBMITTING)
+            else:
+                put_json(store, manifest_key(batch), manifest.encode(), create_once=True)
         except AlreadyExists:  # the same submit, running at once elsewhere: continue it
             found = read_submit(store, batch)
+            manifest = read_manifest(store, batch, settings)
             continued = True
-    if continued:
-        assert found is not None
-        if found[0].request != request:
-            raise UsageError(f"batch {batch} exists with a different request (other prompts "
-                             "or flags); give another --batch-id, or none for a new batch")
-        manifest = read_manifest(store, batch, settings)
     assert found is not None
     submit_record, version = found
     if announce is not None:
@@ -145,6 +151,19 @@ def submit(settings: Settings, specs: list[JobSpec], *, source: str = "-",
     finally:
         app.close()
     return Submitted(batch=batch, jobs=manifest.jobs, sent=len(todo), continued=continued)
+
+
+def _manifest(batch: str, specs: list[JobSpec], settings: Settings, source: str,
+              defaults: dict[str, Any] | None, request: str) -> Manifest:
+    """The batch's jobs, each planned: its first stage and the classes its stages need."""
+    jobs = []
+    for i, spec in enumerate(specs):
+        p = plan(spec, settings)
+        jobs.append(Job(id=job_id(batch, i), batch=batch, index=i, spec=spec,
+                        vram_class=p.vram_class, stage=p.first_stage,
+                        refiner_vram_class=p.refiner_vram_class))
+    return Manifest(batch=batch, created_at=time.time(), source=source,
+                    defaults=dict(defaults or {}), jobs=jobs, request=request)
 
 
 def _next_stage(job: Job, record: JobRecord | None, client: Any) -> Job | None:

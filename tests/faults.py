@@ -11,6 +11,8 @@ purpose, and a launcher for stand-in worker processes that use it. Test tools on
     --broken          raise a CUDA error on every job: a broken GPU
     --oom-on TEXT     raise torch's out-of-memory error half-way through such a job, on a worker
                       whose class is below --oom-below GB (default: every class)
+    --gate FILE       half-way through each job, wait until FILE exists: a test decides when
+                      this worker's stage may finish
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ class FaultyStandIn(StandIn):
     def __init__(self, render_seconds: float = 0.0, *, crash_on: str | None = None,
                  hang_on: str | None = None, fail_on: str | None = None, broken: bool = False,
                  oom_on: str | None = None, oom_below: int | None = None,
-                 vram_class: int = 0) -> None:
+                 vram_class: int = 0, gate: str | None = None) -> None:
         super().__init__(render_seconds)
+        self.gate = gate
         self.crash_on, self.hang_on, self.fail_on = crash_on, hang_on, fail_on
         self.broken, self.oom_on = broken, oom_on
         self.oom_here = oom_below is None or vram_class < oom_below
@@ -46,6 +49,9 @@ class FaultyStandIn(StandIn):
             raise RuntimeError(CUDA_ERROR)
         if step < spec.steps // 2:
             return
+        if self.gate and step == spec.steps // 2:
+            while not os.path.exists(self.gate):
+                time.sleep(0.05)
         if self.crash_on and self.crash_on in spec.prompt:
             print(f"faults: prompt contains {self.crash_on!r}: exiting with status 1 "
                   "mid-render", file=sys.stderr, flush=True)
@@ -69,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--broken", action="store_true")
     parser.add_argument("--oom-on")
     parser.add_argument("--oom-below", type=int)
+    parser.add_argument("--gate")
     parser.add_argument("--render-seconds", type=float, default=0.0)
     args, rest = parser.parse_known_args(argv)
     from benchmarks._standin_worker import main as run_worker
@@ -78,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     backend: Any = FaultyStandIn(
         args.render_seconds, crash_on=args.crash_on, hang_on=args.hang_on,
         fail_on=args.fail_on, broken=args.broken, oom_on=args.oom_on, oom_below=args.oom_below,
-        vram_class=int(vram) if vram.isdigit() else 0)
+        vram_class=int(vram) if vram.isdigit() else 0, gate=args.gate)
     return run_worker([a for a in rest if a != "--"], backend=backend)
 
 

@@ -19,11 +19,10 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from farm import lifecycle
+from farm import keys, lifecycle
 from farm.errors import AlreadyExists, FarmError, IntegrityError, NotFound, RetryableError
 from farm.jobs import Job
 from farm.lifecycle import JobRecord, JobState, Stage
-from farm.worker import latents as codec
 from farm.worker.attempt import fail
 from farm.worker.context import JobCanceled, Outcome, Result, Run, StageFailed, WorkerContext
 from farm.worker.drain import HandBack, ImageState, InFlight
@@ -31,6 +30,18 @@ from farm.worker.faults import classify, describe
 from farm.worker.outputs import finish
 
 log = logging.getLogger("farm.worker")
+
+
+def _codec() -> Any:
+    """worker/latents.py, which imports torch: only stages that hold latents load it, so a
+    stand-in worker (load tests) starts without torch."""
+    from farm.worker import latents
+
+    return latents
+
+
+def _handoff_key(job: Job) -> str:
+    return keys.handoff_key(job.batch, job.id)
 
 
 def run_full(run: Run, dead: str | None) -> Result:
@@ -61,7 +72,7 @@ def base_done(ctx: WorkerContext, job: Job, record: JobRecord) -> Result | None:
     holder = record.worker or ""
     if record.state is JobState.REFINING and holder != ctx.name and ctx.holds(holder, job.id):
         return Result(job.id, Outcome.DUPLICATE, f"being refined on live worker {holder}")
-    if not ctx.store.exists(codec.handoff_key(job)):
+    if not ctx.store.exists(_handoff_key(job)):
         return None
     ctx.enqueue(replace(job, stage=Stage.REFINER, resume=None))
     return Result(job.id, Outcome.LATENTS_READY)
@@ -114,9 +125,9 @@ def run_base(run: Run, dead: str | None) -> Result:
 
 def run_refiner(run: Run, dead: str | None) -> Result:
     job = run.job
-    key = codec.handoff_key(job)
+    key = _handoff_key(job)
     try:
-        stored = codec.decode_handoff(run.ctx.store.get(key), job)
+        stored = _codec().decode_handoff(run.ctx.store.get(key), job)
     except NotFound:
         raise StageFailed(f"the latents at {key} are missing; the base stage's output is gone, "
                           "resubmit the job") from None
@@ -171,7 +182,7 @@ def _refine(run: Run, latents: list[Any], generator_states: list[Any], *, handed
     if handed_off and result.outcome is Outcome.SUCCEEDED:
         # the intermediate has served its purpose; failures keep theirs (see `farm clean`)
         try:
-            ctx.store.delete(codec.handoff_key(job))
+            ctx.store.delete(_handoff_key(job))
         except FarmError as exc:
             log.warning("could not delete the latents of %s: %s", job.id, exc)
     return result
@@ -186,9 +197,9 @@ def _finish_stage(record: JobRecord, stage: Stage) -> dict[str, dict[str, Any]]:
 def _store_handoff(ctx: WorkerContext, job: Job, base: Any, latents: list[Any],
                    generators: list[Any], record: JobRecord) -> None:
     info = {**record.stages.get(Stage.BASE, {})}
-    data = codec.encode_handoff(job, latents, generators, info, base.scheduler_config)
+    data = _codec().encode_handoff(job, latents, generators, info, base.scheduler_config)
     try:
-        ctx.store.put(codec.handoff_key(job), data, create_once=True)
+        ctx.store.put(_handoff_key(job), data, create_once=True)
     except AlreadyExists:
         pass  # a re-run base made the same latents (deterministic); keep the first copy
 
@@ -213,7 +224,7 @@ def _load_checkpoint(run: Run, model: Any) -> dict[int, Any] | None:
     if job.resume is None:
         return None
     try:
-        return codec.decode_checkpoint(run.ctx.store.get(job.resume.key), job,
+        return _codec().decode_checkpoint(run.ctx.store.get(job.resume.key), job,
                                        model.weights_hash).images
     except (NotFound, IntegrityError) as exc:
         log.warning("job %s: cannot resume from %s (%s); running the stage from the start",
@@ -244,7 +255,7 @@ def _hand_back(run: Run, model: Any, inflight: InFlight) -> Result:
     in-flight latents, put the job back to queued (this attempt not counted), and queue the
     same stage again, resuming from them. The current message is then acked."""
     ctx, job = run.ctx, run.job
-    data, point = codec.encode_checkpoint(job, inflight, model.weights_hash, ctx.name)
+    data, point = _codec().encode_checkpoint(job, inflight, model.weights_hash, ctx.name)
     ctx.store.put(point.key, data, content_type="application/octet-stream")
     note = (f"handed back at step {point.step}/{job.spec.steps} of image {point.image + 1}/"
             f"{job.spec.n} on worker {ctx.name}'s shutdown")

@@ -60,7 +60,8 @@ def test_a_standin_worker_process_completes_a_batch_through_redis(
 
 
 def test_standin_output_is_deterministic_and_needs_no_torch() -> None:
-    code = ("import sys, farm.worker.standin as s\n"
+    # the worker's control plane too: a stand-in worker process starts without torch
+    code = ("import sys, farm.worker.standin as s, farm.worker.runtime, farm.worker.stage\n"
             "from farm import models\n"
             "from farm.jobs import JobSpec\n"
             "from farm.settings import Settings\n"
