@@ -10,9 +10,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from farm import broker, models
+from farm import broker, models, vram
 from farm.jobs import JobSpec
 from farm.lifecycle import JobState, read_record
 from farm.scheduler.submit import submit
@@ -49,13 +50,23 @@ def _sigterm_while_running(settings: Settings, worker: subprocess.Popen[str], ba
     return worker.returncode, err, time.monotonic() - sent
 
 
+# every load profile, as a worker of its class loads it (lean-fp8 is an 8 GB option)
+PROFILE_FLAGS = {name: (("--vram", str(min(c for c, p in vram.PROFILE_BY_CLASS.items()
+                                            if p == name)))
+                        if name in vram.PROFILE_BY_CLASS.values()
+                        else ("--vram", "8", "--profile", name))
+                 for name in vram.PROFILES}
+
+
+@pytest.mark.parametrize("profile", sorted(vram.PROFILES))
 def test_short_grace_hands_the_stage_back_and_another_worker_resumes_it(
-        env: dict[str, str]) -> None:
+        env: dict[str, str], profile: str) -> None:
     settings = Settings.load(env=env)
+    flags = PROFILE_FLAGS[profile]
     try:
         spec = _long(settings)
         (job,) = submit(settings, [spec]).jobs
-        stopping = _start({**env, "FARM_STOP_GRACE": "2"}, "spot-1")
+        stopping = _start({**env, "FARM_STOP_GRACE": "2"}, "spot-1", *flags)
         code, err, took = _sigterm_while_running(settings, stopping, job.batch, job.id)
         assert code == 0, err[-3000:]
         assert took < 20, took  # it did not render the rest of the stage first
@@ -73,7 +84,7 @@ def test_short_grace_hands_the_stage_back_and_another_worker_resumes_it(
         assert out.returncode == 0, out.stderr
         assert f"queued     (handed back at step {step}/150" in out.stdout, out.stdout
 
-        rescuer = _start(env, "rescuer", "--max-jobs", "1")
+        rescuer = _start(env, "rescuer", "--max-jobs", "1", *flags)
         _, err = rescuer.communicate(timeout=300)
         assert rescuer.returncode == 0, err[-3000:]
         record = read_record(store, job.batch, job.id)
@@ -84,12 +95,13 @@ def test_short_grace_hands_the_stage_back_and_another_worker_resumes_it(
         assert len(images) == 2  # exactly one PNG and its sidecar
         side = get_json(store, record.images[0].replace(".png", ".json"))
         assert side["worker"] == "rescuer" and side["stages"]["full"]["resumed"]["step"] == step
+        assert side["profile"] == profile
         assert store.list_keys(f"batches/{job.batch}/intermediate/") == []
 
-        # the resumed image is the uninterrupted render's, pixel for pixel
+        # the resumed image is the uninterrupted render's under that profile, pixel for pixel
         from farm.worker import pipelines
 
-        model = pipelines.load_model(models.TINY_BASE, settings, "cpu")
+        model = pipelines.load_model(models.TINY_BASE, settings, "cpu", vram.PROFILES[profile])
         expected = np.array(pipelines.render(model, spec)[0])
         png = Image.open(Path(env["FARM_HOME"]) / "store" / record.images[0])
         assert np.array_equal(np.array(png), expected)
