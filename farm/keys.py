@@ -6,7 +6,7 @@
     batches/<batch>/images/<job>-<k>.png     image k of the job
     batches/<batch>/images/<job>-<k>.json    its sidecar: full provenance
     batches/<batch>/intermediate/<job>/latents.safetensors
-                                             base → refiner latents (worker/handoff.py)
+                                             base → refiner latents (worker/latents.py)
     batches/<batch>/intermediate/<job>/resume-<stage>-<image>-<step>.safetensors
                                              a handed-back stage's checkpoint (worker/latents.py)
     compile-cache/<model>/<key>.bin|.json    compile artefacts for the fleet (worker/compile.py)

@@ -7,7 +7,7 @@ still needs (the steps left times this stage's measured seconds per step, plus F
 for decoding and writing) and compares it with what the grace period has left, less
 HANDBACK_SECONDS kept back for writing a checkpoint and leaving. While it fits, the stage goes
 on; as soon as it does not, the step callback raises HandBack with everything a checkpoint
-needs (worker/checkpoint.py), and the stage writes it and queues the job's resume message. (A
+needs (worker/latents.py), and the stage writes it and queues the job's resume message. (A
 refiner needs no checkpoint of its own: it runs again from the base's stored latents.)
 The estimate is made again at every step, so a stage that runs slower than it looked is still
 handed back in time.

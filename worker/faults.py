@@ -7,7 +7,8 @@
             device-side assert; and anything not known to be the job's (retried elsewhere, up
             to FARM_MAX_ATTEMPTS, so a broken GPU never fails a job alone)
     job     the input cannot be rendered: a ValidationError, ValueError, TypeError, IndexError,
-            KeyError, or the stage's own verdict (StageFailed, e.g. corrupt latents)
+            KeyError, NotImplementedError, or the stage's own verdict (StageFailed, e.g.
+            corrupt latents)
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from farm.worker.context import StageFailed
 
 _DEVICE_WORDS = ("cuda", "cudnn", "cublas", "nccl", "illegal memory access", "device-side assert",
                  "hip error", "xpu error", "accelerator")
-_JOB_ERRORS = (ValidationError, ValueError, TypeError, IndexError, KeyError, ZeroDivisionError)
+# deterministic for the input: another worker would fail the same way (NotImplementedError: a
+# stage this backend cannot run, e.g. the load-test stand-in's split stages)
+_JOB_ERRORS = (ValidationError, ValueError, TypeError, IndexError, KeyError, ZeroDivisionError,
+               NotImplementedError)
 
 
 def classify(exc: BaseException) -> Fault:

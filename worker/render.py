@@ -108,7 +108,7 @@ ImageTracker = Callable[[int, torch.Generator, int], None]
 
 @dataclass(frozen=True)
 class Continue:
-    """Where image k of a handed-back stage stands (worker/checkpoint.py): `latents` after
+    """Where image k of a handed-back stage stands (worker/latents.py): `latents` after
     `step` of its steps, and its generator's state then; `done`: all its steps are done."""
 
     latents: torch.Tensor

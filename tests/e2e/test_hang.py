@@ -1,8 +1,8 @@
 """A hung stage, injected: the render stops making denoising-step progress, as a stuck kernel or
 driver would, and nothing in Python can interrupt it.
 
-The hanging worker is a stand-in (worker/standin.py) started with its test tool `--hang-on
-TEXT`. With FARM_HANG_TIMEOUT at 3 s its watchdog (worker/runtime.py) must notice the missing
+The hanging worker is a stand-in (worker/standin.py) started with the test tool `--hang-on
+TEXT` (tests/faults.py). With FARM_HANG_TIMEOUT at 3 s its watchdog (worker/runtime.py) must notice the missing
 progress and take the process down (exit 75), and another worker must run the stage again from
 the missing heartbeat, to one image, well before the broker's visibility timeout (24 h here).
 """

@@ -1,8 +1,8 @@
 """A poison job: one prompt that kills every worker that renders it (a segfaulting kernel), in a
 batch of ordinary jobs, over stand-in worker processes that a supervisor restarts as they die.
 
-The stand-in (worker/standin.py, no diffusion) is started with its test tool `--crash-on
-POISON`: a job whose prompt contains POISON makes the worker's process exit at once
+The stand-in (worker/standin.py, no diffusion) is started with the test tool `--crash-on
+POISON` (tests/faults.py): a job whose prompt contains POISON makes the worker's process exit at once
 (os._exit(1)) half-way through its steps. Heartbeats are fast and the visibility timeout stays
 at its default, so each death is noticed from the missing heartbeat (farm/recovery.py's sweep)
 and the stage runs again on another worker, until the attempt cap dead-letters it.
@@ -38,7 +38,7 @@ POISON = "POISON-PILL"
 
 
 class StandInFleet:
-    """Stand-in worker processes (`python -m benchmarks._standin_worker`) in slots: a worker
+    """Stand-in worker processes (`python -m tests.faults`) in slots: a worker
     that exits non-zero, or is killed, is replaced in its slot by a fresh one under a new name
     (`<slot>-<generation>`), so the dead one's stage can only come back through the sweep."""
 

@@ -85,6 +85,7 @@ class OutOfMemoryError(RuntimeError):
     (ValueError("height must be divisible by 8"), Fault.JOB),
     (ValidationError("steps", "must be at most 150", 500), Fault.JOB),
     (StageFailed("the latents are corrupt"), Fault.JOB),
+    (NotImplementedError("no latents"), Fault.JOB),
 ])
 def test_failures_are_classified(exc: BaseException, fault: Fault) -> None:
     assert classify(exc) is fault
