@@ -15,6 +15,7 @@ from farm.lifecycle import Fault, Held, JobRecord, Stage
 from farm.settings import Settings
 from farm.store import Store
 from farm.worker.drain import Drain, HandBack, InFlight
+from farm.worker.manifests import Manifests
 
 # stages a stopping worker hands back: full and base resume from a checkpoint of their
 # in-flight latents (RESUMABLE_STAGES); a refiner runs again from the base's stored latents
@@ -95,12 +96,10 @@ class WorkerContext:
     on_progress: Callable[[], None] = lambda: None
     # the worker's stop request (SIGTERM) and its grace period
     drain: Drain | None = None
-    manifests: Any = None   # farm.worker.stage.Manifests; built from the store when None
+    manifests: Manifests | None = None   # built from the store when not given
 
     def __post_init__(self) -> None:
         if self.manifests is None:
-            from farm.worker.stage import Manifests
-
             self.manifests = Manifests(self.store, self.settings)
 
     def larger_class(self, vram_class: int) -> int | None:

@@ -17,7 +17,6 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,20 @@ from farm.models import CHECKPOINT_SUFFIXES, ModelSpec
 from farm.settings import Settings
 from farm.vram import PROFILES, Profile
 from farm.worker import tiny
+from farm.worker.model import LoadedModel
+
+# the backend a worker renders with: loading is here, rendering in worker/render.py
+from farm.worker.render import (
+    SCHEDULERS,
+    denoise_base,
+    ensemble,
+    make_scheduler,
+    refine,
+    render,
+    vae_used,
+    warm,
+    warm_buckets,
+)
 
 # the drop-in VAEs the profiles swap in for real SDXL models (Hub ids)
 TAESD_XL = "madebyollin/taesdxl"
@@ -42,26 +55,6 @@ FP16_FIX_VAE = "madebyollin/sdxl-vae-fp16-fix"
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 log = logging.getLogger("farm.worker")
-
-
-@dataclass
-class LoadedModel:
-    name: str
-    spec: ModelSpec
-    pipe: Any                         # StableDiffusionXL(Img2Img)Pipeline
-    device: str
-    dtype: torch.dtype
-    weights_hash: str                 # sha256 over the weight files, see weights_hash()
-    load_seconds: float
-    # the scheduler config the model shipped with: every job's scheduler is built from this,
-    # never from the previous job's, so switching samplers back and forth cannot drift
-    scheduler_config: dict[str, Any]
-    profile: str = "resident"         # the load profile applied (farm/vram.py)
-    # the VAE the profile chose ("default", "fp16-fix" or "tiny") and the module itself, and the
-    # tiny VAE (TAESD-XL) when the worker has one, for jobs that ask for it (the fast preset)
-    vae_name: str = "default"
-    profile_vae: Any = None
-    tiny_vae: Any = None
 
 
 def resolve_device(device: str) -> str:
@@ -294,19 +287,8 @@ def pixels_digest(images: list[PIL.Image.Image]) -> str:
     return digest.hexdigest()
 
 
-# rendering lives in worker/render.py; these names stay importable from here
-from farm.worker.render import (  # noqa: E402
-    SCHEDULERS,
-    denoise_base,
-    ensemble,
-    make_scheduler,
-    refine,
-    render,
-    warm,
-    warm_buckets,
-)
 
 __all__ = ["SCHEDULERS", "LoadedModel", "load_model", "apply_profile", "denoise_base", "refine",
            "warm_buckets",
            "ensemble", "render", "warm", "resolve_device",
-           "make_scheduler", "weight_files", "weights_hash", "pixels_digest"]
+           "make_scheduler", "vae_used", "weight_files", "weights_hash", "pixels_digest"]

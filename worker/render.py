@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import PIL.Image
 import torch
@@ -25,9 +25,7 @@ from diffusers import (
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback, SDXLCFGCutoffCallback
 
 from farm import jobs
-
-if TYPE_CHECKING:
-    from farm.worker.pipelines import LoadedModel
+from farm.worker.model import LoadedModel
 
 # job scheduler name -> class, each built from_config of the model's own scheduler config
 SCHEDULERS: dict[str, Any] = {

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from typing import Any
 
 from farm import lifecycle
 from farm.errors import IntegrityError, NotFound, ValidationError
 from farm.jobs import Job, Message
 from farm.lifecycle import Fault, Held, JobState, Stage, Superseded
-from farm.records import Manifest, Submit, SubmitState, read_manifest, read_submit
+from farm.records import SubmitState
 from farm.worker import split
 from farm.worker.attempt import cancel, fail
 from farm.worker.context import JobCanceled, Outcome, Result, Run, StageEnded, WorkerContext
@@ -32,38 +31,7 @@ from farm.worker.faults import classify, describe
 
 log = logging.getLogger("farm.worker")
 
-__all__ = ["Manifests", "Outcome", "Result", "WorkerContext", "resolve", "run_job", "run_message"]
-
-
-class Manifests:
-    """The batches this worker has seen: each manifest read once (it never changes), and its
-    submit record until that says submitted (a batch still submitting may yet be aborted)."""
-
-    def __init__(self, store: Any, settings: Any, size: int = 256) -> None:
-        self.store, self.settings, self.size = store, settings, size
-        self._manifests: OrderedDict[str, Manifest] = OrderedDict()
-        self._submitted: set[str] = set()
-
-    def get(self, batch: str) -> tuple[Manifest, Submit | None]:
-        """The batch's manifest, and its submit record (None once known submitted)."""
-        submit = None
-        if batch not in self._submitted:
-            found = read_submit(self.store, batch)
-            if found is None:
-                raise NotFound(f"batch {batch} has no submit record")
-            submit = found[0]
-        manifest = self._manifests.get(batch)
-        if manifest is None:
-            manifest = read_manifest(self.store, batch, self.settings)
-            self._manifests[batch] = manifest
-            while len(self._manifests) > self.size:
-                self._submitted.discard(self._manifests.popitem(last=False)[0])
-        else:
-            self._manifests.move_to_end(batch)
-        if submit is not None and submit.state is SubmitState.SUBMITTED:
-            self._submitted.add(batch)
-            submit = None
-        return manifest, submit
+__all__ = ["Outcome", "Result", "WorkerContext", "resolve", "run_job", "run_message"]
 
 
 def resolve(ctx: WorkerContext, raw: Any) -> Job | Result:
@@ -74,6 +42,7 @@ def resolve(ctx: WorkerContext, raw: Any) -> Job | Result:
     except ValidationError as exc:
         return Result(None, Outcome.REJECTED, f"malformed message, no model work done: {exc}")
     try:
+        assert ctx.manifests is not None  # built with the context
         manifest, submit = ctx.manifests.get(message.batch)
     except NotFound:
         return Result(message.job, Outcome.REJECTED, f"batch {message.batch} has no manifest in "
