@@ -7,6 +7,7 @@ from importlib import resources
 from pathlib import Path
 
 from farm.cli import local
+from farm.cli.progress import watch
 from farm.scheduler.parse import parse_batch
 from farm.scheduler.results import download
 from farm.scheduler.status import batch_status
@@ -32,9 +33,7 @@ def run_demo(settings: Settings, out: Path, workers: int, echo: Callable[[str], 
         echo(f"submitted batch {result.batch}: {len(specs)} prompts, "
              f"{sum(s.n for s in specs)} images")
         # 3. progress until it ends
-        from farm.cli.main import _watch
-
-        status = _watch(settings, result.batch)
+        status = watch(settings, result.batch)
         # 4. images, sidecars and the contact sheet
         got = download(open_store(settings), batch_status(open_store(settings), result.batch,
                                                           settings), out)

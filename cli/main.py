@@ -12,6 +12,10 @@ from typing import Any
 
 import click
 
+from farm.cli.progress import batch_id as _batch_id
+from farm.cli.progress import counts as _counts
+from farm.cli.progress import exit_unless_succeeded as _exit_unless_succeeded
+from farm.cli.progress import watch as _watch
 from farm.errors import FarmError, NotFound, UsageError
 from farm.settings import Settings
 from farm.store import open_store
@@ -261,51 +265,6 @@ def batches(as_json: bool, limit: int) -> None:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b.created_at))
         click.echo(f"{b.batch}  {created}  {b.state:<9}  {len(b.jobs):>5} jobs  "
                    + _counts(b.counts))
-
-
-def _batch_id(text: str) -> str:
-    from farm.jobs import is_id
-
-    if not is_id(text):
-        raise NotFound(f"{text!r} is not a batch id")
-    return text
-
-
-def _counts(counts: dict[str, int]) -> str:
-    return " ".join(f"{k}={v}" for k, v in counts.items())
-
-
-def _exit_unless_succeeded(st: Any) -> None:
-    """How `--wait` ends: exit 1, with the counts on stderr, when the batch ended any other way
-    than succeeded (failed jobs, canceled, aborted); the README's exit codes."""
-    if st.state != "succeeded":
-        click.echo(f"batch {st.batch} ended {st.state}: {_counts(st.counts)}; `farm status "
-                   f"{st.batch}` shows each job's error", err=True)
-        sys.exit(1)
-
-
-def _watch(settings: Settings, batch: str, quiet: bool = False) -> Any:
-    from farm.scheduler.status import batch_status
-
-    store = open_store(settings)
-    batch = _batch_id(batch)
-    tty = sys.stderr.isatty()
-    last = ""
-    while True:
-        st = batch_status(store, batch, settings)
-        total = len(st.jobs)
-        width = 30
-        filled = int(width * st.done / total) if total else width
-        line = (f"[{'#' * filled}{'-' * (width - filled)}] {st.done}/{total} jobs  "
-                + _counts(st.counts))
-        if not quiet and line != last:
-            click.echo(("\r" + line) if tty else line, err=True, nl=not tty)
-            last = line
-        if st.finished:
-            if not quiet and tty:
-                click.echo("", err=True)
-            return st
-        time.sleep(0.5)
 
 
 # -- workers and the local farm ----------------------------------------------------------------
