@@ -9,6 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from farm import keys
 from farm.errors import NotFound
 from farm.images import contact_sheet
 from farm.scheduler.status import BatchStatus
@@ -34,7 +35,7 @@ def download(store: Store, status: BatchStatus, out: Path) -> Downloaded:
     cells: list[tuple[Image.Image, str]] = []
     for job in status.jobs:
         for key in job.images:
-            sidecar_key = key[: -len(".png")] + ".json"
+            sidecar_key = keys.sidecar_of(key)
             try:
                 png = store.get(key)
                 meta = store.get(sidecar_key)

@@ -29,8 +29,10 @@ from farm.settings import Settings
 from farm.store import open_store
 from tests.conftest import ROOT, run_farm
 
+# beats every half second, presumed dead after two; a quarantined worker stays listed long enough
+# for `farm workers` to show it, then exits
 FAST = {"FARM_HEARTBEAT_INTERVAL": "0.5", "FARM_HEARTBEAT_TTL": "2",
-        "FARM_QUARANTINE_EXIT_SECONDS": "4"}
+        "FARM_QUARANTINE_EXIT_SECONDS": "20"}
 
 
 class Workers:
@@ -163,10 +165,13 @@ def test_a_store_outage_hands_the_stage_back_without_counting_an_attempt(farm: A
     workers.start("w-1")
     wait("two hand-backs", lambda: workers.log("w-1").count("handing job back") >= 2,
          logs=workers)
+    workers.signal("w-1", signal.SIGTERM)  # stopped between attempts: the record holds still
+    assert workers.procs["w-1"].wait(timeout=60) == 0
     held = records(settings, result.batch)[job.id]
     assert held.state == JobState.QUEUED and held.stage_attempts("full") == 0
-    assert "broker or store failed" in (held.note or "")
+    assert held.failures == [] and "broker or store failed" in (held.note or "")
     images.unlink()  # the store is back
+    workers.start("w-2")
     wait("the job", lambda: finished(settings, result.batch, 1), logs=workers)
     record = records(settings, result.batch)[job.id]
     assert record.state == JobState.SUCCEEDED
@@ -219,9 +224,11 @@ def test_a_killed_submit_is_finished_by_the_same_submit_with_its_batch_id(
     prompts.write_text("".join(json.dumps({"prompt": f"fox {i}", "steps": 4, "width": 64,
                                            "height": 64}) + "\n" for i in range(12)))
     batch = f"retry-{point}"
+    gate = tmp_path / "gate"
     broker.ensure_broker(settings)
+    # workers render while the submit runs, each holding its job until the test opens the gate
     for name in ("w-1", "w-2"):
-        workers.start(name)
+        workers.start(name, "--gate", str(gate))
     killed = subprocess.run([sys.executable, "-c", KILL_SUBMIT, point, "5", str(prompts), batch],
                             env=workers.env, cwd=ROOT, capture_output=True, text=True,
                             timeout=120)
@@ -231,6 +238,7 @@ def test_a_killed_submit_is_finished_by_the_same_submit_with_its_batch_id(
         assert f"batch {batch}: submitting" in status.stdout, status
         assert f"--batch-id {batch}" in status.stderr and "lost its data" not in status.stderr
     retried = run_farm(workers.env, "submit", str(prompts), "--batch-id", batch)
+    gate.touch()
     assert retried.returncode == 0, retried.stderr
     assert retried.stdout.strip() == batch
     wait("the batch", lambda: finished(settings, batch, 12), logs=workers)
@@ -382,8 +390,8 @@ def test_a_frozen_worker_that_wakes_keeps_nothing(farm: Any, tmp_path: Path, fir
     (job,) = result.jobs
     frozen = workers.start("frozen", "--gate", str(tmp_path / "frozen-gate"))
     wait("the job running", lambda: job.id in records(settings, result.batch), logs=workers)
-    (tmp_path / "frozen-gate").touch()  # it would finish now, but:
     workers.signal("frozen", signal.SIGSTOP)
+    (tmp_path / "frozen-gate").touch()  # it would finish as soon as it runs again
     workers.start("replacement", "--gate", str(gate))
     wait("the takeover", lambda: records(settings, result.batch)[job.id].attempts == 2,
          logs=workers)
