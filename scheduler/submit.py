@@ -62,6 +62,11 @@ class Submitted:
     continued: bool = False    # the batch existed: this call continued it
 
 
+def key_batch_id(key: str) -> str:
+    """The batch id an idempotency key stands for."""
+    return "k-" + hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
 def request_digest(specs: list[JobSpec], defaults: dict[str, Any] | None = None) -> str:
     """What a retried submit must repeat: the jobs and the flags."""
     body = json.dumps({"jobs": [s.to_dict() for s in specs], "defaults": defaults or {}},
@@ -71,12 +76,15 @@ def request_digest(specs: list[JobSpec], defaults: dict[str, Any] | None = None)
 
 def submit(settings: Settings, specs: list[JobSpec], *, source: str = "-",
            defaults: dict[str, Any] | None = None, store: Store | None = None,
-           batch_id: str | None = None, request: str | None = None,
+           batch_id: str | None = None, idempotency_key: str | None = None,
+           request: str | None = None,
            announce: Callable[[str], None] | None = None) -> Submitted:
-    """Submit `specs` as a batch. `batch_id` makes the call idempotent: a batch of that id
-    that exists is continued (it must be the same request: `request`, by default the digest
-    of the specs and defaults), not made again. `announce` hears the batch id before any
-    message is sent."""
+    """Submit `specs` as a batch. `batch_id`, or an `idempotency_key` (any text; the batch id
+    derives from it), makes the call idempotent: a batch of that id that exists is continued
+    (it must be the same request: `request`, by default the digest of the specs and
+    defaults), not made again. `announce` hears the batch id before any message is sent."""
+    if idempotency_key is not None and batch_id is None:
+        batch_id = key_batch_id(idempotency_key)
     # 1. the broker must answer before anything is written
     broker.ensure_broker(settings)
     broker.wait_for_broker(settings)
@@ -114,6 +122,11 @@ def submit(settings: Settings, specs: list[JobSpec], *, source: str = "-",
     submit_record, version = found
     if announce is not None:
         announce(batch)
+
+    if submit_record.state is SubmitState.SUBMITTED:
+        # every message was sent: nothing to do (a message lost since is `farm resubmit`'s, or
+        # the workers' reconciling's)
+        return Submitted(batch=batch, jobs=manifest.jobs, sent=0, continued=True)
 
     # 3. one message per job that still needs one; first the jobs are noted as open until
     # each ends, so that workers can find one whose message vanished with a killed worker

@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from farm import broker, queues
-from farm.errors import BrokerUnavailable
+from farm.errors import BrokerUnavailable, UsageError
 from farm.jobs import JobSpec, Message
 from farm.keys import manifest_key
 from farm.records import read_manifest
@@ -169,3 +169,18 @@ def test_enqueue_breaking_part_way_marks_the_batch_aborted(
     status = batch_status(store, batch, settings)
     assert status.state == "aborted"
     assert status.submit is not None and "broker went away" in (status.submit.reason or "")
+
+
+def test_an_idempotency_key_makes_a_retried_submit_continue_the_same_batch(
+        redis_url: str, env: dict[str, str]) -> None:
+    settings = Settings.load(env={**env, "FARM_BROKER_URL": redis_url})
+    specs = _specs(settings, 5, 5, 5)
+    first = submit(settings, specs, idempotency_key="nightly run 2026-12-03")
+    again = submit(settings, specs, idempotency_key="nightly run 2026-12-03")
+    assert (again.batch, again.continued, again.sent) == (first.batch, True, 0)
+    assert [j.spec for j in again.jobs] == [j.spec for j in first.jobs]
+    client = broker.redis_client(settings)
+    assert len(_waiting(client)) == 3  # one message per job, not two
+    with pytest.raises(UsageError, match="different request"):
+        submit(settings, _specs(settings, 9), idempotency_key="nightly run 2026-12-03")
+    assert submit(settings, specs).batch != first.batch  # no key: a new batch each time
