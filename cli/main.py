@@ -188,7 +188,7 @@ def status(batch: str, as_json: bool, watch: bool) -> None:
 
 def _fault_words(fault: str | None) -> str:
     """Whose fault a failure was, as status says it."""
-    return {"worker": "worker trouble (retried on other workers)",
+    return {"worker": "worker trouble",
             "oom": "out of memory", "job": "job error"}.get(fault or "", "error")
 
 

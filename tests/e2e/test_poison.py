@@ -186,7 +186,7 @@ def test_a_poison_job_is_dead_lettered_and_blocks_nothing(env: dict[str, str],
             assert out.stdout.count("1 image(s)") == 9, out.stdout
             out = run_farm(env, "status", plain.batch)
             (line,) = [ln for ln in out.stdout.splitlines() if plain.id in ln]
-            assert "failed" in line and "  error: " in line and "worker trouble" not in line, line
+            assert "failed" in line and "  job error: " in line and "worker trouble" not in line, line
             assert _record(settings, plain.batch, plain.id).error_kind == "job"
             print(f"poison: dead-lettered after {record.attempts} attempts, "
                   f"{len(fleet.crashes())} worker deaths, batch done in {elapsed:.1f} s")
