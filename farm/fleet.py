@@ -44,6 +44,7 @@ class WorkerInfo:
     # recompiles (graphs compiled mid-job: a shape no bucket warmed)
     compile: dict[str, Any] = field(default_factory=dict)
     last_error: str | None = None   # the last failure this worker caused (a worker fault)
+    incarnation: str = ""   # this process: a restart under the same name has another
     extra: dict[str, Any] = field(default_factory=dict)
 
     def encode(self) -> str:
@@ -62,6 +63,19 @@ def worker_key(name: str) -> str:
 
 def publish(client: Any, info: WorkerInfo, ttl: float) -> None:
     client.set(worker_key(info.name), info.encode(), px=int(ttl * 1000))
+
+
+def alive(client: Any, name: str, incarnation: str | None = None) -> bool:
+    """`name` beats; with `incarnation`, as that very process (not a restart of the name)."""
+    raw = client.get(worker_key(name))
+    if raw is None:
+        return False
+    if incarnation is None:
+        return True
+    try:
+        return bool(WorkerInfo.decode(raw).incarnation == incarnation)
+    except (ValueError, TypeError):
+        return False
 
 
 def remove(client: Any, name: str) -> None:

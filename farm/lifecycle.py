@@ -218,10 +218,12 @@ def read_record(store: Store, batch: str, job: str) -> JobRecord | None:
 
 
 def start(record: JobRecord, stage: Stage, worker: str, info: dict[str, Any], *,
-          max_attempts: int, dead: str | None = None) -> JobRecord:
+          max_attempts: int, dead: str | None = None, abandoned: bool = False) -> JobRecord:
     """The record of `stage` starting on `worker` (one more counted attempt). `dead` names the
     worker that held the stage when it died: its attempt is recorded as a worker fault, and a
-    stage whose attempts reach `max_attempts` so is dead-lettered (a failed record) instead."""
+    stage whose attempts reach `max_attempts` so is dead-lettered (a failed record) instead.
+    `abandoned`: the running attempt this one replaces was given up by a live process (the
+    broker or store failed under it) and does not count."""
     now = time.time()
     if dead is not None:
         record = _failed_attempt(record, stage, Fault.WORKER, dead,
@@ -231,10 +233,10 @@ def start(record: JobRecord, stage: Stage, worker: str, info: dict[str, Any], *,
         if done >= max_attempts:
             return _dead_letter(record, stage, now)
     state = stage.running_state
+    counted = record.stage_attempts(stage) + (0 if abandoned and dead is None else 1)
     return record.to(state, attempts=record.attempts + 1, worker=worker, error=None,
                      started_at=record.started_at or now,
-                     stages=record.with_stage(stage, **info,
-                                              attempts=record.stage_attempts(stage) + 1,
+                     stages=record.with_stage(stage, **info, attempts=max(1, counted),
                                               started_at=now))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import socket
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,9 +88,10 @@ class WorkerContext:
     # Redis (before a stage), `canceled_now` a local set fed by a broadcast (after each step)
     canceled: Callable[..., bool] = _never
     canceled_now: Callable[..., bool] = _never
-    # holds(worker, job): that worker is alive and running that job; alive(worker): it beats
+    # holds(worker, job): that worker is alive and running that job; alive(worker,
+    # incarnation): that worker beats, as that process (a restart under the same name is not)
     holds: Callable[[str, str], bool] = _never
-    alive: Callable[[str], bool] = _never
+    alive: Callable[[str, str | None], bool] = _never
     # another live worker serves the queue this job's stage goes to
     others_serve: Callable[[Job], bool] = _never
     # called after every denoising step (hang detection)
@@ -97,6 +99,9 @@ class WorkerContext:
     # the worker's stop request (SIGTERM) and its grace period
     drain: Drain | None = None
     manifests: Manifests | None = None   # built from the store when not given
+    # this worker process, told apart from an earlier one under the same name (a container
+    # restarted in its pod keeps its hostname, and its pid is often 1 again)
+    incarnation: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     def __post_init__(self) -> None:
         if self.manifests is None:
@@ -108,9 +113,9 @@ class WorkerContext:
 
     def stage_info(self, model: Any) -> dict[str, Any]:
         """Who runs a stage, for the record and the sidecar."""
-        return {"worker": self.name, "host": self.host, "device": str(model.device),
-                "vram_class": self.vram_class, "profile": getattr(model, "profile", ""),
-                "model_hash": model.weights_hash}
+        return {"worker": self.name, "incarnation": self.incarnation, "host": self.host,
+                "device": str(model.device), "vram_class": self.vram_class,
+                "profile": getattr(model, "profile", ""), "model_hash": model.weights_hash}
 
 
 class Run:
@@ -133,11 +138,14 @@ class Run:
         self.held = lifecycle.commit(self.ctx.store, self.held, new)
         return new
 
-    def start(self, model: Any, dead: str | None) -> JobRecord:
-        """The stage starts here: one counted attempt (a dead holder's attempt recorded)."""
+    def start(self, model: Any, takeover: str | None) -> JobRecord:
+        """The stage starts here: one counted attempt. `takeover` (from worker/stage.py's
+        admission) names the dead worker whose attempt this replaces (recorded as its fault),
+        or is "" for an attempt a live process gave up (not counted); None: a fresh start."""
         record = lifecycle.start(self.record, self.job.stage, self.ctx.name,
                                  self.ctx.stage_info(model),
-                                 max_attempts=self.ctx.settings.max_attempts, dead=dead or None)
+                                 max_attempts=self.ctx.settings.max_attempts,
+                                 dead=takeover or None, abandoned=takeover == "")
         self.commit(record)
         if record.state.final:  # dead-lettered: the dead workers' attempts ran out
             raise StageEnded(record)

@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,7 @@ class Worker:
         self.deadline: float | None = None  # when the running stage passes its hard limit
         self.ctx: WorkerContext | None = None
         self.drain = Drain(settings.stop_grace)
+        self.incarnation = uuid.uuid4().hex[:12]  # this process, whatever its name
         # the jobs of this worker's latest stages that ended in a worker fault, newest last;
         # any other end clears it (farm/settings.py quarantine_after)
         self.faults: list[str] = []
@@ -130,7 +132,8 @@ class Worker:
                                         self.settings.vram_classes),
             vram_class=self.vram_class, profile=profile.name, started_at=time.time(),
             compile={"backend": self.compile_backend, "state": "eager", "seconds": 0.0,
-                     "cache": "off", "graphs": 0, "recompiles": 0})
+                     "cache": "off", "graphs": 0, "recompiles": 0},
+            incarnation=self.incarnation)
         self._beat()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
 
@@ -153,8 +156,9 @@ class Worker:
             canceled=lambda *ids: recovery.is_canceled(self.redis, *ids),
             canceled_now=self.listener.canceled,
             holds=lambda worker, job: recovery.holds(self.redis, worker, job),
-            alive=lambda worker: bool(self.redis.exists(fleet.worker_key(worker))),
-            others_serve=self._others_serve, on_progress=self._progressed, drain=self.drain)
+            alive=lambda worker, incarnation: fleet.alive(self.redis, worker, incarnation),
+            others_serve=self._others_serve, on_progress=self._progressed, drain=self.drain,
+            incarnation=self.incarnation)
         self.info.state = fleet.WorkerState.READY
         self._beat()
         if self.ready_file is not None:

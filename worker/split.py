@@ -1,7 +1,7 @@
 """The stage bodies: full, and the ensemble of expert denoisers across workers (base, refiner,
-and both on one worker). Each takes the job's Run (worker/context.py) and the dead worker whose
-stage it takes over, if any; it starts the attempt once its inputs are checked, and ends in a
-lifecycle move. A failure it raises is classified and routed by worker/stage.py.
+and both on one worker). Each takes the job's Run (worker/context.py) and what it takes over
+(`takeover`, as Run.start reads it); it starts the attempt once its inputs are checked, and ends
+in a lifecycle move. A failure it raises is classified and routed by worker/stage.py.
 
     full     render the images (resuming from a checkpoint when handed back)
     base     denoise to `switch` → latents. Split policy "auto" and this worker serves the
@@ -44,11 +44,11 @@ def _handoff_key(job: Job) -> str:
     return keys.handoff_key(job.batch, job.id)
 
 
-def run_full(run: Run, dead: str | None) -> Result:
+def run_full(run: Run, takeover: str | None) -> Result:
     ctx, job = run.ctx, run.job
     model = ctx.models[job.spec.model]
     resume = _load_checkpoint(run, model)
-    run.start(model, dead)
+    run.start(model, takeover)
     _note_resume(run, resume)
     inflight = _follow(run, resume)
     t0 = time.perf_counter()
@@ -78,12 +78,12 @@ def base_done(ctx: WorkerContext, job: Job, record: JobRecord) -> Result | None:
     return Result(job.id, Outcome.LATENTS_READY)
 
 
-def run_base(run: Run, dead: str | None) -> Result:
+def run_base(run: Run, takeover: str | None) -> Result:
     ctx, job = run.ctx, run.job
     spec = job.spec
     base = ctx.models[spec.model]
     resume = _load_checkpoint(run, base)
-    record = run.start(base, dead)
+    record = run.start(base, takeover)
     _note_resume(run, resume)
     inflight = _follow(run, resume)
     latents, generators = [], []
@@ -111,7 +111,7 @@ def run_base(run: Run, dead: str | None) -> Result:
                                                     refiner.record)
         try:
             return _refine(refiner, latents, [g.get_state() for g in generators],
-                           handed_off=False, dead=None)
+                           handed_off=False, takeover=None)
         except (JobCanceled, lifecycle.Superseded):
             raise
         except Exception as exc:  # noqa: BLE001 - the refiner's failure, routed as its own
@@ -123,7 +123,7 @@ def run_base(run: Run, dead: str | None) -> Result:
     return Result(job.id, Outcome.LATENTS_READY)
 
 
-def run_refiner(run: Run, dead: str | None) -> Result:
+def run_refiner(run: Run, takeover: str | None) -> Result:
     job = run.job
     key = _handoff_key(job)
     try:
@@ -133,14 +133,14 @@ def run_refiner(run: Run, dead: str | None) -> Result:
                           "resubmit the job") from None
     except IntegrityError as exc:
         raise StageFailed(str(exc)) from None
-    return _refine(run, stored.latents, stored.generator_states, handed_off=True, dead=dead)
+    return _refine(run, stored.latents, stored.generator_states, handed_off=True, takeover=takeover)
 
 
-def run_pair(run: Run, dead: str | None) -> Result:
+def run_pair(run: Run, takeover: str | None) -> Result:
     ctx, spec = run.ctx, run.job.spec
     assert spec.refiner is not None  # a job has the pair stage only with a refiner
     base, refiner = ctx.models[spec.model], ctx.models[spec.refiner]
-    run.start(base, dead)
+    run.start(base, takeover)
     t0 = time.perf_counter()
     pictures = ctx.backend.ensemble(base, refiner, spec)
     render_s = time.perf_counter() - t0
@@ -151,13 +151,13 @@ def run_pair(run: Run, dead: str | None) -> Result:
 
 
 def _refine(run: Run, latents: list[Any], generator_states: list[Any], *, handed_off: bool,
-            dead: str | None) -> Result:
+            takeover: str | None) -> Result:
     import torch
 
     ctx, job = run.ctx, run.job
     assert job.spec.refiner is not None  # a job has refiner stages only with a refiner
     refiner = ctx.models[job.spec.refiner]
-    run.start(refiner, dead)
+    run.start(refiner, takeover)
     inflight = run.follow(Stage.REFINER)  # the drain follows its steps
     t0 = time.perf_counter()
     try:

@@ -70,8 +70,9 @@ def run_job(ctx: WorkerContext, job: Job) -> Result:
     if ctx.vram_class and job.stage_class > ctx.vram_class:
         return Result(job.id, Outcome.REJECTED, f"job {job.id} needs a {job.stage_class} GB "
                       f"worker for its {job.stage} stage; this one is {ctx.vram_class} GB")
-    needed: dict[Stage, list[str | None]] = {Stage.FULL: [job.spec.model], Stage.BASE: [job.spec.model],
-              Stage.REFINER: [job.spec.refiner], Stage.PAIR: [job.spec.model, job.spec.refiner]}
+    needed: dict[Stage, list[str | None]] = {
+        Stage.FULL: [job.spec.model], Stage.BASE: [job.spec.model],
+        Stage.REFINER: [job.spec.refiner], Stage.PAIR: [job.spec.model, job.spec.refiner]}
     missing = [m for m in needed[job.stage] if m not in ctx.models]
     if missing:
         return Result(job.id, Outcome.REJECTED, f"worker {ctx.name} does not serve model "
@@ -106,7 +107,8 @@ def run_job(ctx: WorkerContext, job: Job) -> Result:
 
 def _admit(ctx: WorkerContext, job: Job, held: Held) -> str | None | Result:
     """Whether this worker runs the stage: None (a fresh start), the name of the dead worker
-    whose stage it takes over, or the Result that says why not."""
+    whose stage it takes over, "" (it takes over an attempt a live process gave up), or the
+    Result that says why not."""
     record = held.record
     if job.stage is Stage.REFINER and record.state not in (JobState.LATENTS_READY,
                                                            JobState.REFINING):
@@ -128,7 +130,15 @@ def _admit(ctx: WorkerContext, job: Job, held: Held) -> str | None | Result:
     if holder != ctx.name and ctx.holds(holder, job.id):
         log.info("job %s is running on live worker %s; skipping the duplicate", job.id, holder)
         return Result(job.id, Outcome.DUPLICATE, f"running on live worker {holder}")
-    return holder if holder != ctx.name and not ctx.alive(holder) else ""
+    # the process that ran it: this one (an attempt it gave up, for the broker or store), one
+    # still alive (the same), or one that died, though its name may live on in a restart
+    running = Stage.REFINER if record.state is JobState.REFINING else job.stage
+    incarnation = record.stages.get(running, {}).get("incarnation")
+    if holder == ctx.name and incarnation == ctx.incarnation:
+        return ""
+    if holder != ctx.name and ctx.alive(holder, incarnation):
+        return ""
+    return holder
 
 
 def package_versions() -> dict[str, str]:
