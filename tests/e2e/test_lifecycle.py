@@ -64,6 +64,12 @@ class Workers:
     def stop(self) -> None:
         procs.stop_group([p for p in self.procs.values() if p.poll() is None], 15.0)
 
+    def settled_logs(self) -> str:
+        """Every log once every worker has stopped: a worker records a job's end in the store
+        before it prints its line, so the lines are counted only after the workers exit."""
+        self.stop()
+        return self.all_logs()
+
 
 @pytest.fixture
 def farm(env: dict[str, str], tmp_path: Path) -> Iterator[tuple[Settings, Workers]]:
@@ -245,7 +251,7 @@ def test_a_killed_submit_is_finished_by_the_same_submit_with_its_batch_id(
     found = records(settings, batch)
     assert {r.state for r in found.values()} == {JobState.SUCCEEDED}
     assert all(r.attempts == 1 for r in found.values())
-    assert succeeded_lines(workers.all_logs()) == Counter({j: 1 for j in found})
+    assert succeeded_lines(workers.settled_logs()) == Counter({j: 1 for j in found})
     # once more: nothing left to queue, nothing rendered again
     again = run_farm(workers.env, "submit", str(prompts), "--batch-id", batch)
     assert again.returncode == 0 and "queued 0 of its 12 jobs" in again.stderr, again
@@ -291,7 +297,7 @@ def test_an_aborted_batch_renders_nothing_until_submitted_again(
     workers.start("w-2")
     wait("the batch", lambda: finished(settings, "aborted-batch", 5), logs=workers)
     assert {r.state for r in records(settings, "aborted-batch").values()} == {JobState.SUCCEEDED}
-    assert succeeded_lines(workers.all_logs()) == Counter({j.id: 1 for j in again.jobs})
+    assert succeeded_lines(workers.settled_logs()) == Counter({j.id: 1 for j in again.jobs})
 
 
 # -- 5. a message cannot overwrite the truth ---------------------------------------------------
@@ -375,7 +381,7 @@ def test_resubmit_and_a_second_delivery_leave_a_running_job_alone(farm: Any,
     record = records(settings, result.batch)[job.id]
     assert record.state == JobState.SUCCEEDED and record.worker == "runner"
     assert record.attempts == 1 and record.failures == []
-    assert succeeded_lines(workers.all_logs()) == Counter({job.id: 1})
+    assert succeeded_lines(workers.settled_logs()) == Counter({job.id: 1})
 
 
 # -- 7. a worker presumed dead that was not: nothing of its attempt is kept -----------------------
