@@ -17,7 +17,7 @@ from farm.store import open_store
 
 
 def demo_batch() -> str:
-    return resources.files("cli").joinpath("demo.jsonl").read_text()
+    return resources.files("farm.cli").joinpath("demo.jsonl").read_text()
 
 
 def run_demo(settings: Settings, out: Path, workers: int, echo: Callable[[str], None]) -> None:

@@ -265,3 +265,10 @@ def test_parse_size_refuses(text: str) -> None:
     with pytest.raises(ValidationError) as info:
         parse_size(text)
     expect(info.value, None, "size", "must be WIDTHxHEIGHT, e.g. 1024x1024", repr(text))
+
+
+def test_the_demo_batch_is_installed_with_the_package_and_parses() -> None:
+    from farm.cli.demo import demo_batch
+
+    specs = parse_batch(demo_batch(), "jsonl", {"model": "tiny-sdxl"}, Settings.load(env={}))
+    assert len(specs) == 9
