@@ -72,6 +72,9 @@ def up(settings: Settings, *, workers: int, model_names: list[str], device: str,
             cmd += ["--model", m]
         if vram:
             cmd += ["--vram", vram[i % len(vram)]]
+        if settings.metrics_port:
+            # one port each on this machine: FARM_METRICS_PORT, the next one, and so on
+            cmd += ["--metrics-port", str(settings.metrics_port + i)]
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True)

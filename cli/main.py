@@ -284,9 +284,12 @@ def batches(as_json: bool, limit: int) -> None:
 @click.option("--stop-grace", type=float, default=None, metavar="SECONDS",
               help="Seconds the platform allows between SIGTERM and SIGKILL (default 30, "
                    "FARM_STOP_GRACE): a stage that fits finishes, else it is handed back.")
+@click.option("--metrics-port", type=int, default=None, metavar="PORT",
+              help="Serve Prometheus metrics on this port (FARM_METRICS_PORT; 0: any free "
+                   "port; default: none). Each worker on a machine needs its own.")
 def worker(models_: tuple[str, ...], device: str | None, max_jobs: int | None,
            name: str | None, vram: str | None, profile: str | None,
-           compile_: str | None, stop_grace: float | None) -> None:
+           compile_: str | None, stop_grace: float | None, metrics_port: int | None) -> None:
     """Run one worker in the foreground: load and warm its pipelines, then take jobs."""
     import logging
 
@@ -296,7 +299,7 @@ def worker(models_: tuple[str, ...], device: str | None, max_jobs: int | None,
     from farm.worker.runtime import Worker
 
     settings = Settings.load(device=device, vram=vram, profile=profile, compile=compile_,
-                             stop_grace=stop_grace)
+                             stop_grace=stop_grace, metrics_port=metrics_port)
     w = Worker(settings, list(models_), device=settings.device, name=name, max_jobs=max_jobs,
                echo=lambda m: click.echo(m, err=True))
     sys.exit(w.run())
@@ -447,8 +450,10 @@ def demo(out: Path, n_workers: int) -> None:
 
 def _register() -> None:
     from farm.cli.deploy import deploy
+    from farm.cli.metrics import metrics
 
     cli.add_command(deploy)
+    cli.add_command(metrics)
 
 
 _register()

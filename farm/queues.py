@@ -35,6 +35,18 @@ def queue_name(model: str, vram_class: int, priority: int) -> str:
     return f"{QUEUE_PREFIX}.{models.queue_slug(model)}.{vram_class}gb.p{priority}"
 
 
+def parse_queue(name: str) -> tuple[str, int, int] | None:
+    """(model, VRAM class, priority) of a name `queue_name` made (the model as its queue slug);
+    None for any other name."""
+    prefix, _, rest = name.partition(".")
+    model, _, tail = rest.rpartition(".")
+    model, _, size = model.rpartition(".")
+    if prefix != QUEUE_PREFIX or not model or not size.endswith("gb") \
+            or not size[:-2].isdigit() or not tail.startswith("p") or not tail[1:].isdigit():
+        return None
+    return model, int(size[:-2]), int(tail[1:])
+
+
 def stage_queue(job: Job) -> str:
     """The queue a job's current stage goes to."""
     return queue_name(job.stage_model, job.stage_class, job.spec.priority)

@@ -59,6 +59,12 @@ class Settings:
     # a container's readiness probe checks it (deploy/)
     ready_file: Path | None = None
 
+    # the port a worker serves Prometheus metrics on (/metrics, docs/metrics.md); unset: none.
+    # 0: a free port the system picks (the worker prints it and lists it in `farm workers
+    # --json`). Workers on one machine each need their own: `farm up` gives its i-th worker
+    # this port + i. The deployment files use 9460 (one worker per container or pod).
+    metrics_port: int | None = None
+
     # the image sizes a farm renders, for every model ("1024x1024,1152x896"); unset: the nine
     # standard SDXL resolutions, or their eighth-size versions (and 64x64) for tiny models
     buckets: str | None = None
@@ -160,6 +166,9 @@ class Settings:
                      "max_attempts"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port must be 0 (any free port) to 65535, got "
+                              f"{self.metrics_port}")
         if not self.stop_grace > 0:
             raise ConfigError(f"stop_grace must be positive seconds, got {self.stop_grace}")
         from farm.limits import check_visibility

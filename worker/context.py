@@ -17,6 +17,7 @@ from farm.settings import Settings
 from farm.store import Store
 from farm.worker.drain import Drain, HandBack, InFlight
 from farm.worker.manifests import Manifests
+from farm.worker.metrics import WorkerMetrics
 
 # stages a stopping worker hands back: full and base resume from a checkpoint of their
 # in-flight latents (RESUMABLE_STAGES); a refiner runs again from the base's stored latents
@@ -102,6 +103,8 @@ class WorkerContext:
     # this worker process, told apart from an earlier one under the same name (a container
     # restarted in its pod keeps its hostname, and its pid is often 1 again)
     incarnation: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    # the worker's Prometheus metrics (worker/metrics.py); unserved unless the worker serves it
+    metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
 
     def __post_init__(self) -> None:
         if self.manifests is None:
@@ -147,6 +150,8 @@ class Run:
                                  max_attempts=self.ctx.settings.max_attempts,
                                  dead=takeover or None, abandoned=takeover == "")
         self.commit(record)
+        if takeover:
+            self.ctx.metrics.took_over(self.job.stage.value)
         if record.state.final:  # dead-lettered: the dead workers' attempts ran out
             raise StageEnded(record)
         return record
@@ -165,6 +170,8 @@ class Run:
         stage back if the worker is stopping and the stage will not finish in its grace."""
         ctx, job = self.ctx, self.job
         ctx.on_progress()
+        if step_index >= 0:
+            ctx.metrics.stepped()
         if ctx.canceled_now(job.id, job.batch):
             raise JobCanceled(job.id)
         inflight = self.inflight

@@ -28,6 +28,7 @@ from farm.settings import Settings
 from farm.store import open_store
 from farm.worker import compile
 from farm.worker.drain import Drain
+from farm.worker.metrics import REQUEUED, WorkerMetrics
 from farm.worker.stage import Outcome, Result, WorkerContext, package_versions, resolve, run_job
 
 log = logging.getLogger("farm.worker")
@@ -95,6 +96,7 @@ class Worker:
         # any other end clears it (farm/settings.py quarantine_after)
         self.faults: list[str] = []
         self.quarantined_at: float | None = None
+        self.metrics = WorkerMetrics()   # served on settings.metrics_port (worker/metrics.py)
 
     # -- 1-2: setup, once ---------------------------------------------------------------------
 
@@ -134,6 +136,7 @@ class Worker:
             compile={"backend": self.compile_backend, "state": "eager", "seconds": 0.0,
                      "cache": "off", "graphs": 0, "recompiles": 0},
             incarnation=self.incarnation)
+        self._serve_metrics(device, profile.name)
         self._beat()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
 
@@ -158,7 +161,7 @@ class Worker:
             holds=lambda worker, job: recovery.holds(self.redis, worker, job),
             alive=lambda worker, incarnation: fleet.alive(self.redis, worker, incarnation),
             others_serve=self._others_serve, on_progress=self._progressed, drain=self.drain,
-            incarnation=self.incarnation)
+            incarnation=self.incarnation, metrics=self.metrics)
         self.info.state = fleet.WorkerState.READY
         self._beat()
         if self.ready_file is not None:
@@ -168,6 +171,22 @@ class Worker:
         self.echo(f"worker {self.name}: ready ({self.vram_class} GB, {profile.name}); serving "
                   f"{', '.join(self.info.models)} at {', '.join(classes)} (own class first)")
         return self.ctx
+
+    def _serve_metrics(self, device: str, profile: str) -> None:
+        """Serve /metrics when FARM_METRICS_PORT is set; the port goes into the heartbeat."""
+        assert self.info is not None
+        info = self.info
+        self.metrics.identify(worker=info.name, host=info.host, device=device,
+                              vram_class=self.vram_class, profile=profile,
+                              compile=self.compile_backend, models=",".join(info.models),
+                              incarnation=self.incarnation)
+        self.metrics.follow_state(lambda: str(info.state))
+        self.metrics.watch_gpu(device)
+        if self.settings.metrics_port is None:
+            return
+        port = self.metrics.serve(self.settings.metrics_port)
+        info.extra["metrics_port"] = port
+        self.echo(f"worker {self.name}: metrics on port {port} (/metrics)")
 
     def _compile_and_warm(self, model: Any, spec: models.ModelSpec, device: str,
                           profile: str, store: Any) -> None:
@@ -197,6 +216,7 @@ class Worker:
         self.info.compile.update(state=report.state, cache=report.cache,
                                  seconds=round(self.info.compile["seconds"] + report.seconds, 2),
                                  graphs=report.graphs)
+        self.metrics.compiled(spec.name, backend, report.cache, report.seconds, report.graphs)
         verb = "compiled and warmed" if backend != "none" else "warmed"
         cache = f", fleet cache {report.cache}" if backend != "none" else ""
         self.echo(f"worker {self.name}: {spec.name} {verb} {len(buckets)} bucket(s) in "
@@ -218,6 +238,9 @@ class Worker:
         graphs = compile.graphs() if self.compile_backend != "none" else 0
         self.progress = time.monotonic()
         self.deadline = self.progress + limits.FLOOR_SECONDS
+        began = self.progress
+        self.metrics.stage_started()
+        job: Job | Result | None = None
         try:
             job = resolve(self.ctx, message)
             if isinstance(job, Result):
@@ -229,6 +252,7 @@ class Worker:
             # the message goes back on its queue (the task's Reject): this worker holds it no
             # longer, so no duplicate check may take it for running here
             recovery.clear_inflight(self.redis, self.name or "")
+            self._count_stage(job, stage, REQUEUED, None, began)
             raise
         finally:
             self.progress = None
@@ -245,9 +269,11 @@ class Worker:
                                 Outcome.RETRYING):
             self.info.jobs_failed += 1
         self._note_fault(result)
+        self._count_stage(job, stage, result.outcome.value, result.fault, began)
         if self.compile_backend != "none" and compile.graphs() > graphs:
             # a shape no bucket warmed: it compiled mid-job (and will be fast next time)
             self.info.compile["recompiles"] += compile.graphs() - graphs
+            self.metrics.recompiled(compile.graphs() - graphs)
             log.warning("job %s compiled %d new graph(s) mid-job", result.job,
                         compile.graphs() - graphs)
         self.echo(f"worker {self.name}: job {result.job or '(none)'} {result.outcome.value}"
@@ -255,6 +281,19 @@ class Worker:
         if self.max_jobs and self.done >= self.max_jobs:
             self.request_stop()
         self._beat()
+
+    def _count_stage(self, job: Job | Result | None, stage: Any, outcome: str, fault: Any,
+                     began: float) -> None:
+        """The stage's end, in the metrics; a message that named no job counts as model "-"."""
+        model, job_model, images = "-", "-", 0
+        if isinstance(job, Job):
+            model, job_model, stage, images = (job.stage_model, job.spec.model, job.stage,
+                                               job.spec.n)
+        self.metrics.stage_ended(
+            model=model, job_model=job_model, stage=str(stage or "-"), images=images,
+            vram_class=self.vram_class, profile=self.info.profile if self.info else "",
+            outcome=outcome, fault=None if fault is None else str(fault),
+            seconds=time.monotonic() - began)
 
     def _note_fault(self, result: Result) -> None:
         """Quarantine after `quarantine_after` worker faults in a row, on different jobs."""
@@ -414,6 +453,7 @@ class Worker:
         self.info.last_seen = time.time()
         try:
             fleet.publish(self.redis, self.info, self.settings.heartbeat_ttl)
+            self.metrics.beat()
         except Exception as exc:  # noqa: BLE001 - a missed beat is not a reason to stop work
             log.warning("heartbeat failed: %s", exc)
 
@@ -427,7 +467,7 @@ class Worker:
         manifests: dict[str, Any] = {}
         while not self._stop.wait(self.settings.heartbeat_interval):
             try:
-                self.reconcile(manifests)
+                self.metrics.recovered("reconcile", len(self.reconcile(manifests)))
             except Exception as exc:  # noqa: BLE001 - the next round (here or elsewhere) retries
                 log.warning("reconciling open jobs failed: %s", exc)
 
@@ -486,8 +526,9 @@ class Worker:
             try:
                 fleet.check_shared(self.redis, self.settings,
                                    claim_ttl=3 * self.settings.heartbeat_ttl)
-                recovery.sweep(self.redis, self.settings.heartbeat_interval,
-                               orphan_seconds=self.settings.heartbeat_ttl)
+                self.metrics.recovered("sweep", len(recovery.sweep(
+                    self.redis, self.settings.heartbeat_interval,
+                    orphan_seconds=self.settings.heartbeat_ttl)))
             except Exception as exc:  # noqa: BLE001 - the next sweep (here or elsewhere) retries
                 log.warning("recovery sweep failed: %s", exc)
             began = self.progress
