@@ -43,8 +43,8 @@ def parse_classes(text: str | None) -> list[int] | None:
 @click.option("--image", help="Worker image (default: farm-worker:VERSION, built from "
                               "deploy/worker.Dockerfile). For skypilot, a pushed image makes "
                               "the tasks run in it instead of installing the checkout.")
-@click.option("--control-image", help="Control image for Flower and the CLI service "
-                                      "(default: farm-control:VERSION).")
+@click.option("--control-image", help="Control image for the metrics exporter and the CLI "
+                                      "service (default: farm-control:VERSION).")
 @click.option("--hard-limit", type=int, default=1800, show_default=True,
               help="Seconds one stage may run; grace periods are set above it.")
 @click.option("--namespace", default="farm", show_default=True, help="k8s namespace.")

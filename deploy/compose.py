@@ -3,9 +3,14 @@
     redis        Valkey with append-only persistence and one ACL user per role
     minio        the object store; minio-init creates the bucket and a least-privilege user
                  for the workers and one for the CLI, then exits
-    flower       Celery's monitor, told every queue the farm routes to
-    worker-<C>gb one per VRAM class, each reserving one NVIDIA GPU
+    worker-<C>gb one per VRAM class, each reserving one NVIDIA GPU, serving /metrics
+    metrics      `farm metrics serve`: queue depths, live workers, active batches
+    prometheus   scrapes the workers and `metrics`, evaluates the alert rules
+    grafana      the farm's dashboard (deploy/monitoring.py)
     farm         the CLI in the control image (`docker compose run --rm farm submit ...`)
+
+No Flower: the workers send no Celery task events (each would cost Redis commands per stage),
+so its task view would stay empty; the farm's own metrics and dashboard show the fleet.
 
 Secrets come from `.env` beside compose.yaml (env.example lists them); compose refuses to start
 while one is missing.
@@ -13,10 +18,9 @@ while one is missing.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from farm.deploy import access, files
+from farm.deploy import access, files, monitoring
 
 # MinIO withdrew its public images from Docker Hub in 2025; these last releases were published on
 # quay.io. Any S3-compatible store works instead: drop minio/minio-init, set FARM_STORE_URL.
@@ -25,8 +29,9 @@ MC_IMAGE = "quay.io/minio/mc:RELEASE.2025-08-13T08-35-41Z"
 
 S3_ENDPOINT = "http://minio:9000"
 REDIS_HOST = "redis:6379"
-FLOWER_CONFIG = "farm_flower.py"
 GPU_VAR = "FARM_GPU_{c}GB"   # which GPU (nvidia-smi index) serves each class
+# the Redis users compose creates: the workers', the CLI's, and the exporter's
+ROLES = tuple(dict.fromkeys(("worker", "cli", monitoring.exporter_role())))
 
 
 def _secret(var: str) -> str:
@@ -77,7 +82,7 @@ def worker_service(spec: files.DeploySpec, vram_class: int) -> dict[str, Any]:
 
 
 def compose(spec: files.DeploySpec) -> dict[str, Any]:
-    redis_args = access.redis_server_args(_secret, roles=("worker", "cli"))
+    redis_args = access.redis_server_args(_secret, roles=ROLES)
     cli_pass = "$${" + access.REDIS_PASSWORD_VARS["cli"] + "}"
     services: dict[str, Any] = {
         "redis": {
@@ -116,23 +121,6 @@ def compose(spec: files.DeploySpec) -> dict[str, Any]:
             "depends_on": {"minio": {"condition": "service_healthy"}},
             "restart": "no",
         },
-        "flower": {
-            "image": spec.control_image,
-            "entrypoint": ["celery"],
-            "command": ["flower", "--port=5555"],
-            "environment": {
-                **spec.settings_env,
-                # the worker role: Flower inspects workers over their remote-control lists
-                "FARM_BROKER_URL": _redis_url("worker"),
-                "CELERY_CONFIG_MODULE": FLOWER_CONFIG.removesuffix(".py"),
-                "PYTHONPATH": "/etc/farm",
-                "FLOWER_BASIC_AUTH": _secret("FLOWER_BASIC_AUTH"),
-            },
-            "volumes": [f"./{FLOWER_CONFIG}:/etc/farm/{FLOWER_CONFIG}:ro"],
-            "ports": ["127.0.0.1:5555:5555"],
-            "depends_on": {"redis": {"condition": "service_healthy"}},
-            "restart": "unless-stopped",
-        },
         "farm": {
             "image": spec.control_image,
             "profiles": ["cli"],
@@ -146,8 +134,11 @@ def compose(spec: files.DeploySpec) -> dict[str, Any]:
     }
     for c in spec.classes:
         services[f"worker-{c}gb"] = worker_service(spec, c)
+    services.update(monitoring.compose_services(
+        spec, _redis_url(monitoring.exporter_role()), _secret))
     return {"name": "farm", "services": services,
-            "volumes": {"redis-data": {}, "minio-data": {}, "models": {}}}
+            "volumes": {"redis-data": {}, "minio-data": {}, "models": {}, "prometheus-data": {},
+                        "grafana-data": {}}}
 
 
 def minio_init_script() -> str:
@@ -168,33 +159,14 @@ def minio_init_script() -> str:
     return "\n".join(lines) + "\n"
 
 
-def flower_config(spec: files.DeploySpec) -> str:
-    """A Celery config module for Flower: the farm's app settings and every queue it routes to,
-    so Flower's Broker tab lists them even while every worker is busy (a solo-pool worker does
-    not answer inspect calls mid-stage)."""
-    names = json.dumps(files.all_queues(spec), indent=4)
-    return (files.header("compose", spec)
-            + '"""Celery settings for Flower (CELERY_CONFIG_MODULE): the farm\'s queues."""\n\n'
-            "from kombu import Queue\n\n"
-            "from farm.broker import celery_app\n"
-            "from farm.settings import Settings\n\n"
-            "_app = celery_app(Settings.load())\n"
-            "broker_url = _app.conf.broker_url\n"
-            "broker_transport_options = _app.conf.broker_transport_options\n"
-            "broker_use_ssl = _app.conf.broker_use_ssl\n\n"
-            f"QUEUES = {names}\n"
-            "task_queues = [Queue(name) for name in QUEUES]\n")
-
-
 def env_example(spec: files.DeploySpec) -> str:
     gpus = "".join(f"{GPU_VAR.format(c=c)}={i}\n" for i, c in enumerate(spec.classes))
     return (
         "# Copy to .env and replace every value. Passwords go into URLs: use hex\n"
         "# (openssl rand -hex 24), not characters such as @ : / that URLs reserve.\n"
-        + "".join(f"{access.REDIS_PASSWORD_VARS[role]}=CHANGE-ME\n"
-                  for role in ("worker", "cli"))
+        + "".join(f"{access.REDIS_PASSWORD_VARS[role]}=CHANGE-ME\n" for role in ROLES)
         + "MINIO_ROOT_PASSWORD=CHANGE-ME\nS3_WORKER_SECRET=CHANGE-ME\nS3_CLI_SECRET=CHANGE-ME\n"
-        "FLOWER_BASIC_AUTH=admin:CHANGE-ME\n"
+        "GRAFANA_ADMIN_PASSWORD=CHANGE-ME\n"
         "# the GPU (index in nvidia-smi -L) that serves each VRAM class\n" + gpus)
 
 
@@ -212,8 +184,8 @@ def render(spec: files.DeploySpec) -> dict[str, str]:
     head = files.header("compose", spec)
     return {
         "compose.yaml": files.dump_yaml([compose(spec)], head),
-        FLOWER_CONFIG: flower_config(spec),
         **files.policy_files(files.DEFAULT_BUCKET),
+        **monitoring.monitoring_files(spec, "compose"),
         "env.example": env_example(spec),
         "farm.env": cli_env(spec),
     }

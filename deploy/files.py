@@ -7,11 +7,12 @@ class's load profile from `farm.vram`. This module holds what all targets share 
 queues of a class, the environment, the grace periods, the writer); one module per target
 builds its files as plain data:
 
-    deploy/compose.py    docker compose: Redis, MinIO, Flower, a worker per class
+    deploy/compose.py    docker compose: Redis, MinIO, a worker per class, Prometheus, Grafana
     deploy/k8s.py        Kubernetes: a Deployment and a KEDA ScaledObject per class
     deploy/skypilot.py   SkyPilot: a spot task per class, on any cloud
     deploy/access.py     least privilege: the S3 policies and Redis ACLs
     deploy/gpus.py       which cloud GPUs fall in which class
+    deploy/monitoring.py the metrics exporter, scrape configuration, alert rules, dashboard
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ SPOT_STOP_GRACE = 25
 
 # One worker per container, so the ready file needs no "{name}" in it (worker/runtime.py).
 READY_FILE = "/tmp/farm/ready"
+# Each worker serves /metrics here (FARM_METRICS_PORT): one worker per container or pod, so one
+# port for all. Not 9400, which NVIDIA's DCGM exporter takes on many GPU nodes.
+METRICS_PORT = 9460
 # The model cache volume: Hub downloads (HF_HOME) and built tiny models (FARM_HOME/models).
 MODEL_CACHE = "/models"
 HF_HOME = f"{MODEL_CACHE}/huggingface"
@@ -191,6 +195,7 @@ def worker_env(spec: DeploySpec, vram_class: int, stop_grace: int | None = None
         # cuda:0, not auto: a container that lost its GPU must fail, not render on the CPU
         "FARM_DEVICE": "cuda:0",
         "FARM_READY_FILE": READY_FILE,
+        "FARM_METRICS_PORT": str(METRICS_PORT),
         "FARM_HOME": FARM_HOME_IN_CONTAINER,
         "HF_HOME": HF_HOME,
     }

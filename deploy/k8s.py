@@ -19,7 +19,7 @@ import re
 from typing import Any
 
 from farm import vram
-from farm.deploy import access, files, gpus
+from farm.deploy import access, files, gpus, monitoring
 
 CONFIG = "farm-config"
 SECRETS = "farm-secrets"
@@ -120,6 +120,7 @@ def deployment(spec: files.DeploySpec, vram_class: int) -> dict[str, Any]:
     container = {
         "name": "worker", "image": spec.image, "args": files.worker_args(spec),
         "envFrom": [{"configMapRef": {"name": CONFIG}}], "env": env,
+        "ports": [{"containerPort": files.METRICS_PORT, "name": "metrics"}],
         "resources": {"requests": {"cpu": "4", "memory": memory},
                       "limits": {"nvidia.com/gpu": 1}},
         # ready only once loaded and warm; no restarts from it, so no liveness on the same file
@@ -146,7 +147,20 @@ def deployment(spec: files.DeploySpec, vram_class: int) -> dict[str, Any]:
             "spec": {"selector": {"matchLabels": labels},
                      "strategy": {"type": "RollingUpdate",
                                   "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
-                     "template": {"metadata": {"labels": labels}, "spec": pod}}}
+                     "template": {"metadata": {
+                         "labels": labels,
+                         "annotations": monitoring.scrape_annotations(files.METRICS_PORT)},
+                         "spec": pod}}}
+
+
+def metrics_exporter(spec: files.DeploySpec) -> dict[str, Any]:
+    """`farm metrics serve` (deploy/monitoring.py), with its own Redis user."""
+    role = monitoring.exporter_role()
+    var = access.REDIS_PASSWORD_VARS[role]
+    env = [_secret_env(var), {"name": "FARM_BROKER_URL", "value": access.broker_url(
+        role, redis_address(spec), f"$({var})")}]
+    return monitoring.exporter_deployment(spec, _meta(spec, monitoring.EXPORTER), env, CONFIG,
+                                          WORKER_UID)
 
 
 def trigger_name(list_name: str) -> str:
@@ -205,8 +219,11 @@ def render(spec: files.DeploySpec) -> dict[str, str]:
     for c in spec.classes:
         out[f"30-worker-{c}gb.yaml"] = files.dump_yaml(
             [deployment(spec, c), scaled_object(spec, c)], head)
+    out["40-metrics.yaml"] = files.dump_yaml([metrics_exporter(spec)], head)
     out["farm.env"] = files.farm_env_file(spec)
     out.update(files.store_policy_files(spec))
+    # for the cluster's own Prometheus and Grafana; not applied with the folder
+    out.update(monitoring.monitoring_files(spec, "k8s"))
     # not applied with the directory: fill it in first, or create the Secret with kubectl
     out["secrets/farm-secrets.yaml"] = files.dump_yaml(
         [secret(spec)], head + "# Replace every CHANGE-ME (hex passwords), then apply this first.\n")

@@ -81,17 +81,23 @@ class FarmCollector:
         yield from self.families([], {}, 0, 0, 0)
         yield GaugeMetricFamily("farm_exporter_scrape_seconds", "")
 
-    def read(self) -> tuple[list[fleet.WorkerInfo], dict[str, int], int, int, int]:
-        """(live workers, depth by queue, active batches, open jobs, stages running)."""
+    def read(self) -> tuple[list[fleet.WorkerInfo], dict[str, int], int, int, int | None]:
+        """(live workers, depth by queue, active batches, open jobs, stages running: None when
+        this Redis user may not read kombu's `unacked` hash)."""
         workers = fleet.live_workers(self.client)                                   # 1
         names = list(dict.fromkeys([*self.served, *(q for w in workers for q in w.queues)]))
         with self.client.pipeline(transaction=False) as pipe:                       # 2
             for name in names:
                 pipe.llen(name)
             pipe.scard(recovery.ACTIVE_BATCHES)
-            pipe.hlen(recovery.UNACKED)
             pipe.smembers(recovery.ACTIVE_BATCHES)
-            *depths, active, running, batches = pipe.execute()
+            pipe.hlen(recovery.UNACKED)
+            *depths, active, batches, running = pipe.execute(raise_on_error=False)
+        for value in (*depths, active, batches):
+            if isinstance(value, Exception):
+                raise value
+        if isinstance(running, Exception):
+            running = None
         open_jobs = 0
         if batches:
             with self.client.pipeline(transaction=False) as pipe:                   # 3
@@ -102,7 +108,7 @@ class FarmCollector:
         return workers, dict(zip(names, depths, strict=True)), active, open_jobs, running
 
     def families(self, workers: list[fleet.WorkerInfo], depths: dict[str, int], active: int,
-                 open_jobs: int, running: int) -> Iterator[GaugeMetricFamily]:
+                 open_jobs: int, running: int | None) -> Iterator[GaugeMetricFamily]:
         labels = ["model", "vram_class", "priority"]
         depth = GaugeMetricFamily("farm_queue_depth", "Stages waiting on a queue (its Redis "
                                   "list's length).", labels=labels)
@@ -138,7 +144,8 @@ class FarmCollector:
         yield jobs
         taken = GaugeMetricFamily("farm_stages_running", "Stage messages workers have taken and "
                                   "not yet acknowledged (kombu's unacked hash).")
-        taken.add_metric([], running)
+        if running is not None:
+            taken.add_metric([], running)
         yield taken
 
 

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from farm.errors import ConfigError
 from farm.fleet import WorkerState
+from farm.lifecycle import Stage
 
 # stage seconds: from a tiny model on a CPU (well under a second) to SDXL with a refiner on a
 # small card (minutes); the top bucket is the deployment's default hard limit
@@ -107,8 +108,15 @@ class WorkerMetrics:
 
     # -- who this worker is ---------------------------------------------------------------------
 
-    def identify(self, **labels: Any) -> None:
-        self.info.info({k: str(v) for k, v in labels.items()})
+    def identify(self, models: list[str], **labels: Any) -> None:
+        """Who the worker is; its models' job and dead-letter counters start at 0, so that
+        Prometheus' increase() sees their first count (a series born at 1 shows no increase)."""
+        self.info.info({k: str(v) for k, v in labels.items()} | {"models": ",".join(models)})
+        for model in models:
+            for outcome in JOB_ENDS:
+                self.jobs.labels(model, outcome)
+            for stage in Stage:
+                self.dead_letters.labels(model, stage.value)
 
     def follow_state(self, current: Callable[[], str | None]) -> None:
         """Read the worker's state at each scrape (it changes in many places)."""
@@ -184,18 +192,3 @@ class WorkerMetrics:
         if count:
             self.recoveries.labels(path).inc(count)
 
-
-def metric_names(registry: CollectorRegistry) -> set[str]:
-    """Every sample name a registry can expose (counters as <name>_total, histograms with their
-    _bucket/_count/_sum): what a dashboard or an alert may refer to."""
-    names = set()
-    for family in registry.collect():
-        names.add(family.name)
-        names.update(sample.name for sample in family.samples)
-        if family.type == "counter":
-            names.add(f"{family.name}_total")
-        elif family.type == "histogram":
-            names.update(f"{family.name}_{s}" for s in ("bucket", "count", "sum"))
-        elif family.type == "info":
-            names.add(f"{family.name}_info")
-    return names

@@ -176,10 +176,9 @@ class Worker:
         """Serve /metrics when FARM_METRICS_PORT is set; the port goes into the heartbeat."""
         assert self.info is not None
         info = self.info
-        self.metrics.identify(worker=info.name, host=info.host, device=device,
+        self.metrics.identify(info.models, worker=info.name, host=info.host, device=device,
                               vram_class=self.vram_class, profile=profile,
-                              compile=self.compile_backend, models=",".join(info.models),
-                              incarnation=self.incarnation)
+                              compile=self.compile_backend, incarnation=self.incarnation)
         self.metrics.follow_state(lambda: str(info.state))
         self.metrics.watch_gpu(device)
         if self.settings.metrics_port is None:

@@ -222,7 +222,8 @@ def test_compose_services_and_environment_are_complete(classes: tuple[int, ...],
     spec = make(classes, names, hard_limit=1800)
     (doc,) = docs(deploy_compose.render(spec)["compose.yaml"])
     services = doc["services"]
-    assert {"redis", "minio", "minio-init", "flower"} <= set(services)
+    assert {"redis", "minio", "minio-init", "metrics", "prometheus", "grafana"} <= set(services)
+    assert "flower" not in services
     assert "--appendonly" in services["redis"]["command"]
     assert services["redis"]["command"][services["redis"]["command"].index("--appendonly") + 1] \
         == "yes"
@@ -264,18 +265,6 @@ def test_compose_services_and_environment_are_complete(classes: tuple[int, ...],
             source = volume.split(":")[0]
             if not source.startswith("."):
                 assert source in doc["volumes"]
-
-
-def test_flower_is_told_every_queue(monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = make((8, 24), ("sdxl-base", "sdxl-refiner"))
-    source = deploy_compose.flower_config(spec)
-    monkeypatch.setenv("FARM_BROKER_URL", "redis://farm-worker:pw@redis:6379/0")
-    namespace: dict[str, Any] = {}
-    exec(compile(source, deploy_compose.FLOWER_CONFIG, "exec"), namespace)
-    assert [q.name for q in namespace["task_queues"]] == deploy.all_queues(spec)
-    assert set(deploy.all_queues(spec)) == set().union(*routed((8, 24), spec.models).values())
-    assert namespace["broker_url"] == "redis://farm-worker:pw@redis:6379/0"
-    assert namespace["broker_transport_options"]["priority_steps"] == queues.PRIORITY_STEPS
 
 
 # -- least privilege ---------------------------------------------------------------------------
@@ -470,7 +459,8 @@ def test_grace_periods_exceed_the_hard_limit() -> None:
         assert deploy.grace_seconds(hard) > hard
     spec = make((8,), ("sdxl-base",), hard_limit=3000)
     (pod_spec,) = [d["spec"]["template"]["spec"] for d in by_kind(deploy_k8s.render(spec),
-                                                                    "Deployment")]
+                                                                    "Deployment")
+                   if d["metadata"]["name"] == deploy.worker_name(8)]
     assert pod_spec["terminationGracePeriodSeconds"] == spec.grace_seconds > 3000
     # the worker is told the grace the pod gets (the pre-stop hook sends SIGTERM at its start)
     (container,) = pod_spec["containers"]

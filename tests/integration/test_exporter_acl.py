@@ -1,0 +1,62 @@
+"""The exporter needs nothing beyond what scheduler/exporter.py declares: a Redis user allowed only
+EXPORTER_COMMANDS, reading only EXPORTER_KEYS, scrapes a real farm in full (the user an ACL for
+`farm metrics serve` is made from)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from prometheus_client import generate_latest
+
+from farm import fleet, queues, recovery
+from farm.jobs import JobSpec
+from farm.scheduler import exporter
+from farm.scheduler.submit import submit
+from farm.settings import Settings
+from tests.e2e.test_metrics import parse, total
+
+
+@pytest.fixture
+def exporter_client(redis_url: str) -> Iterator[Any]:
+    admin = redis.Redis.from_url(redis_url)
+    name, password = f"farm-test-exporter-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    rules = ["on", f">{password}", "resetkeys", "resetchannels", "-@all", "+@connection",
+             *(f"+{c}" for c in exporter.EXPORTER_COMMANDS),
+             *(f"%R~{k}" for k in exporter.EXPORTER_KEYS)]
+    admin.execute_command("ACL", "SETUSER", name, *rules)
+    db = int(redis_url.rsplit("/", 1)[1])
+    try:
+        yield redis.Redis(host="127.0.0.1", port=6379, db=db, username=name, password=password)
+    finally:
+        admin.execute_command("ACL", "DELUSER", name)
+
+
+def test_a_user_with_only_the_exporters_commands_and_keys_reads_everything(
+        env: dict[str, str], redis_url: str, exporter_client: Any) -> None:
+    settings = Settings.load(env={**env, "FARM_BROKER_URL": redis_url})
+    admin = redis.Redis.from_url(redis_url)
+    specs = [JobSpec.from_dict({"prompt": f"a fox {i}", "seed": i + 1, "steps": 4, "width": 64,
+                                "height": 64}, settings) for i in range(3)]
+    batch = submit(settings, specs)
+    queue = queues.stage_queue(batch.jobs[0])
+    fleet.publish(admin, fleet.WorkerInfo(
+        name="w-1", host="h", pid=1, device="cpu", models=["tiny-sdxl"], queues=[queue],
+        vram_class=80, state=fleet.WorkerState.BUSY, last_seen=time.time()), ttl=60)
+    admin.hset(recovery.UNACKED, "tag-1", "{}")
+
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        exporter_client.lpush(queue, "x")  # read-only
+    shown = parse(generate_latest(exporter.registry(exporter_client, settings,
+                                                    ["tiny-sdxl"])).decode())
+    assert total(shown, "farm_exporter_redis_up") == 1
+    assert total(shown, "farm_queue_depth") == admin.llen(queue) == 3
+    assert total(shown, "farm_queue_consumers") == 1   # the one queue the worker lists
+    assert total(shown, "farm_workers", vram_class="80", state="busy") == 1
+    assert total(shown, "farm_batches", state="active") == 1
+    assert total(shown, "farm_jobs_open") == 3
+    assert total(shown, "farm_stages_running") == 1
