@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -161,3 +162,12 @@ def test_the_exporter_reports_every_queue_the_workers_serve(target: str) -> None
 def test_exporter_keys_are_read_only_patterns_of_the_farm() -> None:
     assert "farm.*" in EXPORTER_KEYS and "farm:worker:*" in EXPORTER_KEYS
     assert all(" " not in k for k in EXPORTER_KEYS)
+
+
+def test_docs_list_every_metric() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
+    worker = WorkerMetrics().registry.collect()
+    exporter = FarmCollector(None, Settings.load(env={})).describe()
+    for family in [*worker, *exporter]:
+        shown = family.name + {"counter": "_total", "info": "_info"}.get(family.type, "")
+        assert f"`{shown}`" in text, shown
