@@ -12,11 +12,10 @@ from farm.settings import Settings
 
 NEXT_STEPS = {
     "compose": "cp env.example .env, fill it in, then: docker compose up -d",
-    "k8s": "fill in secrets/farm-secrets.yaml, then: kubectl apply -f secrets/ && "
-           "kubectl apply -f .",
+    # the namespace first (farm.deploy.k8s.APPLY_STEPS)
+    "k8s": "fill in secrets/farm-secrets.yaml, then: {apply}",
     "skypilot": "sky jobs launch --secret FARM_BROKER_URL --secret AWS_ACCESS_KEY_ID "
-                "--secret AWS_SECRET_ACCESS_KEY {folder}/worker-<CLASS>gb.yaml  (from the "
-                "repository root: the tasks install the checkout)",
+                "--secret AWS_SECRET_ACCESS_KEY {folder}/worker-<CLASS>gb.yaml{where}",
 }
 
 
@@ -74,9 +73,15 @@ def deploy(ctx: click.Context, target: str, classes: str | None, models_: tuple[
         ctx.exit(UsageError.exit_code)
     for path in written:
         click.echo(f"wrote {path}")
+    if target == "skypilot":
+        from farm.deploy.skypilot import STOP_GRACE
+
+        # spot VMs get about 30 s: a stage that will not finish in time is handed back
+        grace = f"stop grace {STOP_GRACE} s on spot (a longer stage is handed back)"
+    else:
+        grace = f"grace period {spec.grace_seconds} s (hard limit {spec.hard_limit} s)"
     click.echo(f"{target}: workers for {', '.join(f'{c} GB' for c in spec.classes)} serving "
-               f"{', '.join(spec.models)}; grace period {spec.grace_seconds} s "
-               f"(hard limit {spec.hard_limit} s)", err=True)
+               f"{', '.join(spec.models)}; {grace}", err=True)
     if spec.classes != settings.vram_classes:
         click.echo(f"note: these files set FARM_VRAM_CLASSES="
                    f"{','.join(map(str, spec.classes))}; set the same where you submit "
@@ -85,6 +90,10 @@ def deploy(ctx: click.Context, target: str, classes: str | None, models_: tuple[
         click.echo("note: FARM_STORE_URL is not an s3:// URL here, so the files leave the store "
                    "to fill in (k8s: 00-config.yaml; skypilot: --env FARM_STORE_URL=s3://...)",
                    err=True)
-    step = NEXT_STEPS[target].format(folder=folder)
+    from farm.deploy.k8s import APPLY_STEPS
+    from farm.deploy.skypilot import uses_image
+
+    where = "" if uses_image(spec) else "  (from the repository root: the tasks install the checkout)"
+    step = NEXT_STEPS[target].format(folder=folder, apply=" && ".join(APPLY_STEPS), where=where)
     click.echo(f"next: {step}" if target == "skypilot" else f"next: cd {folder} && {step}",
                err=True)

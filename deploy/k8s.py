@@ -18,7 +18,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from farm import vram
 from farm.deploy import access, files, gpus, monitoring
 
 CONFIG = "farm-config"
@@ -36,7 +35,23 @@ SCALE_DOWN = {"stabilizationWindowSeconds": 300,
 # exited. Kubernetes' own SIGTERM follows the hook and finds nothing left to stop.
 DRAIN = "kill -TERM 1; while kill -0 1 2>/dev/null; do sleep 1; done"
 WORKER_UID = 10001
+# Pod requests sized for the smallest GPU nodes the clouds sell: 4 vCPU / 16 GiB (AWS
+# g4dn.xlarge T4, g5.xlarge A10G, g6.xlarge L4; GCP g2-standard-4 L4). Allocatable is less than
+# that: the kubelet and system reserve (~0.1 CPU, ~1-2.5 GiB), eviction threshold and the GPU
+# daemonsets (device plugin, feature discovery, exporters) take their share, so a worker asks
+# for 3 CPU and 12 GiB. Cards above 24 GB come on larger nodes (the smallest, AWS g6e.xlarge
+# L40S: 4 vCPU / 32 GiB), where a worker asks for 24 GiB. Requests are what the scheduler
+# reserves, not limits: a worker loading weights may use more memory for a while.
+WORKER_CPU = "3"
+WORKER_MEMORY = "12Gi"
+LARGE_WORKER_MEMORY = "24Gi"
+SMALL_NODE_CLASS = 24                   # the largest class whose cards come on 16 GiB nodes
 STORE_PLACEHOLDER = "s3://CHANGE-ME-bucket/farm"   # when FARM_STORE_URL was not set
+# The order that applies to an empty cluster: the namespace (00-config.yaml) before anything in
+# it, the Secret before the pods that read it, then the rest in file order (`-f .` applies a
+# folder's .yaml files by name and leaves secrets/ and policies/ out).
+APPLY_STEPS = ("kubectl apply -f 00-config.yaml", "kubectl apply -f secrets/",
+               "kubectl apply -f .")
 
 
 def _meta(spec: files.DeploySpec, name: str, **labels: str) -> dict[str, Any]:
@@ -115,13 +130,12 @@ def deployment(spec: files.DeploySpec, vram_class: int) -> dict[str, Any]:
                 "worker", redis_address(spec),
                 f"$({access.REDIS_PASSWORD_VARS['worker']})")},
             _secret_env("AWS_ACCESS_KEY_ID"), _secret_env("AWS_SECRET_ACCESS_KEY")]
-    # host memory: offloading profiles keep the weights in RAM; a resident pair loads two models
-    memory = "24Gi" if vram.profile_for(vram_class).resident_pair else "16Gi"
+    memory = WORKER_MEMORY if vram_class <= SMALL_NODE_CLASS else LARGE_WORKER_MEMORY
     container = {
         "name": "worker", "image": spec.image, "args": files.worker_args(spec),
         "envFrom": [{"configMapRef": {"name": CONFIG}}], "env": env,
         "ports": [{"containerPort": files.METRICS_PORT, "name": "metrics"}],
-        "resources": {"requests": {"cpu": "4", "memory": memory},
+        "resources": {"requests": {"cpu": WORKER_CPU, "memory": memory},
                       "limits": {"nvidia.com/gpu": 1}},
         # ready only once loaded and warm; no restarts from it, so no liveness on the same file
         "readinessProbe": {"exec": {"command": ["sh", "-c", 'test -f "$FARM_READY_FILE"']},
@@ -143,8 +157,9 @@ def deployment(spec: files.DeploySpec, vram_class: int) -> dict[str, Any]:
     }
     return {"apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": _meta(spec, name, **labels),
-            # no replicas: KEDA owns the count (0 when idle)
-            "spec": {"selector": {"matchLabels": labels},
+            # 0 at first: no GPU pod starts before KEDA sees waiting work; KEDA owns the count
+            # from then on (applying the file again sets it to 0 until KEDA's next poll)
+            "spec": {"replicas": 0, "selector": {"matchLabels": labels},
                      "strategy": {"type": "RollingUpdate",
                                   "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
                      "template": {"metadata": {
@@ -211,6 +226,7 @@ def trigger_auth(spec: files.DeploySpec) -> dict[str, Any]:
 
 
 def render(spec: files.DeploySpec) -> dict[str, str]:
+    gpus.check_classes(spec.classes)
     head = files.header("k8s", spec)
     out = {"00-config.yaml": files.dump_yaml(config(spec), head)}
     if spec.redis_address is None:

@@ -34,9 +34,12 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # nexfort and torch.compile build kernels at run time: a C compiler; tini as PID 1 (see
-# deploy/worker.Dockerfile)
+# deploy/worker.Dockerfile). Versions of the base image's Debian release, 12 (bookworm), as
+# its main archive has them (apt-cache madison, 2026-12); a superseded one leaves the index
+# and fails the build here, to be moved on deliberately.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends gcc libc6-dev tini \
+ && apt-get install -y --no-install-recommends gcc=4:12.2.0-3 libc6-dev=2.36-9+deb12u14 \
+        tini=0.19.0-1+b3 \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src

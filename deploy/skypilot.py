@@ -11,11 +11,17 @@ the heartbeat sweep (farm/recovery.py), so nothing is lost either way.
 Two ways to get the farm onto the machine:
 - default: `workdir: .` syncs the checkout (run `sky` from the repository root) and `setup`
   installs it into a virtual environment, with the pinned torch and constraints.txt;
-- `--image REGISTRY/IMAGE:TAG` (a pushed worker image): the task runs inside that image.
+- `--image REGISTRY/IMAGE:TAG` (a pushed worker image): the task runs that image as a container
+  (SkyPilot's "containers as tasks": `docker run` on its default VM image, which has Docker and
+  the NVIDIA runtime), as the image's own non-root user. Not `image_id: docker:...`: that makes
+  the image the runtime environment, into which SkyPilot installs its runtime and logs in over
+  SSH as the image's user, who must have passwordless sudo; the worker image's user has a
+  no-login shell and no sudo, by design.
 """
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
 from farm.deploy import files, gpus
@@ -24,6 +30,10 @@ UV = "uv==0.13.8"          # installs a Python 3.12 the farm needs on any base i
 TORCH = "torch==2.13.0"    # the worker image's torch; its PyPI build is CUDA 13 (driver >= 580)
 VENV = "~/farm-venv"
 SECRETS = ("FARM_BROKER_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+STOP_GRACE = files.SPOT_STOP_GRACE
+# the container's model cache: a Docker volume, created from the image's /models and so owned
+# by its user (a host folder would be root's)
+MODEL_VOLUME = "farm-models"
 
 
 def uses_image(spec: files.DeploySpec) -> bool:
@@ -42,13 +52,23 @@ def setup_script() -> str:
     ]) + "\n"
 
 
+def docker_command(spec: files.DeploySpec, vram_class: int, env_names: list[str]) -> str:
+    """`docker run` of the worker image, handed the task's variables and secrets by name.
+    `exec`, so the SIGTERM SkyPilot sends reaches the docker client, which passes it on to the
+    container (tini, then the worker)."""
+    passed = [arg for name in env_names for arg in ("-e", name)]
+    return "exec " + shlex.join([
+        "docker", "run", "--rm", "--gpus", "all", "-v", f"{MODEL_VOLUME}:{files.MODEL_CACHE}",
+        *passed, spec.image, "--vram", str(vram_class), *files.worker_args(spec)])
+
+
 def task(spec: files.DeploySpec, vram_class: int) -> dict[str, Any]:
-    envs: dict[str, Any] = {**files.worker_env(spec, vram_class, files.SPOT_STOP_GRACE),
+    envs: dict[str, Any] = {**files.worker_env(spec, vram_class, STOP_GRACE),
                             # null: SkyPilot refuses to launch until --env gives it
                             "FARM_STORE_URL": spec.store_url}
     if spec.s3_endpoint_url:
         envs["FARM_S3_ENDPOINT_URL"] = spec.s3_endpoint_url
-    # nothing probes readiness here; the model cache is the VM's (or the image's) disk
+    # nothing probes readiness here; the model cache is the VM's disk (or a Docker volume)
     envs.pop("FARM_READY_FILE")
     resources: dict[str, Any] = {
         "accelerators": gpus.accelerators(vram_class, spec.classes),
@@ -60,8 +80,9 @@ def task(spec: files.DeploySpec, vram_class: int) -> dict[str, Any]:
     doc: dict[str, Any] = {"name": files.worker_name(vram_class), "resources": resources}
     command = files.worker_command(spec, vram_class)
     if uses_image(spec):
-        resources["image_id"] = f"docker:{spec.image}"
         doc["envs"] = envs
+        doc["setup"] = f"docker pull {shlex.quote(spec.image)}\n"
+        command = docker_command(spec, vram_class, [*envs, *SECRETS])
     else:
         doc["workdir"] = "."
         doc["envs"] = {**envs, "FARM_HOME": "~/farm-home", "HF_HOME": "~/farm-home/huggingface",
@@ -75,6 +96,7 @@ def task(spec: files.DeploySpec, vram_class: int) -> dict[str, Any]:
 
 
 def render(spec: files.DeploySpec) -> dict[str, str]:
+    gpus.check_classes(spec.classes, gpus.CLOUD_GPUS)
     head = files.header("skypilot", spec)
     out = {f"worker-{c}gb.yaml": files.dump_yaml([task(spec, c)], head)
            for c in spec.classes}

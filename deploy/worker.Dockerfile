@@ -18,12 +18,17 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# Python 3.12 and tini from the base image's Ubuntu release. tini is PID 1 so the worker gets
-# SIGTERM as an ordinary process: a worker stopped while it still loads exits at once instead of
-# ignoring the signal (PID 1 has no default action), and Kubernetes' pre-stop `kill -TERM 1`
-# reaches it through tini.
+# Python 3.12 and tini from the base image's Ubuntu release, 24.04 (noble): python3 and
+# python3-venv as noble-updates has them; tini 0.19.0-1 with whichever noble rebuild suffix the
+# archive carries (tini's noble revision could not be looked up from where this was written).
+# A pinned version that an update supersedes leaves the archive's index: then the build fails
+# here, and the pin is moved on deliberately. tini is PID 1 so the worker gets SIGTERM as an
+# ordinary process: a worker stopped while it still loads exits at once instead of ignoring
+# the signal (PID 1 has no default action), and Kubernetes' pre-stop `kill -TERM 1` reaches it
+# through tini.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv tini \
+ && apt-get install -y --no-install-recommends python3=3.12.3-0ubuntu2.1 \
+        python3-venv=3.12.3-0ubuntu2.1 'tini=0.19.0-1*' \
  && rm -rf /var/lib/apt/lists/*
 
 RUN python3 -m venv /opt/farm
