@@ -64,41 +64,51 @@ def test_the_table_holds_the_common_gpus() -> None:
     assert all(g.memory_mib > 15_000 for g in gpus.GPUS)
 
 
-@pytest.mark.parametrize("classes", CLASS_SETS, ids=str)
-def test_every_class_gets_gpus_of_its_own_or_is_refused_in_one_line(
-        classes: tuple[int, ...]) -> None:
-    for target, table in (("k8s", gpus.GPUS), ("skypilot", gpus.CLOUD_GPUS)):
+def test_every_class_gets_gpus_of_its_own_or_is_refused_in_one_line() -> None:
+    for classes in CLASS_SETS:
         spec = make(classes)
-        try:
-            files = deploy.render(target, spec)
-        except UsageError as exc:
-            message = str(exc)
-            assert "\n" not in message and message.startswith(f"--classes {','.join(map(str, classes))}")
-            empty = [c for c in classes if not gpus.cards_of(c, classes, table)]
-            assert empty
-            # it names GPUs that could run the refused class's jobs, from the table
-            named = [g for g in table if re.search(rf"(?<![\w-]){re.escape(g.name)}(?![\w-])", message)]
-            if any(gpus.floor_mib(c) <= max(g.memory_mib for g in table) for c in empty):
-                assert named and all(g.memory_mib >= gpus.floor_mib(min(empty)) for g in named)
-            continue
-        if target == "skypilot":
+        for target, table in (("k8s", gpus.GPUS), ("skypilot", gpus.CLOUD_GPUS)):
+            try:
+                # what render() checks first (test_render_refuses_what_check_classes_refuses)
+                gpus.check_classes(classes, table)
+            except UsageError as exc:
+                _check_refusal(classes, table, str(exc))
+                continue
+            if target == "skypilot":
+                for c in classes:
+                    task = deploy_skypilot.task(spec, c)
+                    assert set(task["resources"]["accelerators"]) == {
+                        g.name for g in gpus.cards_of(c, classes, table)} != set(), classes
+                continue
+            terms = {c: deploy_k8s.deployment(spec, c)["spec"]["template"]["spec"]["affinity"]
+                     ["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+                     ["nodeSelectorTerms"][0] for c in classes}
             for c in classes:
-                (task,) = yaml.safe_load_all(files[f"worker-{c}gb.yaml"])
-                assert set(task["resources"]["accelerators"]) == {
-                    g.name for g in gpus.cards_of(c, classes, table)} != set()
-            continue
-        terms = {d["metadata"]["name"]: d["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
-                 ["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
-                 for d in _docs(files, "Deployment")
-                 if d["metadata"]["name"].startswith("farm-worker-")}
-        for c in classes:
-            assert any(selects(terms[deploy.worker_name(c)], g.memory_mib) for g in table), c
-        # a GPU is never left out of every class it could serve: each that holds the smallest
-        # class is selected by exactly one class, the one its worker would declare
-        for g in table:
-            chosen = [c for c in classes if selects(terms[deploy.worker_name(c)], g.memory_mib)]
-            could = [c for c in classes if g.memory_mib >= gpus.floor_mib(c)]
-            assert chosen == ([max(could)] if could else []), g
+                assert any(selects(terms[c], g.memory_mib) for g in table), (classes, c)
+            # a GPU is never left out of every class it could serve: each that holds the
+            # smallest class is selected by exactly one class, the one its worker would declare
+            for g in table:
+                chosen = [c for c in classes if selects(terms[c], g.memory_mib)]
+                could = [c for c in classes if g.memory_mib >= gpus.floor_mib(c)]
+                assert chosen == ([max(could)] if could else []), (classes, g)
+
+
+def _check_refusal(classes: tuple[int, ...], table: tuple[gpus.GPU, ...], message: str) -> None:
+    assert "\n" not in message and message.startswith(f"--classes {','.join(map(str, classes))}")
+    empty = [c for c in classes if not gpus.cards_of(c, classes, table)]
+    assert empty, classes
+    # it names GPUs that could run the refused class's jobs, from the table
+    named = [g for g in table if re.search(rf"(?<![\w-]){re.escape(g.name)}(?![\w-])", message)]
+    if any(gpus.floor_mib(c) <= max(g.memory_mib for g in table) for c in empty):
+        assert named and all(g.memory_mib >= gpus.floor_mib(min(empty)) for g in named), message
+
+
+@pytest.mark.parametrize("classes", [(8, 12, 24), vram.DEFAULT_CLASSES, (24, 200)], ids=str)
+@pytest.mark.parametrize("target", ["k8s", "skypilot"])
+def test_render_refuses_what_check_classes_refuses(target: str, classes: tuple[int, ...]) -> None:
+    with pytest.raises(UsageError) as refused:
+        deploy.render(target, make(classes))
+    _check_refusal(classes, gpus.GPUS if target == "k8s" else gpus.CLOUD_GPUS, str(refused.value))
 
 
 def test_farm_deploy_refuses_a_class_without_gpus_saying_which_it_could_use(
