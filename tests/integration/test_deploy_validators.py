@@ -1,7 +1,8 @@
 """The files `farm deploy` writes, checked by the tools that will read them, not by our idea of
 them: Kubernetes' own OpenAPI schemas (kubernetes-validate, strict: an unknown field fails),
 KEDA's CRD schemas and the Compose Specification schema (vendored under tests/data/, versions in
-their READMEs, checked with jsonschema), and SkyPilot's own task loader (`sky.Task.from_yaml`).
+their READMEs, checked with jsonschema; the CRDs' CEL rules with a CEL implementation), and
+SkyPilot's own task loader (`sky.Task.from_yaml`).
 
 None of them needs a cluster, a Docker engine or a cloud. Each validator is required: a missing
 one fails these tests, it does not skip them. SkyPilot runs in its own environment
@@ -17,6 +18,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import cel
 import jsonschema
 import kubernetes_validate
 import pytest
@@ -78,24 +80,47 @@ def _strict(schema: Any) -> Any:
     return schema
 
 
-def keda_validator(kind: str) -> jsonschema.Draft7Validator:
+def keda_schema(kind: str) -> dict[str, Any]:
     crd = yaml.safe_load((DATA / "keda" / KEDA_CRDS[kind]).read_text())
     assert crd["spec"]["names"]["kind"] == kind
     (version,) = [v for v in crd["spec"]["versions"] if v["served"] and v["storage"]]
     assert version["name"] == "v1alpha1"
-    schema = _strict(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
+    return dict(version["schema"]["openAPIV3Schema"])
+
+
+def keda_validator(kind: str) -> jsonschema.Draft7Validator:
+    schema = _strict(copy.deepcopy(keda_schema(kind)))
     # ObjectMeta is checked by the API server itself, not by the CRD: by Kubernetes' schema here
     schema["properties"]["metadata"] = {"type": "object"}
     return jsonschema.Draft7Validator(schema)
 
 
+def cel_rules(schema: dict[str, Any], value: Any, where: str = "") -> list[str]:
+    """The CRD's x-kubernetes-validations (CEL) rules that `value` breaks, evaluated with a CEL
+    implementation at the node each is declared on, as the API server does on create (rules on
+    `oldSelf` apply to updates only)."""
+    broken = []
+    for rule in schema.get("x-kubernetes-validations", []):
+        if "oldSelf" not in rule["rule"] and not cel.evaluate(rule["rule"], {"self": value}):
+            broken.append(f"{where or '/'}: {rule.get('message', rule['rule'])}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            sub = schema.get("properties", {}).get(key)
+            if sub is None and isinstance(schema.get("additionalProperties"), dict):
+                sub = schema["additionalProperties"]
+            if sub is not None:
+                broken += cel_rules(sub, item, f"{where}/{key}")
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            broken += cel_rules(schema["items"], item, f"{where}/{i}")
+    return broken
+
+
 def check_keda(doc: dict[str, Any]) -> None:
     errors = sorted(keda_validator(doc["kind"]).iter_errors(doc), key=str)
     assert not errors, [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors]
-    # the CRD's one x-kubernetes-validations rule (CEL, not evaluated by jsonschema)
-    spec = doc["spec"]
-    if doc["kind"] == "ScaledObject" and "minReplicaCount" in spec:
-        assert spec["minReplicaCount"] <= spec.get("maxReplicaCount", 100)
+    broken = cel_rules(keda_schema(doc["kind"]), doc)
+    assert not broken, broken
 
 
 @pytest.mark.parametrize("combo", COMBOS, ids=IDS)
@@ -144,6 +169,10 @@ def test_the_validators_catch_what_they_are_here_for() -> None:
     scaled = copy.deepcopy(docs["ScaledObject"])
     scaled["spec"]["triggers"][0]["metadata"]["listLength"] = 2   # KEDA wants strings there
     with pytest.raises(AssertionError):
+        check_keda(scaled)
+    scaled = copy.deepcopy(docs["ScaledObject"])
+    scaled["spec"]["minReplicaCount"] = scaled["spec"]["maxReplicaCount"] + 1
+    with pytest.raises(AssertionError, match="minReplicaCount must be less than or equal"):
         check_keda(scaled)
     compose = yaml.safe_load(deploy_compose.render(make(*COMBOS[0]))["compose.yaml"])
     compose["services"]["redis"]["healthcheck"]["intervall"] = "5s"
