@@ -75,10 +75,15 @@ def test_every_class_gets_gpus_of_its_own_or_is_refused_in_one_line() -> None:
                 _check_refusal(classes, table, str(exc))
                 continue
             if target == "skypilot":
+                asked = {c: set(deploy_skypilot.task(spec, c)["resources"]["accelerators"])
+                         for c in classes}
                 for c in classes:
-                    task = deploy_skypilot.task(spec, c)
-                    assert set(task["resources"]["accelerators"]) == {
-                        g.name for g in gpus.cards_of(c, classes, table)} != set(), classes
+                    assert asked[c] == {g.name for g in gpus.cards_of(c, classes, table)}
+                    assert asked[c], (classes, c)
+                # every cloud GPU is asked for by the class its worker would declare
+                for g in table:
+                    could = [c for c in classes if g.memory_mib >= gpus.floor_mib(c)]
+                    assert [c for c in classes if g.name in asked[c]] == could[-1:], (classes, g)
                 continue
             terms = {c: deploy_k8s.deployment(spec, c)["spec"]["template"]["spec"]["affinity"]
                      ["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
