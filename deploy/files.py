@@ -11,7 +11,7 @@ builds its files as plain data:
     deploy/k8s.py        Kubernetes: a Deployment and a KEDA ScaledObject per class
     deploy/skypilot.py   SkyPilot: a spot task per class, on any cloud
     deploy/access.py     least privilege: the S3 policies and Redis ACLs
-    deploy/gpus.py       which cloud GPUs fall in which class
+    deploy/gpus.py       which GPUs fall in which class; a class needs cards of its own
     deploy/monitoring.py the metrics exporter, scrape configuration, alert rules, dashboard
 """
 
