@@ -5,6 +5,6 @@
     k8s.py         Kubernetes: a Deployment and a KEDA ScaledObject per class
     skypilot.py    SkyPilot: a spot task per class, on any cloud
     access.py      least privilege: the S3 policies and Redis ACLs
-    gpus.py        which cloud GPUs fall in which class
+    gpus.py        which GPUs fall in which class; a class needs cards of its own
     monitoring.py  the metrics exporter, scrape configuration, alert rules, dashboard
 """
