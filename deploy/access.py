@@ -1,38 +1,36 @@
 """Least privilege: what each part of the farm may do in Redis and in the object store.
 
-Redis (ACL users, one per role; the `default` user is switched off):
+One table, `ROLES`, is the single source of every grant: the deployment files (compose, the
+in-cluster Redis of the Kubernetes files), `farm up`'s embedded broker, the S3 policies in
+`policies/`, and the access text in deploy/README.md are all generated from it
+(`python -m farm.deploy.access` prints that text; a test checks the README holds it).
+`tests/integration/test_access.py` starts a real Valkey with these users and has each role do
+everything it does, and be refused what it must not.
 
-    worker   its queues and the farm's own keys, plus what Celery's Redis transport keeps
-             beside them: `_kombu.binding.*` (queue bindings), `unacked`, `unacked_index`,
-             `unacked_mutex` (late-ack bookkeeping and the restore sweep), the remote-control
-             reply lists and the pidbox and event channels (Flower's inspect)
-    cli      push to the queues and read the farm's keys: `farm submit`, `farm workers`,
-             `farm status` (its waiting hints). No unacked, no pub/sub.
-    scaler   KEDA: read the queue lists, nothing else
-
-S3 (IAM policies; MinIO takes the same JSON):
-
-    worker   Get/Put/Delete under <prefix>/batches/*, Get/Put under <prefix>/compile-cache/*,
-             and ListBucket on those prefixes: without
-             ListBucket a HEAD of a missing key answers 403, not 404, and the worker's
-             `store.exists` would read "access denied" where it means "not there yet"
-    cli      Put the manifest, Get and List under batches/, Delete the latents `farm clean`
-             removes (batches/*/intermediate/*)
+    worker    takes, renders, acks, heartbeats, listens for cancels, sweeps: the queues, the
+              farm's keys, Celery's late-ack bookkeeping (`unacked*`), its bindings and remote
+              control (`*.celery.pidbox`, `/<db>.celery.pidbox`), Lua (kombu's restore sweep)
+    cli       submit, status/watch, cancel, resubmit, workers, batches: pushes to the queues
+              and reads them, writes the farm's batch keys, publishes cancels; it cannot take
+              a message off a queue, run scripts, or touch Celery's unacked bookkeeping
+    scaler    KEDA's Redis scaler: EVAL of its list-length script (TYPE, then LLEN) on the
+              queue lists, nothing else (no writes, no other keys)
+    metrics   `farm metrics serve`: read-only, the commands and keys the exporter declares
+    local     `farm up`'s embedded broker on a unix socket only its owner can open: every
+              command except the dangerous ones, plus INFO and CLIENT LIST (the benchmarks
+              read the broker's own counters)
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from farm import fleet, queues, recovery
 from farm.keys import COMPILE_CACHE as CACHE_PREFIX
-
-ROLES = ("worker", "cli", "scaler")
-REDIS_USERS = {"worker": "farm-worker", "cli": "farm-cli", "scaler": "farm-scaler"}
-# the variables that hold each role's Redis password (compose's .env, a Kubernetes Secret)
-REDIS_PASSWORD_VARS = {"worker": "REDIS_WORKER_PASSWORD", "cli": "REDIS_CLI_PASSWORD",
-                       "scaler": "REDIS_SCALER_PASSWORD"}
+from farm.scheduler import exporter
 
 QUEUE_KEYS = f"{queues.QUEUE_PREFIX}.*"          # farm.<model>.<class>gb.p<priority>
 FARM_KEYS = f"{fleet.KEY_PREFIX.split(':')[0]}:*"  # farm:worker:<name>, and any farm:* key
@@ -46,34 +44,151 @@ CHANNELS = ("/{db}.celery.pidbox", "/{db}.celeryev*")
 # `farm cancel` broadcasts here; every worker listens (farm/recovery.py)
 CANCEL_CHANNEL = recovery.CANCEL_CHANNEL
 
-_DATA = ["+@read", "+@write", "+@transaction"]
-_SAFE = ["-@dangerous", "-@admin"]
+# KEDA's Redis scaler (pkg/scalers/redis_scaler.go, v2.20) counts a list with one EVAL whose
+# script calls TYPE and then LLEN (or ZCARD/SCARD/HLEN for other types; the farm's queues are
+# lists). Valkey checks every call inside a script against the user's own rules, so granting
+# EVAL grants no command the user lacks; but EVAL declares its keys read-write, so the key
+# pattern cannot be the read-only `%R~`.
+SCALER_COMMANDS = ("eval", "type", "llen")
+
+# Commands the CLI sends (`farm submit/status/cancel/resubmit/workers/batches`, and kombu
+# publishing a message: SADD of the binding, LPUSH): no BRPOP/RPOP/LMOVE, so it cannot consume.
+CLI_COMMANDS = ("lpush", "llen", "sadd", "srem", "smembers", "scard", "sismember", "set", "get",
+                "mget", "exists", "expire", "del", "scan", "multi", "exec", "discard", "watch",
+                "unwatch", "publish")
+
+_DATA = ("+@read", "+@write", "+@transaction")
+_SAFE = ("-@dangerous", "-@admin")
+_BASE = ("resetkeys", "resetchannels", "-@all", "+@connection")
 
 
-def redis_rules(role: str, db: int = 0) -> list[str]:
+@dataclass(frozen=True)
+class Role:
+    """One part of the farm and what it may do: Redis (its user, keys, channels, commands)
+    and the object store (IAM statements; none when it never touches the store)."""
+
+    name: str
+    what: str
+    user: str
+    password_var: str
+    keys: tuple[str, ...] = ()           # read-write key patterns
+    read_keys: tuple[str, ...] = ()      # read-only key patterns (%R~)
+    channels: tuple[str, ...] = ()       # may name {db}
+    commands: tuple[str, ...] = ()       # +command / +@category / -... in order
+    s3: Callable[[str, str], list[dict[str, Any]]] | None = field(default=None, compare=False)
+
+    def redis_rules(self, db: int = 0) -> list[str]:
+        """The ACL rules after `user NAME on >PASSWORD`, for database `db`."""
+        return [*_BASE, *(f"~{k}" for k in self.keys), *(f"%R~{k}" for k in self.read_keys),
+                *(f"&{c.format(db=db)}" for c in self.channels), *self.commands]
+
+
+def _under(prefix: str, name: str) -> str:
+    return "/".join(p for p in (prefix.strip("/"), name) if p) + "/*"
+
+
+def _arn(bucket: str, prefix: str, rest: str) -> str:
+    path = "/".join(p for p in (prefix.strip("/"), rest) if p)
+    return f"arn:aws:s3:::{bucket}/{path}"
+
+
+def _listing(bucket: str, prefixes: Sequence[str]) -> dict[str, Any]:
+    # without ListBucket a HEAD of a missing key answers 403, not 404, and `store.exists`
+    # would read "access denied" where it means "not there yet"
+    return {"Sid": "ListBatches", "Effect": "Allow", "Action": ["s3:ListBucket"],
+            "Resource": [f"arn:aws:s3:::{bucket}"],
+            "Condition": {"StringLike": {"s3:prefix": list(prefixes)}}}
+
+
+def _worker_s3(bucket: str, prefix: str) -> list[dict[str, Any]]:
+    return [
+        # records (compare-and-set), images and sidecars, latents it deletes once refined
+        {"Sid": "BatchObjects", "Effect": "Allow",
+         "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
+         "Resource": [_arn(bucket, prefix, "batches/*")]},
+        # the fleet compile cache (worker/compile.py): read by every worker, written by the
+        # first of each kind
+        {"Sid": "CompileCache", "Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObject"],
+         "Resource": [_arn(bucket, prefix, f"{CACHE_PREFIX}/*")]},
+        _listing(bucket, [_under(prefix, "batches"), _under(prefix, CACHE_PREFIX)]),
+    ]
+
+
+def _cli_s3(bucket: str, prefix: str) -> list[dict[str, Any]]:
+    return [
+        # the submit record and the manifest (farm/records.py)
+        {"Sid": "SubmitBatches", "Effect": "Allow", "Action": ["s3:PutObject"],
+         "Resource": [_arn(bucket, prefix, "batches/*/manifest.json"),
+                      _arn(bucket, prefix, "batches/*/submit.json")]},
+        {"Sid": "ReadBatches", "Effect": "Allow", "Action": ["s3:GetObject"],
+         "Resource": [_arn(bucket, prefix, "batches/*")]},
+        # `farm cancel` marks jobs that are not running canceled at once (a compare-and-set)
+        {"Sid": "CancelRecords", "Effect": "Allow", "Action": ["s3:PutObject"],
+         "Resource": [_arn(bucket, prefix, "batches/*/jobs/*")]},
+        # `farm clean` removes kept base -> refiner latents
+        {"Sid": "CleanIntermediates", "Effect": "Allow", "Action": ["s3:DeleteObject"],
+         "Resource": [_arn(bucket, prefix, "batches/*/intermediate/*")]},
+        _listing(bucket, [_under(prefix, "batches")]),
+    ]
+
+
+ROLES: dict[str, Role] = {r.name: r for r in (
+    Role("worker", "farm worker: take, render, ack, heartbeat, listen for cancels, sweep",
+         "farm-worker", "REDIS_WORKER_PASSWORD",
+         keys=(QUEUE_KEYS, FARM_KEYS, KOMBU_BINDINGS, *KOMBU_UNACKED, PIDBOX_LISTS),
+         channels=(*CHANNELS, CANCEL_CHANNEL),
+         # +time: kombu's restore sweep is a Lua script that reads the server clock
+         commands=(*_DATA, "+@pubsub", "+@scripting", "+time", *_SAFE),
+         s3=_worker_s3),
+    Role("cli", "farm submit, status, cancel, resubmit, workers, batches, results",
+         "farm-cli", "REDIS_CLI_PASSWORD",
+         keys=(QUEUE_KEYS, FARM_KEYS, KOMBU_BINDINGS), channels=(CANCEL_CHANNEL,),
+         commands=(*(f"+{c}" for c in CLI_COMMANDS), *_SAFE), s3=_cli_s3),
+    Role("scaler", "KEDA's Redis scaler: the length of each queue list",
+         "farm-scaler", "REDIS_SCALER_PASSWORD",
+         keys=(QUEUE_KEYS,), commands=(*(f"+{c}" for c in SCALER_COMMANDS), *_SAFE)),
+    Role("metrics", "farm metrics serve: queue depths, live workers, active batches",
+         "farm-metrics", "REDIS_METRICS_PASSWORD",
+         read_keys=exporter.EXPORTER_KEYS,
+         commands=(*(f"+{c}" for c in exporter.EXPORTER_COMMANDS), *_SAFE)),
+)}
+
+# farm up's embedded broker: one user, `default`, on a unix socket with mode 0700
+LOCAL = Role("local", "farm up's embedded broker (every farm process of one OS user)",
+             "default", "", keys=("*",), channels=("*",),
+             commands=("+@all", *_SAFE, "+info", "+client|list"))
+
+REDIS_USERS = {name: r.user for name, r in ROLES.items()}
+# the variables that hold each role's Redis password (compose's .env, a Kubernetes Secret)
+REDIS_PASSWORD_VARS = {name: r.password_var for name, r in ROLES.items()}
+
+
+def role(name: str) -> Role:
+    try:
+        return ROLES[name]
+    except KeyError:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, got {name!r}") from None
+
+
+def redis_rules(name: str, db: int = 0) -> list[str]:
     """The ACL rules of a role (after `user NAME on >PASSWORD`) on database `db`."""
-    base = ["resetkeys", "resetchannels", "-@all", "+@connection"]
-    if role == "worker":
-        keys = [QUEUE_KEYS, FARM_KEYS, KOMBU_BINDINGS, *KOMBU_UNACKED, PIDBOX_LISTS]
-        return [*base, *(f"~{k}" for k in keys), *(f"&{c.format(db=db)}" for c in CHANNELS),
-                f"&{CANCEL_CHANNEL}", *_DATA, "+@pubsub", "+@scripting",
-                "+time", *_SAFE]  # kombu's Lua scripts read the server clock
-    if role == "cli":
-        keys = [QUEUE_KEYS, FARM_KEYS, KOMBU_BINDINGS]
-        return [*base, *(f"~{k}" for k in keys), f"&{CANCEL_CHANNEL}", *_DATA, "+publish",
-                *_SAFE]
-    if role == "scaler":
-        return [*base, f"%R~{QUEUE_KEYS}", "+llen", "+type", "+exists"]
-    raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    return role(name).redis_rules(db)
 
 
-def redis_user_line(role: str, password: str) -> str:
+def redis_user_line(name: str, password: str, db: int = 0) -> str:
     """One line of an ACL file (`aclfile`) or of `ACL SETUSER`'s arguments."""
-    return " ".join(["user", REDIS_USERS[role], "on", f">{password}", *redis_rules(role)])
+    r = role(name)
+    return " ".join(["user", r.user, "on", f">{password}", *r.redis_rules(db)])
+
+
+def local_user_line() -> str:
+    """The embedded broker's `default` user, as a valkey.conf line (no password: the socket's
+    file mode is the boundary)."""
+    return " ".join(["user", "default", "on", "nopass", *LOCAL.redis_rules()])
 
 
 def redis_server_args(password: Callable[[str], str],
-                      roles: Sequence[str] = ROLES) -> list[str]:
+                      roles: Sequence[str] = tuple(ROLES)) -> list[str]:
     """valkey-server/redis-server arguments: append-only persistence and one ACL user per role,
     the default user off. `password(var)` writes the reference to a password variable in the
     file's own syntax (`${VAR}` for compose, `$(VAR)` for Kubernetes)."""
@@ -82,57 +197,56 @@ def redis_server_args(password: Callable[[str], str],
         "--appendonly", "yes", "--appendfsync", "everysec",
         "--user", "default", "off",
     ]
-    for role in roles:
-        args += ["--user", REDIS_USERS[role], "on", f">{password(REDIS_PASSWORD_VARS[role])}",
-                 *redis_rules(role)]
+    for name in roles:
+        r = role(name)
+        args += ["--user", r.user, "on", f">{password(r.password_var)}", *r.redis_rules()]
     return args
 
 
-def broker_url(role: str, host: str, password_ref: str, db: int = 0) -> str:
-    return f"redis://{REDIS_USERS[role]}:{password_ref}@{host}/{db}"
+def broker_url(name: str, host: str, password_ref: str, db: int = 0, tls: bool = False) -> str:
+    scheme = "rediss" if tls else "redis"
+    return f"{scheme}://{role(name).user}:{password_ref}@{host}/{db}"
 
 
 # -- S3 ----------------------------------------------------------------------------------------
 
 
-def _arn(bucket: str, prefix: str, rest: str) -> str:
-    path = "/".join(p for p in (prefix.strip("/"), rest) if p)
-    return f"arn:aws:s3:::{bucket}/{path}"
+def s3_roles() -> list[str]:
+    """The roles that use the object store, each with its own policy."""
+    return [name for name, r in ROLES.items() if r.s3 is not None]
 
 
-def s3_policy(role: str, bucket: str, prefix: str = "") -> dict[str, Any]:
+def s3_policy(name: str, bucket: str, prefix: str = "") -> dict[str, Any]:
     """An IAM policy document for a role on the farm's store s3://bucket/prefix."""
-    def under(name: str) -> str:
-        return "/".join(p for p in (prefix.strip("/"), name) if p) + "/*"
+    r = role(name)
+    if r.s3 is None:
+        raise ValueError(f"S3 roles are {' and '.join(s3_roles())}, got {name!r}")
+    return {"Version": "2012-10-17", "Statement": r.s3(bucket, prefix)}
 
-    listed = [under("batches")] + ([under(CACHE_PREFIX)] if role == "worker" else [])
-    listing = {"Sid": "ListBatches", "Effect": "Allow", "Action": ["s3:ListBucket"],
-               "Resource": [f"arn:aws:s3:::{bucket}"],
-               "Condition": {"StringLike": {"s3:prefix": listed}}}
-    if role == "worker":
-        statements = [
-            {"Sid": "BatchObjects", "Effect": "Allow",
-             "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
-             "Resource": [_arn(bucket, prefix, "batches/*")]},
-            # the fleet compile cache (worker/compile.py): read by every worker, written by
-            # the first of each kind
-            {"Sid": "CompileCache", "Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObject"],
-             "Resource": [_arn(bucket, prefix, f"{CACHE_PREFIX}/*")]},
-            listing,
-        ]
-    elif role == "cli":
-        statements = [
-            {"Sid": "SubmitManifest", "Effect": "Allow", "Action": ["s3:PutObject"],
-             "Resource": [_arn(bucket, prefix, "batches/*/manifest.json")]},
-            {"Sid": "ReadBatches", "Effect": "Allow", "Action": ["s3:GetObject"],
-             "Resource": [_arn(bucket, prefix, "batches/*")]},
-            # `farm cancel` marks jobs that are not running canceled at once
-            {"Sid": "CancelRecords", "Effect": "Allow", "Action": ["s3:PutObject"],
-             "Resource": [_arn(bucket, prefix, "batches/*/jobs/*")]},
-            {"Sid": "CleanIntermediates", "Effect": "Allow", "Action": ["s3:DeleteObject"],
-             "Resource": [_arn(bucket, prefix, "batches/*/intermediate/*")]},
-            listing,
-        ]
-    else:
-        raise ValueError(f"S3 roles are worker and cli, got {role!r}")
-    return {"Version": "2012-10-17", "Statement": statements}
+
+# -- the text deploy/README.md shows -------------------------------------------------------------
+
+README_BEGIN = "<!-- access: generated by `python -m farm.deploy.access`; do not edit -->"
+README_END = "<!-- access: end -->"
+EXAMPLE_STORE = ("my-renders", "farm")
+
+
+def readme_text() -> str:
+    """The Redis ACL lines and the S3 policies, as deploy/README.md shows them."""
+    bucket, prefix = EXAMPLE_STORE
+    lines = [README_BEGIN, "", "Redis users (an `aclfile`, or each line without `user` as "
+             "`ACL SETUSER`'s arguments):", "", "```", "user default off"]
+    lines += [redis_user_line(name, "PASSWORD") for name in ROLES]
+    lines += ["```", "", "| user | role | password variable |", "|---|---|---|"]
+    lines += [f"| `{r.user}` | {r.what} | `{r.password_var}` |" for r in ROLES.values()]
+    lines += ["", "`farm up`'s embedded broker (a unix socket of mode 0700, no TCP):", "",
+              "```", local_user_line(), "```"]
+    for name in s3_roles():
+        lines += ["", f"S3 policy of the {name} role for the store `s3://{bucket}/{prefix}` "
+                  f"(`policies/{name}.json`):", "", "```json",
+                  json.dumps(s3_policy(name, bucket, prefix), indent=2), "```"]
+    return "\n".join([*lines, "", README_END])
+
+
+if __name__ == "__main__":
+    print(readme_text())

@@ -192,9 +192,13 @@ def _start_embedded(settings: Settings) -> None:
     sock.parent.mkdir(parents=True, exist_ok=True)
     if sock.exists():
         sock.unlink()  # left by a server that died; nothing answers on it (checked above)
+    from farm.deploy.access import local_user_line
+
     conf = data / "valkey.conf"
     conf.write_text("\n".join([
         "port 0",                      # no TCP: only the unix socket, only this user
+        # every command but the dangerous ones (deploy/access.py, the `local` role)
+        local_user_line(),
         f"unixsocket {sock}",
         "unixsocketperm 700",
         f"dir {data}",
