@@ -31,7 +31,7 @@ S3_ENDPOINT = "http://minio:9000"
 REDIS_HOST = "redis:6379"
 GPU_VAR = "FARM_GPU_{c}GB"   # which GPU (nvidia-smi index) serves each class
 # the Redis users compose creates: the workers', the CLI's, and the exporter's
-ROLES = tuple(dict.fromkeys(("worker", "cli", monitoring.exporter_role())))
+ROLES = ("worker", "cli", monitoring.exporter_role())
 
 
 def _secret(var: str) -> str:

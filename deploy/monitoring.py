@@ -32,9 +32,8 @@ SCRAPE_INTERVAL = "15s"
 DATASOURCE_UID = "farm-prometheus"
 DASHBOARD_UID = "farm-fleet"
 
-# The exporter's Redis user: its own read-only role where deploy/access.py defines one (from
-# scheduler/exporter.py's EXPORTER_COMMANDS and EXPORTER_KEYS), else the CLI's, which reads the
-# same keys but not kombu's `unacked` hash (then farm_stages_running has no sample).
+# The exporter's Redis user: its own read-only role (deploy/access.py, made from
+# scheduler/exporter.py's EXPORTER_COMMANDS and EXPORTER_KEYS)
 EXPORTER_ROLE = "metrics"
 
 # How long a queue may hold work with no live worker for it before an alert: a class scaled to
@@ -43,7 +42,8 @@ NO_WORKER_FOR = "15m"
 
 
 def exporter_role() -> str:
-    return EXPORTER_ROLE if EXPORTER_ROLE in access.ROLES else "cli"
+    """The access role (deploy/access.py) the exporter connects as."""
+    return access.role(EXPORTER_ROLE).name
 
 
 def exporter_args(spec: files.DeploySpec) -> list[str]:
