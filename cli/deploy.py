@@ -48,11 +48,16 @@ def parse_classes(text: str | None) -> list[int] | None:
               help="Seconds one stage may run; grace periods are set above it.")
 @click.option("--namespace", default="farm", show_default=True, help="k8s namespace.")
 @click.option("--redis", "redis_address",
-              help="k8s: host:port of an existing Redis (default: deploy one in the cluster).")
+              help="k8s: an existing Redis, as host:port, redis://host[:port] or "
+                   "rediss://host[:port] for TLS (default: deploy one in the cluster).")
+@click.option("--redis-ca", type=click.Path(dir_okay=False, path_type=Path),
+              help="k8s: the PEM CA certificate that signed a rediss:// Redis's certificate "
+                   "(default: the system's CAs).")
 @click.pass_context
 def deploy(ctx: click.Context, target: str, classes: str | None, models_: tuple[str, ...],
            out: Path | None, max_replicas: int, image: str | None, control_image: str | None,
-           hard_limit: int, namespace: str, redis_address: str | None) -> None:
+           hard_limit: int, namespace: str, redis_address: str | None,
+           redis_ca: Path | None) -> None:
     """Write deployment files for TARGET: compose (one host), k8s (Kubernetes + KEDA,
     autoscaling each VRAM class from zero) or skypilot (spot GPUs on any cloud)."""
     from farm.deploy import files as generator
@@ -62,7 +67,7 @@ def deploy(ctx: click.Context, target: str, classes: str | None, models_: tuple[
         spec = generator.make_spec(
             settings, classes=parse_classes(classes), model_names=models_, image=image,
             control_image=control_image, max_replicas=max_replicas, hard_limit=hard_limit,
-            namespace=namespace, redis_address=redis_address)
+            namespace=namespace, redis_address=redis_address, redis_ca=redis_ca)
         folder = out or Path("deploy-out") / target
         written = generator.write(generator.render(target, spec), folder)
     except FarmError as exc:

@@ -97,6 +97,9 @@ class DeploySpec:
     namespace: str = DEFAULT_NAMESPACE
     # host:port of an existing Redis for Kubernetes; None: the files deploy one in the cluster
     redis_address: str | None = None
+    # that Redis speaks TLS (rediss://), and the CA certificate (PEM) that signed its own
+    redis_tls: bool = False
+    redis_ca: str | None = None
     # the S3 store workers outside compose use (compose runs its own MinIO); None: not set
     # where the files were generated, so Kubernetes gets a placeholder and SkyPilot asks for it
     store_url: str | None = None
@@ -118,7 +121,8 @@ def make_spec(settings: Settings, *, classes: Iterable[int] | None = None,
               model_names: Sequence[str] = (), image: str | None = None,
               control_image: str | None = None,
               max_replicas: int = DEFAULT_MAX_REPLICAS, hard_limit: int = DEFAULT_HARD_LIMIT,
-              namespace: str = DEFAULT_NAMESPACE, redis_address: str | None = None) -> DeploySpec:
+              namespace: str = DEFAULT_NAMESPACE, redis_address: str | None = None,
+              redis_ca: Path | None = None) -> DeploySpec:
     """A checked DeploySpec; UsageError or ConfigError names what is wrong and the value."""
     chosen = tuple(sorted(set(classes))) if classes is not None else settings.vram_classes
     if not chosen or min(chosen) <= 0:
@@ -134,17 +138,85 @@ def make_spec(settings: Settings, *, classes: Iterable[int] | None = None,
         raise ConfigError(
             f"FARM_VISIBILITY_TIMEOUT ({settings.visibility_timeout} s) must be above the hard "
             f"time limit plus the drain margin ({grace_seconds(hard_limit)} s)")
-    if redis_address is not None and ":" not in redis_address:
-        raise UsageError(f"--redis must be host:port, got {redis_address!r}")
+    redis = parse_redis(redis_address) if redis_address is not None else None
+    ca = read_ca(redis_ca, redis) if redis_ca is not None else None
     return DeploySpec(
         classes=chosen, models=names, settings_env=shared_env(settings.replace(
             vram_classes=chosen)),
         image=image or DEFAULT_IMAGE, control_image=control_image or DEFAULT_CONTROL_IMAGE,
         max_replicas=max_replicas, hard_limit=hard_limit, namespace=namespace,
-        redis_address=redis_address,
+        redis_address=redis.address if redis else None, redis_tls=bool(redis and redis.tls),
+        redis_ca=ca,
         # a file:// store is this machine's disk: no use to workers elsewhere
         store_url=settings.store_url if (settings.store_url or "").startswith("s3://") else None,
         s3_endpoint_url=settings.s3_endpoint_url)
+
+
+@dataclass(frozen=True)
+class RedisEndpoint:
+    host: str
+    port: int
+    tls: bool
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+REDIS_FORMS = "host:port, redis://host[:port] or rediss://host[:port] (TLS)"
+
+
+def parse_redis(text: str) -> RedisEndpoint:
+    """--redis: where an existing Redis listens. Credentials are not taken (each role of the
+    farm gets its own user, deploy/access.py), nor a database other than 0 (the ACL channel
+    rules name database 0)."""
+    from urllib.parse import urlsplit
+
+    def refuse(why: str) -> UsageError:
+        return UsageError(f"--redis must be {REDIS_FORMS}; {why}, got {text!r}")
+
+    value = text.strip()
+    if "://" in value:
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss"):
+            raise refuse(f"the scheme {parts.scheme!r} is neither redis nor rediss")
+        if parts.username or parts.password:
+            raise refuse("it takes no user or password (the files give each role its own)")
+        if parts.path.strip("/") not in ("", "0") or parts.query or parts.fragment:
+            raise refuse("the files use database 0 and take nothing after the host")
+        tls = parts.scheme == "rediss"
+        try:
+            port = parts.port or 6379
+        except ValueError:
+            raise refuse("the port is not a number from 1 to 65535") from None
+        host = parts.hostname or ""
+    else:
+        tls = False
+        host, sep, port_text = value.rpartition(":")
+        if not sep:
+            raise refuse("a bare host needs its port")
+        host = host.strip("[]")
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise refuse("the port is not a number from 1 to 65535")
+        port = int(port_text)
+    if not host or any(c in host for c in "/@ "):
+        raise refuse("the host is missing or malformed")
+    return RedisEndpoint(host=host, port=port, tls=tls)
+
+
+def read_ca(path: Path, redis: RedisEndpoint | None) -> str:
+    """--redis-ca: the PEM certificate that signed the Redis server's, for a rediss:// Redis."""
+    if redis is None or not redis.tls:
+        raise UsageError(f"--redis-ca is for a TLS Redis (--redis rediss://HOST:PORT), got "
+                         f"--redis-ca {path} without one")
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UsageError(f"--redis-ca cannot read {path}: {exc.strerror}") from None
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        raise UsageError(f"--redis-ca must be a PEM certificate (-----BEGIN CERTIFICATE-----), "
+                         f"got {path}")
+    return text
 
 
 def shared_env(settings: Settings) -> dict[str, str]:

@@ -64,6 +64,36 @@ def redis_address(spec: files.DeploySpec) -> str:
     return spec.redis_address or f"{REDIS}.{spec.namespace}.svc.cluster.local:6379"
 
 
+# a rediss:// Redis with --redis-ca: the CA certificate, from the Secret, as a file in each pod
+# that talks to Redis (FARM_BROKER_CA_FILE), and as KEDA's `ca` parameter
+CA_KEY = "REDIS_CA"
+CA_DIR = "/etc/farm/redis-ca"
+CA_FILE = f"{CA_DIR}/ca.pem"
+
+
+def broker_env(spec: files.DeploySpec, role: str) -> list[dict[str, Any]]:
+    """A pod's FARM_BROKER_URL as `role`, with the password it refers to and, for a TLS Redis
+    with its own CA, FARM_BROKER_CA_FILE."""
+    var = access.REDIS_PASSWORD_VARS[role]
+    env = [_secret_env(var), {"name": "FARM_BROKER_URL", "value": access.broker_url(
+        role, redis_address(spec), f"$({var})", tls=spec.redis_tls)}]
+    if spec.redis_ca is not None:
+        env.append({"name": "FARM_BROKER_CA_FILE", "value": CA_FILE})
+    return env
+
+
+def with_ca(spec: files.DeploySpec, pod: dict[str, Any]) -> dict[str, Any]:
+    """The pod with the CA certificate mounted in each container, when there is one."""
+    if spec.redis_ca is None:
+        return pod
+    volume = {"name": "redis-ca", "secret": {"secretName": SECRETS, "items": [
+        {"key": CA_KEY, "path": CA_FILE.rsplit("/", 1)[1]}]}}
+    mount = {"name": "redis-ca", "mountPath": CA_DIR, "readOnly": True}
+    containers = [{**c, "volumeMounts": [*c.get("volumeMounts", []), mount]}
+                  for c in pod["containers"]]
+    return {**pod, "containers": containers, "volumes": [*pod.get("volumes", []), volume]}
+
+
 def _secret_env(name: str, key: str | None = None) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": SECRETS, "key": key or name}}}
 
@@ -82,6 +112,8 @@ def secret(spec: files.DeploySpec) -> dict[str, Any]:
     values = {var: "CHANGE-ME" for var in access.REDIS_PASSWORD_VARS.values()}
     values["REDIS_SCALER_USERNAME"] = access.REDIS_USERS["scaler"]
     values.update({"AWS_ACCESS_KEY_ID": "CHANGE-ME", "AWS_SECRET_ACCESS_KEY": "CHANGE-ME"})
+    if spec.redis_ca is not None:
+        values[CA_KEY] = spec.redis_ca     # a certificate: public, kept beside what uses it
     return {"apiVersion": "v1", "kind": "Secret", "metadata": _meta(spec, SECRETS),
             "type": "Opaque", "stringData": values}
 
@@ -125,10 +157,7 @@ def deployment(spec: files.DeploySpec, vram_class: int) -> dict[str, Any]:
     shared = set(spec.settings_env)
     env = [{"name": k, "value": v} for k, v in files.worker_env(spec, vram_class).items()
            if k not in shared]
-    env += [_secret_env(access.REDIS_PASSWORD_VARS["worker"]),
-            {"name": "FARM_BROKER_URL", "value": access.broker_url(
-                "worker", redis_address(spec),
-                f"$({access.REDIS_PASSWORD_VARS['worker']})")},
+    env += [*broker_env(spec, "worker"),
             _secret_env("AWS_ACCESS_KEY_ID"), _secret_env("AWS_SECRET_ACCESS_KEY")]
     memory = WORKER_MEMORY if vram_class <= SMALL_NODE_CLASS else LARGE_WORKER_MEMORY
     container = {
@@ -165,17 +194,17 @@ def deployment(spec: files.DeploySpec, vram_class: int) -> dict[str, Any]:
                      "template": {"metadata": {
                          "labels": labels,
                          "annotations": monitoring.scrape_annotations(files.METRICS_PORT)},
-                         "spec": pod}}}
+                         "spec": with_ca(spec, pod)}}}
 
 
 def metrics_exporter(spec: files.DeploySpec) -> dict[str, Any]:
     """`farm metrics serve` (deploy/monitoring.py), with its own Redis user."""
-    role = monitoring.exporter_role()
-    var = access.REDIS_PASSWORD_VARS[role]
-    env = [_secret_env(var), {"name": "FARM_BROKER_URL", "value": access.broker_url(
-        role, redis_address(spec), f"$({var})")}]
-    return monitoring.exporter_deployment(spec, _meta(spec, monitoring.EXPORTER), env, CONFIG,
-                                          WORKER_UID)
+    env = broker_env(spec, monitoring.exporter_role())
+    out = monitoring.exporter_deployment(spec, _meta(spec, monitoring.EXPORTER), env, CONFIG,
+                                         WORKER_UID)
+    template = out["spec"]["template"]
+    template["spec"] = with_ca(spec, template["spec"])
+    return out
 
 
 def trigger_name(list_name: str) -> str:
@@ -193,7 +222,8 @@ def scaled_object(spec: files.DeploySpec, vram_class: int) -> dict[str, Any]:
     triggers = [{"type": "redis", "name": trigger,
                  "metadata": {"address": redis_address(spec), "listName": list_name,
                               "listLength": str(BACKLOG_PER_WORKER),
-                              "activationListLength": "0", "databaseIndex": "0"},
+                              "activationListLength": "0", "databaseIndex": "0",
+                              **({"enableTLS": "true"} if spec.redis_tls else {})},
                  "authenticationRef": {"name": TRIGGER_AUTH}}
                 for trigger, list_name in zip(names, lists, strict=True)]
     return {
@@ -221,6 +251,8 @@ def trigger_auth(spec: files.DeploySpec) -> dict[str, Any]:
     refs = [{"parameter": "username", "name": SECRETS, "key": "REDIS_SCALER_USERNAME"},
             {"parameter": "password", "name": SECRETS,
              "key": access.REDIS_PASSWORD_VARS["scaler"]}]
+    if spec.redis_ca is not None:   # KEDA verifies the server against this CA (its `ca`)
+        refs.append({"parameter": "ca", "name": SECRETS, "key": CA_KEY})
     return {"apiVersion": "keda.sh/v1alpha1", "kind": "TriggerAuthentication",
             "metadata": _meta(spec, TRIGGER_AUTH), "spec": {"secretTargetRef": refs}}
 

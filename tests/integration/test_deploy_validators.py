@@ -46,6 +46,7 @@ COMBOS = [
     ((12, 24, 80), ("sdxl-base", "sdxl-refiner"), "redis.example.com:6379", None),
     ((8, 24), ("tiny-sdxl", "tiny-sdxl-refiner", "sdxl-base"), None, "s3://renders"),
     ((16, 24, 48, 80), ("sdxl-refiner",), "10.0.0.5:6380", "s3://renders/farm"),
+    ((24, 80), ("sdxl-base",), "rediss://redis.example.com:6380", "s3://renders/farm"),
 ]
 IDS = ["-".join(map(str, c[0])) + ("-ext-redis" if c[2] else "") for c in COMBOS]
 
@@ -53,6 +54,12 @@ IDS = ["-".join(map(str, c[0])) + ("-ext-redis" if c[2] else "") for c in COMBOS
 def make(classes: tuple[int, ...], names: tuple[str, ...], redis: str | None,
          store: str | None, **kw: Any) -> deploy.DeploySpec:
     env = {"FARM_STORE_URL": store} if store else {}
+    if redis and redis.startswith("rediss://"):   # TLS with a CA of its own (--redis-ca)
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", suffix=".pem", delete=False) as ca:
+            ca.write("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+        kw = {**kw, "redis_ca": Path(ca.name)}
     return deploy.make_spec(Settings.load(env=env), classes=classes, model_names=names,
                             redis_address=redis, **kw)
 

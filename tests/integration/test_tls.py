@@ -77,3 +77,87 @@ def test_an_untrusted_certificate_is_a_clear_config_error(tls_redis: tuple[str, 
     with pytest.raises(ConfigError, match="not trusted.*set FARM_BROKER_CA_FILE"):
         broker.wait_for_broker(settings)
     assert "tls-secret" not in broker.redact(url)
+
+
+def test_the_generated_kubernetes_files_reach_a_tls_redis(tmp_path: Path,
+                                                          env: dict[str, str]) -> None:
+    """`farm deploy k8s --redis rediss://... --redis-ca ca.pem`, taken at its word: a Redis with
+    TLS and the generated users; the worker and exporter pods' broker settings, and KEDA's
+    trigger (address, enableTLS, the TriggerAuthentication's user, password and ca), each
+    connect to it with the certificate from the generated Secret."""
+    import secrets as tokens
+
+    import redis
+    import yaml
+
+    from farm.deploy import access, k8s
+    from farm.deploy import files as deploy
+    from tests.integration.test_access import KEDA_LIST_LENGTH_SCRIPT
+
+    d = tmp_path / "tls"
+    d.mkdir()
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+             "ca.crt", "-days", "1", "-subj", "/CN=farm-test-ca", cwd=d)
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out",
+             "server.csr", "-subj", "/CN=127.0.0.1", cwd=d)
+    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+             "-CAcreateserial", "-out", "server.crt", "-days", "1", "-extfile", "ext.cnf", cwd=d)
+    passwords = {var: tokens.token_hex(8) for var in access.REDIS_PASSWORD_VARS.values()}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", "server.crt", "--tls-key-file", "server.key",
+         "--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no", "--save", "",
+         *access.redis_server_args(lambda var: passwords[var])[4:]],   # users, not the AOF
+        cwd=d, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        spec = deploy.make_spec(Settings.load(env={**env, "FARM_VRAM_CLASSES": "12,24"}),
+                                classes=[24], model_names=["tiny-sdxl"],
+                                redis_address=f"rediss://127.0.0.1:{port}",
+                                redis_ca=d / "ca.crt")
+        docs = [doc for name, text in k8s.render(spec).items() if name.endswith(".yaml")
+                for doc in yaml.safe_load_all(text) if doc]
+        secret = next(doc for doc in docs if doc["kind"] == "Secret")["stringData"]
+        ca_file = tmp_path / "mounted-ca.pem"     # what the pod sees at FARM_BROKER_CA_FILE
+        ca_file.write_text(secret[k8s.CA_KEY])
+
+        pods = [doc for doc in docs if doc["kind"] == "Deployment"]
+        assert {p["metadata"]["name"] for p in pods} >= {"farm-worker-24gb"}
+        for pod in pods:
+            container = pod["spec"]["template"]["spec"]["containers"][0]
+            values = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+            url = values["FARM_BROKER_URL"]
+            for var, password in passwords.items():
+                url = url.replace(f"$({var})", password)
+            assert values["FARM_BROKER_CA_FILE"] == k8s.CA_FILE
+            mounts = {m["mountPath"] for m in container["volumeMounts"]}
+            assert k8s.CA_FILE.rsplit("/", 1)[0] in mounts
+            settings = Settings.load(env={**env, "FARM_BROKER_URL": url,
+                                          "FARM_BROKER_CA_FILE": str(ca_file)})
+            broker.wait_for_broker(settings, timeout=10)
+            assert broker.redis_client(settings).llen("farm.tiny-sdxl.24gb.p5") == 0
+
+        scaled = next(doc for doc in docs if doc["kind"] == "ScaledObject")
+        auth = next(doc for doc in docs if doc["kind"] == "TriggerAuthentication")
+        params = {r["parameter"]: passwords.get(r["key"], secret.get(r["key"]))
+                  for r in auth["spec"]["secretTargetRef"]}
+        for trigger in scaled["spec"]["triggers"]:
+            meta = trigger["metadata"]
+            assert meta["enableTLS"] == "true"
+            host, _, port_text = meta["address"].rpartition(":")
+            keda = redis.Redis(host=host, port=int(port_text), ssl=True,
+                               ssl_ca_data=params["ca"], username=params["username"],
+                               password=params["password"])
+            assert keda.eval(KEDA_LIST_LENGTH_SCRIPT, 1, meta["listName"]) == 0
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -447,6 +447,12 @@ def test_farm_deploy_writes_the_files(target: str, tmp_path: Path,
     (["--max-replicas", "0"], "--max-replicas must be at least 1"),
     (["--hard-limit", "90000"], "FARM_VISIBILITY_TIMEOUT (86400 s) must be above"),
     (["--redis", "nohost"], "--redis must be host:port"),
+    (["--redis", "https://redis.example.com:6379"], "neither redis nor rediss"),
+    (["--redis", "redis://farm:secret@redis.example.com:6379"], "takes no user or password"),
+    (["--redis", "redis://redis.example.com:6379/3"], "use database 0"),
+    (["--redis", "redis.example.com:99999"], "not a number from 1 to 65535"),
+    (["--redis", "redis.example.com:6379", "--redis-ca", "ca.pem"], "--redis-ca is for a TLS"),
+    (["--redis", "rediss://redis.example.com", "--redis-ca", "missing.pem"], "cannot read"),
 ])
 def test_farm_deploy_refuses_bad_input(args: list[str], message: str, tmp_path: Path) -> None:
     result = CliRunner().invoke(deploy_command, ["k8s", "--out", str(tmp_path), *args],
@@ -454,6 +460,43 @@ def test_farm_deploy_refuses_bad_input(args: list[str], message: str, tmp_path: 
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("text", "address", "tls"), [
+    ("redis.example.com:6380", "redis.example.com:6380", False),
+    ("redis://redis.example.com", "redis.example.com:6379", False),
+    ("redis://redis.example.com:6380/0", "redis.example.com:6380", False),
+    ("rediss://redis.example.com:6380", "redis.example.com:6380", True),
+    ("rediss://[fd00::5]:6380", "[fd00::5]:6380", True),
+])
+def test_redis_takes_an_address_or_a_redis_url(text: str, address: str, tls: bool) -> None:
+    endpoint = deploy.parse_redis(text)
+    assert (endpoint.address, endpoint.tls) == (address, tls)
+
+
+def test_a_tls_redis_reaches_workers_exporter_and_keda_with_its_ca(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    spec = dataclasses.replace(make((24,), ("sdxl-base",)), redis_address="r.example.com:6380",
+                               redis_tls=True, redis_ca=ca.read_text())
+    files = deploy_k8s.render(spec)
+    assert "10-redis.yaml" not in files      # an existing Redis: none deployed
+    for pod in by_kind(files, "Deployment"):
+        (container,) = pod["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["FARM_BROKER_URL"].startswith("rediss://")
+        assert env["FARM_BROKER_URL"].endswith("@r.example.com:6380/0")
+        assert env["FARM_BROKER_CA_FILE"] == deploy_k8s.CA_FILE
+        volumes = pod["spec"]["template"]["spec"]["volumes"]
+        assert {"key": deploy_k8s.CA_KEY, "path": "ca.pem"} in [
+            i for v in volumes if "secret" in v for i in v["secret"]["items"]]
+    for obj in by_kind(files, "ScaledObject"):
+        assert {t["metadata"]["enableTLS"] for t in obj["spec"]["triggers"]} == {"true"}
+    (auth,) = by_kind(files, "TriggerAuthentication")
+    assert {"parameter": "ca", "name": deploy_k8s.SECRETS, "key": deploy_k8s.CA_KEY} in \
+        auth["spec"]["secretTargetRef"]
+    (secret,) = by_kind(files, "Secret")
+    assert secret["stringData"][deploy_k8s.CA_KEY] == ca.read_text()
 
 
 def test_grace_periods_exceed_the_hard_limit() -> None:
