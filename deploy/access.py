@@ -39,8 +39,9 @@ KOMBU_UNACKED = ("unacked", "unacked_index", "unacked_mutex")
 # remote control: each worker's <name>@<host>.celery.pidbox list, and <uuid>.reply.celery.pidbox
 PIDBOX_LISTS = "*.celery.pidbox"
 # Celery's fanout exchanges on Redis are pub/sub channels named /<db>.<exchange>. kombu listens
-# with PSUBSCRIBE, whose argument an ACL matches literally, so these name the database.
-CHANNELS = ("/{db}.celery.pidbox", "/{db}.celeryev*")
+# with PSUBSCRIBE, whose argument an ACL matches literally, so this names the database. Only
+# remote control's: the workers send no events and run without gossip (worker/runtime.py).
+CHANNELS = ("/{db}.celery.pidbox",)
 # `farm cancel` broadcasts here; every worker listens (farm/recovery.py)
 CANCEL_CHANNEL = recovery.CANCEL_CHANNEL
 
