@@ -40,8 +40,8 @@ def read_workers(settings: Settings) -> list[LocalWorker]:
 
 
 def is_worker(worker: LocalWorker) -> bool:
-    """Whether `worker.pid` still runs that farm worker (its command line names it). Without
-    /proc (not Linux), trust the state file."""
+    """Whether `worker.pid` still runs that farm worker (its command line names it). Where the
+    system will not show its command line (not ours to read), trust the state file."""
     args = procs.command_line(worker.pid)
     return args is None or ("worker" in args and worker.name in args)
 

@@ -259,6 +259,7 @@ def _read_pid(path: Path) -> int | None:
 
 def _is_valkey(pid: int) -> bool:
     """Whether `pid` runs a Valkey server: pids are reused, so one read from a pid file left
-    behind may now be anything. Without /proc (not Linux), trust the pid file."""
+    behind may now be anything. Where the system will not tell (not ours to read), trust the
+    pid file."""
     exe = procs.executable(pid)
     return exe is None or "valkey" in Path(exe).name

@@ -10,41 +10,39 @@ import subprocess
 import time
 from collections.abc import Iterable
 
+# psutil asks each system its own way (Linux: /proc; macOS: sysctl and libproc; Windows: the
+# process API), so these answers hold where there is no /proc.
+import psutil
+
 
 def alive(pid: int) -> bool:
     """Running (a zombie child still answers kill(0): it is gone for our purposes)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # ZombieProcess is one too
         return False
-    except PermissionError:
+    except psutil.AccessDenied:  # someone else's: it exists
         return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def command_line(pid: int) -> list[str] | None:
-    """The process's arguments; [] when there is no such process; None when this system cannot
-    tell (no /proc, or not ours to read)."""
+    """The process's arguments; [] when there is no such process; None when this system will
+    not tell (not ours to read)."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().decode(errors="replace").split("\0")
-    except FileNotFoundError:
+        return psutil.Process(pid).cmdline()
+    except psutil.NoSuchProcess:
         return []
-    except OSError:
+    except psutil.AccessDenied:
         return None
 
 
 def executable(pid: int) -> str | None:
     """The file the process runs; "" when there is no such process; None when unknown."""
     try:
-        return os.readlink(f"/proc/{pid}/exe")
-    except FileNotFoundError:
+        return psutil.Process(pid).exe()
+    except psutil.NoSuchProcess:
         return ""
-    except OSError:
+    except psutil.AccessDenied:
         return None
 
 
