@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 from farm import buckets, keys, models
 from farm.errors import ValidationError
 from farm.lifecycle import Stage
-from farm.presets import DEFAULT_PRESET, PRESETS, VAES
+from farm.presets import DEFAULT_PRESET, MODELS_REFINER, PRESETS, VAES
 from farm.rules import check_int as _int
 from farm.rules import check_number as _number
 from farm.rules import check_text as _text
@@ -94,8 +94,10 @@ class JobSpec:
         preset = data.get("preset") or DEFAULT_PRESET
         if not isinstance(preset, str) or preset not in PRESETS:
             raise ValidationError("preset", f"must be one of {', '.join(PRESETS)}", preset)
-        # 1. the preset's values where the job gives none
-        data = {**PRESETS[preset], **{k: v for k, v in data.items() if v is not None}}
+        # 1. the preset's values where the job gives none; a stored spec has every value its
+        # preset gave it, a refiner too, so a spec stored without one keeps none
+        filled = {k: v for k, v in PRESETS[preset].items() if not (stored and k == "refiner")}
+        data = {**filled, **{k: v for k, v in data.items() if v is not None}}
         model = models.resolve(data.get("model", models.DEFAULT_MODEL), role="base")
         steps = _int(data, "steps", 1, settings.max_steps, model.default_steps)
         width, height, snapped_from = _size(data, settings, model)
@@ -106,6 +108,14 @@ class JobSpec:
                 raise ValidationError("snapped_from", "must be the WIDTHxHEIGHT a job asked "
                                       "for before --snap moved it", snapped_from)
         refiner = data.get("refiner")
+        if refiner is MODELS_REFINER:
+            refiner = models.REFINER_OF.get(model.name)
+            if refiner is None:
+                raise ValidationError("refiner", f"is required with the {preset} preset on a "
+                                      "model with no known refiner (the known pairs: "
+                                      + ", ".join(f"{b} with {r}" for b, r
+                                                  in models.REFINER_OF.items()) + ")",
+                                      model.name)
         if refiner is not None:
             refiner = models.resolve(refiner, role="refiner", field="refiner").name
         switch = _number(data, "switch", 0.0, 1.0, DEFAULT_SWITCH)

@@ -40,6 +40,9 @@ REGISTRY: dict[str, ModelSpec] = {m.name: m for m in (TINY_BASE, TINY_REFINER, S
 ALIASES: dict[str, str] = {m.ref: m.name for m in REGISTRY.values() if m.source == "hub"}
 
 DEFAULT_MODEL = TINY_BASE.name
+# the refiner each known base was made with: what the quality preset adds (farm/presets.py)
+REFINER_OF: dict[str, str] = {TINY_BASE.name: TINY_REFINER.name,
+                              SDXL_BASE.name: SDXL_REFINER.name}
 
 _SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/+@=-]+$")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")

@@ -9,6 +9,7 @@ from farm.errors import ConfigError, ValidationError
 from farm.jobs import JobSpec
 from farm.presets import PRESETS
 from farm.scheduler.parse import parse_batch
+from farm.scheduler.plan import plan
 from farm.settings import Settings
 
 SETTINGS = Settings.load(env={})
@@ -29,11 +30,29 @@ def test_a_jobs_own_fields_win_over_its_preset() -> None:
 
 
 def test_quality_preset_and_the_balanced_default() -> None:
-    q = spec(preset="quality", refiner="tiny-sdxl-refiner")
-    assert (q.steps, q.switch, q.cfg_cutoff) == (50, 0.9, 0.0)
+    q = spec(preset="quality")
+    assert (q.steps, q.switch, q.cfg_cutoff, q.refiner) == (50, 0.9, 0.0, "tiny-sdxl-refiner")
+    assert plan(q, SETTINGS).refiner_vram_class is not None  # two stages: base, then refiner
+    assert spec(preset="quality", model="sdxl-base").refiner == "sdxl-refiner"
+    assert spec(preset="quality", refiner="tiny-sdxl-refiner", switch=0.8).switch == 0.8
     b = spec()
     assert (b.preset, b.steps, b.cfg_cutoff, b.vae) == ("balanced", 20, 0.0, "default")
     assert set(PRESETS) == {"balanced", "fast", "quality"}
+
+
+def test_quality_preset_on_a_model_with_no_known_refiner_is_refused_not_dropped() -> None:
+    with pytest.raises(ValidationError) as err:
+        spec(preset="quality", model="/models/my-sdxl")
+    assert str(err.value).startswith("refiner is required with the quality preset on a model "
+                                     "with no known refiner")
+    assert spec(preset="quality", model="/models/my-sdxl",
+                refiner="/models/my-refiner").refiner == "/models/my-refiner"
+
+
+def test_a_stored_quality_spec_without_a_refiner_keeps_none() -> None:
+    """A manifest's spec has its final values: the preset fills nothing in it."""
+    data = {**spec(preset="quality").to_dict(), "refiner": None}
+    assert JobSpec.from_dict(data, SETTINGS, stored=True).refiner is None
 
 
 @pytest.mark.parametrize(("fields", "message"), [
