@@ -72,8 +72,8 @@ def submit(prompts: str, model: str | None, steps: int | None, guidance: float |
            refiner: str | None, switch: float | None, split: str | None, preset: str | None,
            snap: bool | None, batch_id: str | None, wait: bool, as_json: bool) -> None:
     """Submit PROMPTS (.txt, .jsonl, .csv, or - for stdin) and print the batch id."""
+    from farm.scheduler.client import Farm
     from farm.scheduler.parse import detect_format, parse_batch, parse_size
-    from farm.scheduler.submit import submit as do_submit
 
     settings = Settings.load()
     defaults: dict[str, Any] = {"model": model, "steps": steps, "guidance": guidance,
@@ -96,8 +96,10 @@ def submit(prompts: str, model: str | None, steps: int | None, guidance: float |
         if not as_json:
             click.echo(f"batch {batch}: queueing {len(specs)} jobs", err=True)
 
-    result = do_submit(settings, specs, source=prompts, defaults=defaults, batch_id=batch_id,
-                       request=request, announce=announce)
+    batch = Farm(settings).submit_specs(specs, source=prompts, defaults=defaults,
+                                        batch_id=batch_id, request=request, announce=announce)
+    assert batch.submitted is not None
+    result = batch.submitted
     snapped = [j for j in result.jobs if j.spec.snapped_from]
     if snapped:
         first = snapped[0].spec
@@ -136,42 +138,68 @@ def _read_prompts(path: str) -> str:
 # -- status, results, batches -------------------------------------------------------------------
 
 
+# a batch of at most this many jobs lists them in `farm status` (its records are read, in
+# parallel); a larger one shows its counts, at the same cost whatever its size (`--jobs` lists)
+LIST_JOBS_UP_TO = 50
+
+
 @cli.command()
 @click.argument("batch")
-@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the status as JSON, with every job (reads every job record).")
+@click.option("--jobs", "list_jobs", is_flag=True,
+              help=f"List every job with its state and error (reads every job record; batches "
+                   f"of up to {LIST_JOBS_UP_TO} jobs always list them).")
 @click.option("--watch", is_flag=True, help="Show a progress bar until the batch ends.")
-def status(batch: str, as_json: bool, watch: bool) -> None:
-    """Counts per state, and each job's state and error."""
-    from farm.scheduler.status import batch_status
+def status(batch: str, as_json: bool, list_jobs: bool, watch: bool) -> None:
+    """Counts per state (from the batch's counters: the same cost for any size), and each
+    job's state and error."""
+    from farm.cli.progress import broker_client
+    from farm.scheduler.status import Source, batch_counts, batch_status
 
     settings = Settings.load()
+    batch = _batch_id(batch)
+    store = open_store(settings)
     if watch:
-        result = _watch(settings, batch, quiet=as_json)
+        counted = _watch(settings, batch, quiet=as_json, detail=False)
     else:
-        result = batch_status(open_store(settings), _batch_id(batch), settings)
-    result = result.with_fleet(_live_workers(settings)) if not result.finished else result
-    lost = not result.finished and not result.half_submitted and _broker_lost(settings,
-                                                                                result.batch)
+        counted = batch_counts(store, _quietly(broker_client, settings), batch, settings)
+    detail = None
+    if as_json or list_jobs or counted.total <= LIST_JOBS_UP_TO:
+        detail = batch_status(store, batch, settings)
+    shown: Any = detail if detail is not None else counted
+    live = _live_workers(settings) if not shown.finished else []
+    if detail is not None and not detail.finished:
+        detail = detail.with_fleet(live)
+    lost = not shown.finished and not shown.half_submitted and _broker_lost(settings, batch)
     if as_json:
-        click.echo(json.dumps({**result.to_json(), "broker_lost": lost}, indent=2))
+        assert detail is not None
+        click.echo(json.dumps({**detail.to_json(), "source": counted.source.value,
+                               "broker_lost": lost}, indent=2))
         return
-    click.echo(f"batch {result.batch}: {result.state}  " + _counts(result.counts))
-    if result.half_submitted:
+    click.echo(f"batch {batch}: {shown.state}  " + _counts(shown.counts))
+    if shown.half_submitted:
         click.echo(f"warning: this batch's submit stopped part-way (killed?), so some of its "
                    f"jobs may never have been queued; run the same `farm submit ... --batch-id "
-                   f"{result.batch}` (same prompts and flags) to queue the rest, or `farm cancel "
-                   f"{result.batch}` to drop it", err=True)
-    elif result.state == "aborted":
-        assert result.submit is not None
-        click.echo(f"warning: this batch's submit failed ({result.submit.reason}); workers "
-                   f"render none of it; run the same `farm submit ... --batch-id {result.batch}` "
+                   f"{batch}` (same prompts and flags) to queue the rest, or `farm cancel "
+                   f"{batch}` to drop it", err=True)
+    elif shown.state == "aborted":
+        assert shown.submit is not None
+        click.echo(f"warning: this batch's submit failed ({shown.submit.reason}); workers "
+                   f"render none of it; run the same `farm submit ... --batch-id {batch}` "
                    "to submit it again", err=True)
     if lost:
-        waiting = len(result.jobs) - result.done
+        waiting = counted.total - counted.done
         click.echo(f"warning: the broker has no record of this batch: it lost its data (a "
                    f"restart without persistence?), so its {waiting} unfinished job(s) will "
-                   f"never run; `farm resubmit {result.batch}` queues them again", err=True)
-    for job in result.jobs:
+                   f"never run; `farm resubmit {batch}` queues them again", err=True)
+    elif counted.source is Source.RECORDS:
+        click.echo(f"note: the broker has no counters for this batch and the store no summary, "
+                   f"so its {counted.total} job records were read to count it", err=True)
+    if detail is None:
+        _summary_lines(counted, live)
+        return
+    for job in detail.jobs:
         line = f"  {job.id}  {job.state.value:<9}"
         if job.images:
             line += f"  {len(job.images)} image(s)"
@@ -184,6 +212,36 @@ def status(batch: str, as_json: bool, watch: bool) -> None:
         if job.waiting:
             line += f"  ({job.waiting})"
         click.echo(line)
+
+
+# failed jobs `farm status` names for a batch it shows by its counts (`--jobs` names all)
+FAILED_LINES = 20
+
+
+def _summary_lines(counted: Any, live: list[Any]) -> None:
+    """What `farm status` says of a large batch beyond its counts: its failed jobs once known,
+    and a hint when jobs wait with no live worker at all."""
+    failed = counted.failed or []
+    for job in failed[:FAILED_LINES]:
+        click.echo(f"  {job['id']}  failed     {_fault_words(job.get('fault'))}: "
+                   f"{job.get('error')}")
+    if len(failed) > FAILED_LINES:
+        click.echo(f"  ... and {len(failed) - FAILED_LINES} more failed jobs; `farm status "
+                   f"{counted.batch} --jobs` lists every job")
+    waiting = counted.by_state.get("queued", 0) + counted.by_state.get("latents_ready", 0)
+    if not counted.finished and waiting and not live:
+        click.echo(f"  ({waiting} job(s) waiting: no live worker; `farm status "
+                   f"{counted.batch} --jobs` says what each needs)")
+
+
+def _quietly(make: Any, settings: Settings) -> Any:
+    """`make(settings)`, or None when the broker cannot be reached (status works offline)."""
+    import redis
+
+    try:
+        return make(settings)
+    except (redis.RedisError, OSError, FarmError):
+        return None
 
 
 def _fault_words(fault: str | None) -> str:
@@ -222,48 +280,26 @@ def _live_workers(settings: Settings) -> list[Any]:
 
 
 @cli.command()
-@click.argument("batch")
-@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Folder to download into (default: ./BATCH).")
-@click.option("--wait", is_flag=True, help="Wait for the batch to end first.")
-def results(batch: str, out: Path | None, wait: bool) -> None:
-    """Download every image with its JSON sidecar, and a contact sheet."""
-    from farm.scheduler.results import download
-    from farm.scheduler.status import batch_status
-
-    settings = Settings.load()
-    batch = _batch_id(batch)
-    store = open_store(settings)
-    st = _watch(settings, batch) if wait else batch_status(store, batch, settings)
-    got = download(store, st, out or Path(batch))
-    click.echo(f"{len(got.images)} images and sidecars in {got.folder}/")
-    if got.contact_sheet:
-        click.echo(f"contact sheet: {got.contact_sheet}")
-    if not st.finished:
-        click.echo(f"batch is still {st.state}: {st.done}/{len(st.jobs)} jobs done", err=True)
-    if wait:
-        _exit_unless_succeeded(st)
-
-
-@cli.command()
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--limit", type=int, default=20, show_default=True)
 def batches(as_json: bool, limit: int) -> None:
     """Recent batches with their state counts, newest first."""
+    from farm.cli.progress import broker_client
     from farm.scheduler.status import recent_batches
 
     settings = Settings.load()
-    found = recent_batches(open_store(settings), settings, limit)
+    found = recent_batches(open_store(settings), _quietly(broker_client, settings), settings,
+                           limit)
     if as_json:
         click.echo(json.dumps([{"batch": b.batch, "created_at": b.created_at, "state": b.state,
-                                "counts": b.counts, "jobs": len(b.jobs)} for b in found],
-                              indent=2))
+                                "counts": b.counts, "jobs": b.total, "source": b.source.value}
+                               for b in found], indent=2))
         return
     if not found:
         click.echo("no batches yet")
     for b in found:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b.created_at))
-        click.echo(f"{b.batch}  {created}  {b.state:<9}  {len(b.jobs):>5} jobs  "
+        click.echo(f"{b.batch}  {created}  {b.state:<9}  {b.total:>5} jobs  "
                    + _counts(b.counts))
 
 
@@ -451,9 +487,14 @@ def demo(out: Path, n_workers: int) -> None:
 def _register() -> None:
     from farm.cli.deploy import deploy
     from farm.cli.metrics import metrics
+    from farm.cli.replay import replay
+    from farm.cli.results import gallery, results
 
     cli.add_command(deploy)
     cli.add_command(metrics)
+    cli.add_command(results)
+    cli.add_command(gallery)
+    cli.add_command(replay)
 
 
 _register()

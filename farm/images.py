@@ -10,6 +10,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin
 
 from farm.jobs import JobSpec
+from farm.presets import DEFAULT_PRESET
 
 # A1111's names for our samplers, so tools that read its `parameters` chunk understand ours.
 A1111_SAMPLERS = {"euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M",
@@ -17,21 +18,38 @@ A1111_SAMPLERS = {"euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M"
 
 
 def a1111_parameters(spec: JobSpec, seed: int, weights_hash: str) -> str:
-    """The `parameters` text chunk in AUTOMATIC1111's format (prompt, negative, then settings)."""
+    """The `parameters` text chunk in AUTOMATIC1111's format (prompt, negative, then settings).
+    Settings that are not their defaults follow (A1111's names where it has one), so the image
+    alone says how to render it again (scheduler/replay.py reads it back)."""
     lines = [spec.prompt]
     if spec.negative_prompt:
         lines.append(f"Negative prompt: {spec.negative_prompt}")
     settings = [
         f"Steps: {spec.steps}",
         f"Sampler: {A1111_SAMPLERS.get(spec.scheduler, spec.scheduler)}",
-        f"CFG scale: {spec.guidance:g}",
+        f"CFG scale: {number(spec.guidance)}",
         f"Seed: {seed}",
         f"Size: {spec.width}x{spec.height}",
         f"Model hash: {weights_hash[:10]}",
         f"Model: {spec.model}",
     ]
+    if spec.refiner is not None:
+        settings += [f"Refiner: {spec.refiner}", f"Refiner switch at: {number(spec.switch)}"]
+    if spec.cfg_cutoff:
+        settings.append(f"CFG cutoff: {number(spec.cfg_cutoff)}")
+    for name, value, default in (("VAE", spec.vae, "default"),
+                                 ("Preset", spec.preset, DEFAULT_PRESET),
+                                 ("Split", spec.split, "auto"), ("Min VRAM", spec.min_vram, 0)):
+        if value != default:
+            settings.append(f"{name}: {value}")
     lines.append(", ".join(settings))
     return "\n".join(lines)
+
+
+def number(value: float) -> str:
+    """A number as short as it can be written and still read back exactly (5, 0.9, 7.123456789)."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
 
 
 def encode_png(image: Image.Image, parameters: str) -> bytes:

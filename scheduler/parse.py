@@ -84,7 +84,15 @@ def parse_batch(text: str, fmt: str, defaults: Mapping[str, Any],
     reader = {"txt": _txt_records, "jsonl": _jsonl_records, "csv": _csv_records}[fmt]
 
     # 1. read every record (syntax errors stop here), 2. check the size, 3. check each job
-    records = list(reader(text))
+    return check_jobs(list(reader(text)), base, settings)
+
+
+def check_jobs(records: list[tuple[int, dict[str, Any]]], defaults: Mapping[str, Any],
+               settings: Settings) -> list[JobSpec]:
+    """Every job of a batch checked, each record (its line, its fields) over `defaults`;
+    ValidationError with its line at the first bad one. What `farm submit` and the Python
+    client (scheduler/client.py) both run."""
+    base = {k: v for k, v in defaults.items() if v is not None}
     if not records:
         raise ValidationError("batch", "must contain at least one prompt", show_value=False)
     if len(records) > settings.max_jobs_per_batch:
