@@ -10,7 +10,6 @@ from farm.cli import local
 from farm.cli.progress import watch
 from farm.scheduler.parse import parse_batch
 from farm.scheduler.results import download
-from farm.scheduler.status import batch_status
 from farm.scheduler.submit import submit
 from farm.settings import Settings
 from farm.store import open_store
@@ -35,8 +34,7 @@ def run_demo(settings: Settings, out: Path, workers: int, echo: Callable[[str], 
         # 3. progress until it ends
         status = watch(settings, result.batch)
         # 4. images, sidecars and the contact sheet
-        got = download(open_store(settings), batch_status(open_store(settings), result.batch,
-                                                          settings), out)
+        got = download(open_store(settings), result.batch, out, settings)
     finally:
         if ours:
             stopped, _ = local.down(settings)

@@ -5,6 +5,10 @@
     batches/<batch>/jobs/<job>.json          the job's record (farm/lifecycle.py)
     batches/<batch>/images/<job>-<k>.png     image k of the job
     batches/<batch>/images/<job>-<k>.json    its sidecar: full provenance
+    batches/<batch>/gallery/index.html       its gallery page (scheduler/gallery.py), and
+    batches/<batch>/gallery/shared.html      the one whose links are presigned
+    batches/<batch>/gallery/thumbs/<job>-<k>.jpg
+                                             image k's thumbnail
     batches/<batch>/intermediate/<job>/latents.safetensors
                                              base → refiner latents (worker/latents.py)
     batches/<batch>/intermediate/<job>/resume-<stage>-<image>-<step>.safetensors
@@ -51,6 +55,14 @@ def sidecar_of(image: str) -> str:
     if not image.endswith(".png"):
         raise ValueError(f"not an image key: {image!r}")
     return image[: -len(".png")] + ".json"
+
+
+def images_prefix(batch: str) -> str:
+    return f"{batch_prefix(batch)}/images/"
+
+
+def gallery_prefix(batch: str) -> str:
+    return f"{batch_prefix(batch)}/gallery/"
 
 
 def intermediates_prefix(batch: str) -> str:

@@ -9,6 +9,11 @@ Compare-and-set: `get_versioned` returns an object with its version (S3: the ETa
 sha256 of its bytes), and `put(..., if_match=version)` writes only if the object is still that
 version (S3 `If-Match`; a file: under an exclusive lock on its directory), else raises Conflict.
 Every job-record write goes through it (farm/lifecycle.py), so a stale writer never wins.
+
+Bulk reads (`farm results`, `farm gallery`): `list_objects` gives each object's size and tag (S3:
+its ETag; a file: size and modification time) from the listing alone, 1,000 objects a request on
+S3; `download` streams one object to a file (never whole in memory) and moves it into place
+whole; `presign` (S3 only) makes a GET link that works without credentials until it expires.
 """
 
 from __future__ import annotations
@@ -18,15 +23,28 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
 
-from farm.errors import AlreadyExists, ConfigError, Conflict, NotFound, StoreUnavailable
+from farm.errors import (
+    AlreadyExists,
+    ConfigError,
+    Conflict,
+    NotFound,
+    StoreUnavailable,
+    UsageError,
+)
 from farm.settings import Settings
+
+# threads that download a batch's images at once (`farm results`, `farm gallery`): enough to hide
+# S3's per-request latency, few enough that memory stays small (one object in flight each)
+DOWNLOAD_THREADS = 16
 
 
 class Store(Protocol):
@@ -65,6 +83,59 @@ def get_json(store: Store, key: str) -> Any:
         from farm.errors import IntegrityError
 
         raise IntegrityError(f"{store.url}/{key} is not valid JSON: {exc}") from None
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object as a listing shows it: `tag` changes whenever its bytes do."""
+
+    key: str
+    size: int
+    tag: str
+
+
+def list_objects(store: Store, prefix: str) -> list[ObjectInfo]:
+    """Every object under `prefix` with its size and tag, sorted by key."""
+    lister = getattr(store, "list_objects", None)
+    if lister is not None:
+        return list(lister(prefix))
+    return [ObjectInfo(key, -1, "") for key in store.list_keys(prefix)]  # size unknown
+
+
+def download(store: Store, key: str, path: Path) -> ObjectInfo:
+    """Stream the object `key` into `path`: written beside it, then moved in whole, so a file
+    with the final name is always complete."""
+    fetch = getattr(store, "download", None)
+    if fetch is not None:
+        info: ObjectInfo = fetch(key, path)
+        return info
+    data = store.get(key)
+    _write_whole(path, lambda f: f.write(data))
+    return ObjectInfo(key, len(data), _digest(data))
+
+
+def presign(store: Store, key: str, seconds: int) -> str:
+    """An HTTPS GET link to `key` that works without credentials for `seconds`; S3 only."""
+    signer = getattr(store, "presign", None)
+    if signer is None:
+        raise UsageError(f"links that work without credentials need an S3 store "
+                         f"(FARM_STORE_URL=s3://bucket/prefix); this farm's store is {store.url}")
+    url: str = signer(key, seconds)
+    return url
+
+
+def _write_whole(path: Path, write: Callable[[Any], Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+        tmp = ""
+    finally:
+        if tmp:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def check_key(key: str) -> str:
@@ -175,6 +246,29 @@ class FileStore:
             raise StoreUnavailable(f"cannot delete {self.url}/{key}: {exc}") from None
 
 
+    def list_objects(self, prefix: str) -> list[ObjectInfo]:
+        found = []
+        for key in self.list_keys(prefix):
+            try:
+                st = (self.root / key).stat()
+            except FileNotFoundError:  # deleted since the walk
+                continue
+            found.append(ObjectInfo(key, st.st_size, f"{st.st_size}-{st.st_mtime_ns}"))
+        return found
+
+    def download(self, key: str, path: Path) -> ObjectInfo:
+        source = self._path(key)
+        try:
+            with open(source, "rb") as src:
+                st = os.fstat(src.fileno())
+                _write_whole(path, lambda f: shutil.copyfileobj(src, f, 1 << 20))
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFound(f"{self.url}/{key} does not exist") from None
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot copy {self.url}/{key} to {path}: {exc}") from None
+        return ObjectInfo(key, st.st_size, f"{st.st_size}-{st.st_mtime_ns}")
+
+
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -190,6 +284,8 @@ class S3Store:
         config = Config(
             retries={"mode": "standard", "max_attempts": 5},
             connect_timeout=5, read_timeout=60,
+            # `farm results` and `farm gallery` download on a pool of threads sharing this client
+            max_pool_connections=DOWNLOAD_THREADS * 2,
             # boto3 >= 1.36 adds checksums to every request by default; several S3-compatible
             # stores reject them, so send them only where the API requires one.
             request_checksum_calculation="when_required",
@@ -301,6 +397,37 @@ class S3Store:
         names = [p["Prefix"][len(full):].rstrip("/") for page in self._pages(full, Delimiter="/")
                  for p in page.get("CommonPrefixes", [])]
         return sorted(names)
+
+    def list_objects(self, prefix: str) -> list[ObjectInfo]:
+        full = self._full_prefix(prefix)
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        found = [ObjectInfo(obj["Key"][strip:], int(obj["Size"]), str(obj.get("ETag", "")))
+                 for page in self._pages(full) for obj in page.get("Contents", [])]
+        return sorted(found, key=lambda o: o.key)
+
+    def download(self, key: str, path: Path) -> ObjectInfo:
+        from botocore.exceptions import BotoCoreError
+
+        response = self._call(self.client.get_object, Bucket=self.bucket, Key=self._key(key))
+        body = response["Body"]
+        def copy(f: Any) -> None:
+            for chunk in body.iter_chunks(1 << 20):
+                f.write(chunk)
+
+        try:
+            _write_whole(path, copy)
+        except (BotoCoreError, OSError) as exc:
+            raise StoreUnavailable(f"cannot download {self.url}/{key}: {exc}") from None
+        finally:
+            body.close()
+        return ObjectInfo(key, int(response.get("ContentLength", path.stat().st_size)),
+                          str(response.get("ETag", "")))
+
+    def presign(self, key: str, seconds: int) -> str:
+        url: str = self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)},
+            ExpiresIn=seconds)
+        return url
 
     def delete(self, key: str) -> None:
         self._call(self.client.delete_object, Bucket=self.bucket, Key=self._key(key))

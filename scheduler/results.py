@@ -1,61 +1,228 @@
-"""Fetch a batch's images and sidecars from the store into a folder, plus a contact sheet."""
+"""Fetch a batch's images and sidecars from the store into a folder, as its jobs succeed.
+
+    farm results BATCH [--follow]
+      1. list the batch's job records (S3: one request per 1,000) and read those that changed
+         since the last look; a job that succeeded names its images
+      2. each such image is skipped when the file here is whole (the store's size, and the
+         store's tag when it was fetched: `.farm-results.json`), else it and its sidecar are
+         streamed to disk on a bounded pool of threads, and its thumbnail is made
+      3. with `follow`, look again every `poll_s` until the batch has ended (status says so,
+         scheduler/status.py), then once more
+      4. contact sheets of at most SHEET_SIZE images each, from the thumbnails (scheduler/sheets.py)
+
+Memory stays bounded whatever the batch's size: an image is never held whole (it streams to a
+file), at most `threads` * 4 downloads are queued at once, and sheets are built a page at a time
+from thumbnails on disk.
+"""
 
 from __future__ import annotations
 
-import io
+import contextlib
 import json
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
-
-from PIL import Image
 
 from farm import keys
 from farm.errors import NotFound
-from farm.images import contact_sheet
-from farm.scheduler.status import BatchStatus
-from farm.store import Store
+from farm.lifecycle import JobRecord, JobState
+from farm.scheduler.sheets import thumb_path, thumbnail, write_sheets
+from farm.settings import Settings
+from farm.store import DOWNLOAD_THREADS, ObjectInfo, Store, get_json, list_objects
+from farm.store import download as download_object
 
-CONTACT_SHEET = "contact-sheet.png"
+INDEX = ".farm-results.json"   # image name -> the store tag of the object fetched
 
 
 @dataclass(frozen=True)
+class Landed:
+    """One image of the batch, here on disk with its sidecar and thumbnail."""
+
+    key: str          # the image's store key
+    path: Path
+    sidecar: Path
+    thumb: Path
+    fetched: bool     # False: the file here was already whole
+
+
+@dataclass
 class Downloaded:
     folder: Path
-    images: list[Path]
-    sidecars: list[Path]
-    contact_sheet: Path | None
-    missing: list[str]
+    images: list[Path] = field(default_factory=list)
+    sidecars: list[Path] = field(default_factory=list)
+    contact_sheets: list[Path] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # succeeded jobs' images not in the store
+    fetched: int = 0
+    skipped: int = 0
+
+    @property
+    def contact_sheet(self) -> Path | None:
+        """The first sheet (the only one for up to SHEET_SIZE images)."""
+        return self.contact_sheets[0] if self.contact_sheets else None
 
 
-def download(store: Store, status: BatchStatus, out: Path) -> Downloaded:
-    out.mkdir(parents=True, exist_ok=True)
-    images: list[Path] = []
-    sidecars: list[Path] = []
-    missing: list[str] = []
-    cells: list[tuple[Image.Image, str]] = []
-    for job in status.jobs:
-        for key in job.images:
-            sidecar_key = keys.sidecar_of(key)
-            try:
-                png = store.get(key)
-                meta = store.get(sidecar_key)
-            except NotFound:
-                missing.append(key)
+class Succeeded:
+    """The images of a batch's jobs that succeeded, found a look at a time: each look lists the
+    job records and reads only those whose tag changed, never one already final."""
+
+    def __init__(self, store: Store, batch: str) -> None:
+        self.store = store
+        self.batch = batch
+        self.tags: dict[str, str] = {}   # record key -> tag last read
+        self.final: set[str] = set()     # record keys of jobs in a final state
+
+    def look(self, pool: ThreadPoolExecutor) -> list[str]:
+        """Image keys of the jobs that succeeded since the last look."""
+        changed = [o for o in list_objects(self.store, keys.records_prefix(self.batch))
+                   if o.key.endswith(".json") and o.key not in self.final
+                   and (not o.tag or self.tags.get(o.key) != o.tag)]
+        found: list[str] = []
+        for info, record in zip(changed, pool.map(self._read, changed), strict=True):
+            self.tags[info.key] = info.tag
+            if record is None or not record.state.final:
                 continue
-            name = key.rsplit("/", 1)[-1]
-            path = out / name
-            path.write_bytes(png)
-            side = path.with_suffix(".json")
-            side.write_bytes(meta)
-            images.append(path)
-            sidecars.append(side)
-            info = json.loads(meta)
-            label = f"{info.get('seed', '')} · {info.get('prompt', '')}"
-            cells.append((Image.open(io.BytesIO(png)), label))
-    sheet_path = None
-    if cells:
-        sheet = contact_sheet(cells, title=f"batch {status.batch} · {len(cells)} images")
-        sheet_path = out / CONTACT_SHEET
-        sheet.save(sheet_path)
-    return Downloaded(folder=out, images=images, sidecars=sidecars, contact_sheet=sheet_path,
-                      missing=missing)
+            self.final.add(info.key)
+            if record.state == JobState.SUCCEEDED:
+                found.extend(record.images)
+        return sorted(found)
+
+    def _read(self, info: ObjectInfo) -> JobRecord | None:
+        try:
+            return JobRecord.decode(get_json(self.store, info.key))
+        except NotFound:
+            return None
+
+
+class Fetcher:
+    """Brings images and their sidecars into `folder`, skipping those already whole."""
+
+    def __init__(self, store: Store, batch: str, folder: Path) -> None:
+        self.store = store
+        self.batch = batch
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.index: dict[str, str] = json.loads((folder / INDEX).read_text())
+        except (FileNotFoundError, ValueError):
+            self.index = {}
+        self.listing: dict[str, ObjectInfo] = {}
+
+    def refresh(self) -> None:
+        """What the store holds under the batch's images (sizes and tags: one listing)."""
+        listed = list_objects(self.store, keys.images_prefix(self.batch))
+        self.listing = {o.key: o for o in listed}
+
+    def fetch(self, key: str) -> Landed | str:
+        """One image and its sidecar here; its key when the store does not have them."""
+        side_key = keys.sidecar_of(key)
+        path = self.folder / key.rsplit("/", 1)[-1]
+        side = path.with_suffix(".json")
+        fetched = False
+        for k, p in ((key, path), (side_key, side)):
+            if self._whole(k, p):
+                continue
+            try:
+                info = download_object(self.store, k, p)
+            except NotFound:
+                return key
+            self.index[p.name] = info.tag
+            fetched = True
+        thumb = thumb_path(self.folder, path)
+        if fetched or not thumb.exists():
+            thumbnail(path, thumb)
+        return Landed(key, path, side, thumb, fetched)
+
+    def _whole(self, key: str, path: Path) -> bool:
+        info = self.listing.get(key)
+        if info is None or info.size < 0:
+            return False
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return False
+        known = self.index.get(path.name)
+        return size == info.size and (known is None or known == info.tag)
+
+    def save_index(self) -> None:
+        tmp = self.folder / f".tmp-{INDEX}"
+        tmp.write_text(json.dumps(self.index, sort_keys=True))
+        tmp.replace(self.folder / INDEX)
+
+
+def planned_images(store: Store, batch: str, settings: Settings) -> int:
+    """How many images the batch will make when every job succeeds (its manifest)."""
+    from farm.records import read_manifest
+
+    return sum(job.spec.n for job in read_manifest(store, batch, settings).jobs)
+
+
+def batch_ended(store: Store, batch: str, settings: Settings) -> bool:
+    from farm.scheduler.status import batch_status
+
+    return batch_status(store, batch, settings).finished
+
+
+def land(store: Store, batch: str, folder: Path, settings: Settings, *, follow: bool = False,
+         poll_s: float = 1.0, threads: int = DOWNLOAD_THREADS,
+         ended: Callable[[], bool] | None = None) -> Iterator[Landed | str]:
+    """Yield each image of the batch as it lands here (a Landed), or its key when a succeeded
+    job's image is not in the store. With `follow`, keep looking until the batch has ended."""
+    ended = ended or (lambda: batch_ended(store, batch, settings))
+    found = Succeeded(store, batch)
+    fetcher = Fetcher(store, batch, folder)
+    limit = threads * 4
+    try:
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="results") as pool:
+            while True:
+                # read whether the batch has ended before the look: a look after the end sees
+                # every job's final record
+                over = not follow or ended()
+                new = found.look(pool)
+                if new:
+                    fetcher.refresh()
+                pending: set[Future[Landed | str]] = set()
+                for key in new:
+                    if len(pending) >= limit:
+                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        yield from (f.result() for f in done)
+                    pending.add(pool.submit(fetcher.fetch, key))
+                while pending:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    yield from (f.result() for f in done)
+                if over:
+                    return
+                fetcher.save_index()
+                time.sleep(poll_s)
+    finally:
+        with contextlib.suppress(OSError):
+            fetcher.save_index()
+
+
+def download(store: Store, batch: str, out: Path, settings: Settings, *, follow: bool = False,
+             poll_s: float = 1.0, threads: int = DOWNLOAD_THREADS,
+             on_image: Callable[[Landed | str], None] | None = None,
+             sheets: bool = True) -> Downloaded:
+    """Every image of the batch's succeeded jobs into `out` (see `land`), then its contact
+    sheets. `on_image` hears each image as it lands (a progress bar)."""
+    got = Downloaded(folder=out)
+    for item in land(store, batch, out, settings, follow=follow, poll_s=poll_s,
+                     threads=threads):
+        if isinstance(item, str):
+            got.missing.append(item)
+        else:
+            got.images.append(item.path)
+            got.sidecars.append(item.sidecar)
+            if item.fetched:
+                got.fetched += 1
+            else:
+                got.skipped += 1
+        if on_image is not None:
+            on_image(item)
+    got.images.sort()
+    got.sidecars.sort()
+    got.missing.sort()
+    if sheets and got.images:
+        got.contact_sheets = write_sheets(batch, out, got.images)
+    return got
