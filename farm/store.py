@@ -286,6 +286,9 @@ class S3Store:
             connect_timeout=5, read_timeout=60,
             # `farm results` and `farm gallery` download on a pool of threads sharing this client
             max_pool_connections=DOWNLOAD_THREADS * 2,
+            # presigned links signed with SigV4 (boto3 presigns with SigV2 unless told), which
+            # every region accepts and which lives up to 7 days (scheduler/share.py)
+            signature_version="s3v4",
             # boto3 >= 1.36 adds checksums to every request by default; several S3-compatible
             # stores reject them, so send them only where the API requires one.
             request_checksum_calculation="when_required",

@@ -203,12 +203,12 @@ def land(store: Store, batch: str, folder: Path, settings: Settings, *, follow: 
 def download(store: Store, batch: str, out: Path, settings: Settings, *, follow: bool = False,
              poll_s: float = 1.0, threads: int = DOWNLOAD_THREADS,
              on_image: Callable[[Landed | str], None] | None = None,
-             sheets: bool = True) -> Downloaded:
+             sheets: bool = True, ended: Callable[[], bool] | None = None) -> Downloaded:
     """Every image of the batch's succeeded jobs into `out` (see `land`), then its contact
     sheets. `on_image` hears each image as it lands (a progress bar)."""
     got = Downloaded(folder=out)
     for item in land(store, batch, out, settings, follow=follow, poll_s=poll_s,
-                     threads=threads):
+                     threads=threads, ended=ended):
         if isinstance(item, str):
             got.missing.append(item)
         else:
