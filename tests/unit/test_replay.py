@@ -148,3 +148,18 @@ def test_the_client_checks_jobs_as_the_cli_does_before_any_broker(tmp_path: Path
         farm.batch("Not An Id")
     with pytest.raises(NotFound):
         farm.batch("20260101-000000-abcdef")
+
+
+def test_import_farm_stays_light_and_the_client_imports_no_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, farm\n"
+            "assert not [m for m in sys.modules if m.startswith(('farm.scheduler', 'celery'))]\n"
+            "from farm import Batch, Farm, Result\n"
+            "from farm.cli.replay import replay\n"
+            "assert Farm.__module__ == 'farm.scheduler.client'\n"
+            "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
