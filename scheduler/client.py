@@ -8,7 +8,7 @@
         result.image().save(f"{result.job}-{result.index}.png")
 
 A thin layer over the functions the CLI runs (scheduler/parse.py, submit.py, status.py,
-cancel.py, replay.py): the same checks, the same errors (farm/errors.py: bad input raises
+results.py, cancel.py, replay.py): the same checks, the same errors (farm/errors.py: bad input raises
 UsageError naming the job and the field), the same store and broker. No torch.
 """
 
@@ -19,6 +19,7 @@ import io
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,11 @@ from farm.jobs import INPUT_ONLY, JobSpec, is_id
 from farm.scheduler.cancel import Canceled, cancel
 from farm.scheduler.parse import check_jobs, parse_size
 from farm.scheduler.replay import Replay, read_job
+from farm.scheduler.results import Succeeded, batch_ended
 from farm.scheduler.status import BatchStatus, batch_status
 from farm.scheduler.submit import Submitted, submit
 from farm.settings import Settings
-from farm.store import Store, get_json, open_store
+from farm.store import DOWNLOAD_THREADS, Store, get_json, open_store
 
 POLL_SECONDS = 0.5   # how often wait() and iter_results() read the batch's state
 
@@ -134,36 +136,36 @@ class Batch:
         """Block until the batch ends (succeeded, failed, canceled or aborted) and return its
         status; TimeoutError after `timeout` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            st = self.status()
-            if st.finished:
-                return st
+        while not batch_ended(self.farm.store, self.id, self.farm.settings):
             if deadline is not None and time.monotonic() >= deadline:
+                st = self.status()
                 raise TimeoutError(f"batch {self.id} is still {st.state} after {timeout} s: "
                                    + " ".join(f"{k}={v}" for k, v in st.counts.items()))
             time.sleep(poll)
+        return self.status()
 
     def iter_results(self, timeout: float | None = None,
                      poll: float = POLL_SECONDS) -> Iterator[Result]:
         """Each image of the batch as its job succeeds, until the batch ends (TimeoutError
         after `timeout` seconds). Jobs that fail or are canceled yield nothing: status() says
-        why."""
+        why. One image is held at a time."""
+        store, settings = self.farm.store, self.farm.settings
         deadline = None if timeout is None else time.monotonic() + timeout
-        seen: set[str] = set()
-        while True:
-            st = self.status()
-            for job in st.jobs:
-                for k, key in enumerate(job.images):
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                    yield Result(job=job.id, index=k, key=key, png=self.farm.store.get(key),
-                                 sidecar=get_json(self.farm.store, keys.sidecar_of(key)))
-            if st.finished:
-                return
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"batch {self.id} is still {st.state} after {timeout} s")
-            time.sleep(poll)
+        found = Succeeded(store, self.id)   # each look reads only the records that changed
+        with ThreadPoolExecutor(max_workers=DOWNLOAD_THREADS) as pool:
+            while True:
+                # whether it ended is read before the look: a look after the end sees every
+                # job's final record
+                over = batch_ended(store, self.id, settings)
+                for key in found.look(pool):
+                    sidecar = get_json(store, keys.sidecar_of(key))
+                    yield Result(job=str(sidecar["job"]), index=int(sidecar["image_index"]),
+                                 key=key, png=store.get(key), sidecar=sidecar)
+                if over:
+                    return
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"batch {self.id} is still running after {timeout} s")
+                time.sleep(poll)
 
     def cancel(self) -> Canceled:
         """Queued jobs never start; running ones stop within one denoising step."""
