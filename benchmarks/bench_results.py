@@ -12,7 +12,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-PARTS: list[Callable[[], dict[str, Any]]] = []
+from benchmarks._downloads import download_benchmark, memory_benchmark
+
+PARTS: list[Callable[[], dict[str, Any]]] = [download_benchmark, memory_benchmark]
 
 
 def run() -> dict[str, Any]:
