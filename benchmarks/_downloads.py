@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from benchmarks._stats import table
+from benchmarks._stats import machine_busy, table
 
 DOWNLOAD_IMAGES = 1_000
 MEMORY_IMAGES = 10_000
@@ -55,7 +55,8 @@ def download_benchmark() -> dict[str, Any]:
     from farm.settings import Settings
     from farm.store import DOWNLOAD_THREADS, open_store
 
-    figures: dict[str, Any] = {"images": DOWNLOAD_IMAGES, "threads": DOWNLOAD_THREADS}
+    figures: dict[str, Any] = {"images": DOWNLOAD_IMAGES, "threads": DOWNLOAD_THREADS,
+                               "machine_before": machine_busy()}
     rows = []
     for latency in LATENCIES_S:
         with _s3(latency) as env:

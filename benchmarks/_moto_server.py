@@ -8,6 +8,7 @@ one interpreter lock), optionally answering each request `--latency` seconds lat
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from typing import Any
 
@@ -37,6 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--latency", type=float, default=0.0)
     args = parser.parse_args()
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
     server = SlowMotoServer(args.latency)
     server.start()
     print(server.get_host_and_port()[1], flush=True)

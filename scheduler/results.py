@@ -2,9 +2,10 @@
 
     farm results BATCH [--follow]
       1. list the batch's job records (S3: one request per 1,000) and read those that changed
-         since the last look; a job that succeeded names its images
+         since the last look; a job that succeeded names its images (a batch whose every job
+         succeeded needs no record read: its manifest names them all)
       2. each such image is skipped when the file here is whole (the store's size, and the
-         store's tag when it was fetched: `.farm-results.json`), else it and its sidecar are
+         store's tag when it was fetched: `.farm-results`), else it and its sidecar are
          streamed to disk on a bounded pool of threads, and its thumbnail is made
       3. with `follow`, look again every `poll_s` until the batch has ended (status says so,
          scheduler/status.py), then once more
@@ -33,7 +34,7 @@ from farm.settings import Settings
 from farm.store import DOWNLOAD_THREADS, ObjectInfo, Store, get_json, list_objects
 from farm.store import download as download_object
 
-INDEX = ".farm-results.json"   # image name -> the store tag of the object fetched
+INDEX = ".farm-results"   # JSON: image name -> the store tag of the object fetched
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,19 @@ def batch_ended(store: Store, batch: str, settings: Settings) -> bool:
     return batch_status(store, batch, settings).finished
 
 
+def all_images_if_succeeded(store: Store, batch: str, settings: Settings) -> list[str] | None:
+    """Every image key of a batch that ended with every job succeeded (status says so), from
+    its manifest: no job record needs reading. None for any other batch."""
+    from farm.records import read_manifest
+    from farm.scheduler.status import batch_status
+
+    if batch_status(store, batch, settings).state != "succeeded":
+        return None
+    return sorted(keys.image_key(batch, job.id, k)
+                  for job in read_manifest(store, batch, settings).jobs
+                  for k in range(job.spec.n))
+
+
 def land(store: Store, batch: str, folder: Path, settings: Settings, *, follow: bool = False,
          poll_s: float = 1.0, threads: int = DOWNLOAD_THREADS,
          ended: Callable[[], bool] | None = None) -> Iterator[Landed | str]:
@@ -173,13 +187,14 @@ def land(store: Store, batch: str, folder: Path, settings: Settings, *, follow: 
     found = Succeeded(store, batch)
     fetcher = Fetcher(store, batch, folder)
     limit = threads * 4
+    known = None if follow else all_images_if_succeeded(store, batch, settings)
     try:
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="results") as pool:
             while True:
                 # read whether the batch has ended before the look: a look after the end sees
                 # every job's final record
                 over = not follow or ended()
-                new = found.look(pool)
+                new = known if known is not None else found.look(pool)
                 if new:
                     fetcher.refresh()
                 pending: set[Future[Landed | str]] = set()
