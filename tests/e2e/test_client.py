@@ -78,6 +78,13 @@ def test_cancel_a_queued_batch_and_bad_input_from_python(farm_env: dict[str, str
     assert len(canceled.marked) == 3 and canceled.stopping == [] and canceled.done == []
     assert batch.wait(timeout=10).state == "canceled"
     assert farm.batch(batch.id).status().counts == {"canceled": 3}
+    keyed = farm.submit(["one", "two"], steps=2, idempotency_key="nightly-42")
+    retried = farm.submit(["one", "two"], steps=2, idempotency_key="nightly-42")
+    assert retried.id == keyed.id and retried.submitted is not None
+    assert retried.submitted.continued and retried.submitted.sent == 0
+    with pytest.raises(UsageError, match="exists with a different request"):
+        farm.submit(["one", "three"], steps=2, idempotency_key="nightly-42")
+    keyed.cancel()
     before = farm.store.list_dirs("batches")
     with pytest.raises(UsageError) as err:
         farm.submit([{"prompt": "fine"}, {"prompt": "bad", "guidance": 99}])
