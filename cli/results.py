@@ -14,7 +14,7 @@ import click
 from farm.cli.progress import batch_id, counts, exit_unless_succeeded, watch
 from farm.errors import UsageError
 from farm.settings import Settings
-from farm.store import Store, open_store
+from farm.store import DOWNLOAD_THREADS, Store, open_store
 
 EXPIRES_HELP = "How long links work: 90s, 30m, 12h, 1d (the most: 7d, S3's limit)."
 
@@ -96,14 +96,14 @@ def results(batch: str, out: Path | None, wait: bool, follow: bool, urls: bool,
 def _print_urls(store: Store, batch: str, settings: Settings, seconds: int) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from farm.scheduler.results import Succeeded
+    from farm.scheduler.results import Succeeded, all_images_if_succeeded
     from farm.scheduler.share import check_shareable, urls
-    from farm.scheduler.status import batch_status
 
     check_shareable(store)
-    batch_status(store, batch, settings)  # an unknown batch: one line, exit 2
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        images = Succeeded(store, batch).look(pool)
+    images = all_images_if_succeeded(store, batch, settings)  # unknown batch: exit 2
+    if images is None:
+        with ThreadPoolExecutor(max_workers=DOWNLOAD_THREADS) as pool:
+            images = Succeeded(store, batch).look(pool)
     for url in urls(store, images, seconds):
         click.echo(url)
 

@@ -122,6 +122,23 @@ def test_shared_gallery_works_without_credentials(s3_env: dict[str, str]) -> Non
         assert reply.read()[:2] == b"\xff\xd8"  # a JPEG
 
 
+def test_gallery_in_the_store_links_to_the_batch_images(env: dict[str, str]) -> None:
+    settings = Settings.load(env=env)
+    store = open_store(settings)
+    fill(store, settings, "b-stored", 3, n=1, size=64)
+    res = run_farm(env, "gallery", "b-stored", "--store")
+    assert res.returncode == 0, res.stderr
+    page_key = keys.gallery_prefix("b-stored") + "index.html"
+    assert res.stdout.strip() == f"gallery: {store.url}/{page_key}"
+    page = store.get(page_key).decode()
+    assert page.count('class="card"') == 3
+    folder = Path(settings.effective_store_url.removeprefix("file://")) / page_key
+    links = re.findall(r'(?:href|src)="([^"]+)"', page)
+    assert {link.rsplit(".", 1)[-1] for link in links} == {"png", "json", "jpg"}
+    for link in links:  # every relative link names an object in the store
+        assert (folder.parent / link).resolve().is_file(), link
+
+
 def _chromium() -> str:
     found = shutil.which("chromium")
     if found is None:  # fail, do not skip: .ci/run installs it
