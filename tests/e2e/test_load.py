@@ -40,9 +40,13 @@ N_JOBS = 1000
 N_WORKERS = 4
 RENDER_S = "0.05"     # the stand-in's render (a sleep): at least 12.5 s of it per worker
 KILL_EVERY_S = 2.0
+# Kills stop after KILL_PHASE_S: the run takes about 25 s on an idle 2-core machine, so there they
+# go on to the end; on a busy one the rest of the batch then finishes without them, however slowly
+# (the bar is what is lost or duplicated, not how fast the machine is).
+KILL_PHASE_S = 60.0
 MIN_KILLS = 5         # kills while the batch still had jobs to run
-RUN_LIMIT_S = 150.0   # the run ends here even with jobs left: they count as lost
-STALL_S = 30.0        # ...and earlier when no job has ended for this long
+RUN_LIMIT_S = 420.0   # the run ends here even with jobs left: they count as lost
+STALL_S = 60.0        # ...and earlier when no job has ended for this long
 SUCCESS = re.compile(r"worker (\S+): job (\S+) succeeded")
 RECOVERY_PATHS = {"heartbeat sweep": "stopped beating while running",
                   "orphan sweep": "had no worker behind it",
@@ -140,7 +144,7 @@ def test_a_1000_job_burst_with_random_kills_loses_and_duplicates_nothing(
                 now = time.monotonic()
                 assert now - began < RUN_LIMIT_S or not sender.is_alive(), "submit is stuck"
                 crew.supervise()  # a worker that died on its own is replaced too (none should)
-                if now - last_kill >= KILL_EVERY_S:
+                if now - last_kill >= KILL_EVERY_S and now - began < KILL_PHASE_S:
                     victim, held = _victim(client, store, crew, rng, killed_on,
                                            settings.max_attempts)
                     if victim is not None:
