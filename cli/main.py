@@ -64,18 +64,25 @@ def cli() -> None:
               help="Move sizes that are not a bucket to the nearest bucket (else refused).")
 @click.option("--batch-id", help="The batch's id (lowercase letters, digits, dashes). Running "
               "the same submit again with it continues that batch instead of making a new one.")
+@click.option("--notify", metavar="URL", help="POST the batch's summary (JSON, signed with "
+              "FARM_WEBHOOK_SECRET) to this http(s) URL when the batch ends.")
 @click.option("--wait", is_flag=True, help="Wait until the batch ends, showing progress.")
 @click.option("--json", "as_json", is_flag=True, help="Print {batch, jobs} as JSON.")
 def submit(prompts: str, model: str | None, steps: int | None, guidance: float | None,
            size: str | None, seed: int | None, n: int | None, negative: str | None,
            scheduler: str | None, priority: int | None, min_vram: int | None,
            refiner: str | None, switch: float | None, split: str | None, preset: str | None,
-           snap: bool | None, batch_id: str | None, wait: bool, as_json: bool) -> None:
+           snap: bool | None, batch_id: str | None, notify: str | None, wait: bool,
+           as_json: bool) -> None:
     """Submit PROMPTS (.txt, .jsonl, .csv, or - for stdin) and print the batch id."""
     from farm.scheduler.client import Farm
     from farm.scheduler.parse import detect_format, parse_batch, parse_size
 
     settings = Settings.load()
+    if notify is not None:
+        from farm.webhook import check_url
+
+        check_url(notify)   # before anything is read or written
     defaults: dict[str, Any] = {"model": model, "steps": steps, "guidance": guidance,
                                 "seed": seed, "n": n, "negative_prompt": negative,
                                 "scheduler": scheduler, "priority": priority,
@@ -89,17 +96,26 @@ def submit(prompts: str, model: str | None, steps: int | None, guidance: float |
     # what a retried submit must repeat: the lines and flags (seeds drawn for lines without
     # one are kept in the manifest, so a retry reuses them)
     request = hashlib.sha256(json.dumps({"text": text, "format": detect_format(prompts),
-                                         "defaults": defaults}, sort_keys=True).encode()
-                             ).hexdigest()
+                                         "defaults": defaults,
+                                         **({"notify": notify} if notify else {})},
+                                        sort_keys=True).encode()).hexdigest()
 
     def announce(batch: str) -> None:
         if not as_json:
             click.echo(f"batch {batch}: queueing {len(specs)} jobs", err=True)
 
-    batch = Farm(settings).submit_specs(specs, source=prompts, defaults=defaults,
-                                        batch_id=batch_id, request=request, announce=announce)
-    assert batch.submitted is not None
-    result = batch.submitted
+    if notify is None:
+        batch = Farm(settings).submit_specs(specs, source=prompts, defaults=defaults,
+                                            batch_id=batch_id, request=request,
+                                            announce=announce)
+        assert batch.submitted is not None
+        result = batch.submitted
+    else:   # the Python client's submit takes no webhook: the scheduler's does
+        from farm.scheduler.submit import submit as submit_batch
+
+        result = submit_batch(settings, specs, source=prompts, defaults=defaults,
+                              batch_id=batch_id, request=request, notify=notify,
+                              announce=announce)
     snapped = [j for j in result.jobs if j.spec.snapped_from]
     if snapped:
         first = snapped[0].spec
@@ -118,7 +134,7 @@ def submit(prompts: str, model: str | None, steps: int | None, guidance: float |
             click.echo(f"submitted {len(result.jobs)} jobs ({images} images); "
                        f"`farm status {result.batch} --watch` follows it", err=True)
     if wait:
-        _exit_unless_succeeded(_watch(settings, result.batch, quiet=as_json))
+        _exit_unless_succeeded(_watch(settings, result.batch, quiet=as_json, detail=False))
 
 
 def _read_prompts(path: str) -> str:

@@ -110,7 +110,7 @@ def shared_settings(settings: Any) -> dict[str, Any]:
 def check_shared(client: Any, settings: Any, *, claim_ttl: float | None = None) -> None:
     """Refuse (ConfigError) settings that differ from those of the live workers. A worker
     claims the key (`claim_ttl`) and keeps it alive with its heartbeat; once no worker is left
-    it expires and a farm may restart with new settings."""
+    it binds no one (and soon expires): a farm may restart with new settings at once."""
     from farm.errors import ConfigError
 
     mine = shared_settings(settings)
@@ -121,14 +121,25 @@ def check_shared(client: Any, settings: Any, *, claim_ttl: float | None = None) 
     if raw is None:
         return
     theirs = json.loads(raw)
-    for name in SHARED_SETTINGS:
+    differ = [name for name in SHARED_SETTINGS
+              if theirs.get(name) != json.loads(json.dumps(mine[name], default=list))]
+    if differ and not _any_live(client):
+        # the workers that claimed these settings are gone (their claim outlives the last of
+        # them by up to its TTL): nothing disagrees, and a new fleet takes its own
+        if claim_ttl is not None:
+            client.set(SETTINGS_KEY, encoded, px=int(claim_ttl * 1000))
+        return
+    for name in differ:
         ours = json.loads(json.dumps(mine[name], default=list))
-        if theirs.get(name) != ours:
-            raise ConfigError(
-                f"FARM_{name.upper()} is {_show(ours)} here but {_show(theirs.get(name))} on "
-                "the live workers; every process of a farm must agree")
+        raise ConfigError(
+            f"FARM_{name.upper()} is {_show(ours)} here but {_show(theirs.get(name))} on "
+            "the live workers; every process of a farm must agree")
     if claim_ttl is not None:
         client.set(SETTINGS_KEY, encoded, xx=True, px=int(claim_ttl * 1000))
+
+
+def _any_live(client: Any) -> bool:
+    return next(iter(client.scan_iter(match=KEY_PREFIX + "*", count=500)), None) is not None
 
 
 def _show(value: Any) -> str:

@@ -2,6 +2,10 @@
 
     batches/<batch>/manifest.json            the request and every job's spec (create-once)
     batches/<batch>/submit.json              how far its submit got (farm/records.py)
+    batches/<batch>/summary.json             its counts and failed jobs, once it ended
+                                             (farm/summary.py)
+    batches/<batch>/notified.json            its end's webhook: claimed once, then its
+                                             outcome (farm/webhook.py)
     batches/<batch>/jobs/<job>.json          the job's record (farm/lifecycle.py)
     batches/<batch>/images/<job>-<k>.png     image k of the job
     batches/<batch>/images/<job>-<k>.json    its sidecar: full provenance
@@ -32,6 +36,14 @@ def manifest_key(batch: str) -> str:
 
 def submit_key(batch: str) -> str:
     return f"{batch_prefix(batch)}/submit.json"
+
+
+def summary_key(batch: str) -> str:
+    return f"{batch_prefix(batch)}/summary.json"
+
+
+def notified_key(batch: str) -> str:
+    return f"{batch_prefix(batch)}/notified.json"
 
 
 def records_prefix(batch: str) -> str:

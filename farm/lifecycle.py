@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -140,6 +141,9 @@ class JobRecord:
     failures: list[dict[str, Any]] = field(default_factory=list)
     # stage -> the VRAM class it was re-planned to after running out of memory
     replanned: dict[str, int] = field(default_factory=dict)
+    # how many times the record was written: `commit` adds one, so the batch's state counters
+    # (farm/tally.py) apply a late update of an older write never over a newer one
+    seq: int = 0
 
     def with_stage(self, stage: str, **info: Any) -> dict[str, dict[str, Any]]:
         """`stages` with `stage`'s entry updated by `info`."""
@@ -192,17 +196,22 @@ def read(store: Store, batch: str, job: str) -> Held:
         raise IntegrityError(f"the record of {job} is not valid JSON: {exc}") from None
 
 
-def commit(store: Store, held: Held, new: JobRecord) -> Held:
+def commit(store: Store, held: Held, new: JobRecord,
+           then: Callable[[JobRecord], Any] | None = None) -> Held:
     """Write `new` over the record `held` read, only if nobody wrote it since: else Superseded.
-    A final record is never written over."""
+    A final record is never written over. `then` hears the written record, only when this
+    write won (the batch's state counters, farm/tally.py: a lost compare-and-set never counts)."""
     if held.record.state.final:
         raise Superseded(f"job {held.record.job} is already {held.record.state.value}")
+    new = replace(new, seq=held.record.seq + 1)
     key = keys.record_key(new.batch, new.job)
     try:
         version = put_json(store, key, new.encode(), create_once=held.version is None,
                            if_match=held.version)
     except (Conflict, AlreadyExists):
         raise Superseded(f"the record of {new.job} changed since it was read") from None
+    if then is not None:
+        then(new)
     return Held(new, version)
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from farm import keys
-from farm.errors import FarmError, IntegrityError, NotFound
+from farm.errors import ConfigError, FarmError, IntegrityError, NotFound
 from farm.jobs import Job, JobSpec
 from farm.lifecycle import JobRecord, Stage
 from farm.settings import Settings
@@ -48,17 +48,21 @@ class Submit:
     request: str                # sha256 of the request: a retried submit must send the same
     reason: str | None = None   # why it was aborted
     updated_at: float = 0.0
+    # when the batch was made: `farm batches` orders by it (ids tell only the second)
+    created_at: float = 0.0
 
     def encode(self) -> dict[str, Any]:
         return {"batch": self.batch, "state": self.state.value, "jobs": self.jobs,
-                "request": self.request, "reason": self.reason, "updated_at": self.updated_at}
+                "request": self.request, "reason": self.reason, "updated_at": self.updated_at,
+                "created_at": self.created_at}
 
     @classmethod
     def decode(cls, data: Any) -> Submit:
         try:
             return cls(batch=str(data["batch"]), state=SubmitState(data["state"]),
                        jobs=int(data["jobs"]), request=str(data.get("request", "")),
-                       reason=data.get("reason"), updated_at=float(data.get("updated_at", 0)))
+                       reason=data.get("reason"), updated_at=float(data.get("updated_at", 0)),
+                       created_at=float(data.get("created_at") or data.get("updated_at", 0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise IntegrityError(f"a submit record is malformed: {exc}") from None
 
@@ -87,7 +91,8 @@ def write_submit(store: Store, submit: Submit, version: str | None) -> str:
 def create_batch(store: Store, manifest: Manifest, state: SubmitState) -> tuple[Submit, str]:
     """Write a new batch: its submit record first, then its manifest (both create-once)."""
     submit = Submit(batch=manifest.batch, state=state, jobs=len(manifest.jobs),
-                    request=manifest.request, updated_at=time.time())
+                    request=manifest.request, updated_at=time.time(),
+                    created_at=manifest.created_at)
     version = write_submit(store, submit, None)
     put_json(store, keys.manifest_key(manifest.batch), manifest.encode(), create_once=True)
     return submit, version
@@ -102,6 +107,10 @@ class Manifest:
     jobs: list[Job]
     # sha256 of the request (its lines and flags): a retried submit must send the same one
     request: str = ""
+    # the http(s) URL told when the batch ends (farm/webhook.py); None: nobody
+    notify: str | None = None
+    # the settings it was planned with that every process must share (farm/fleet.py)
+    settings: dict[str, Any] = field(default_factory=dict)
     _index: dict[str, Job] = field(default_factory=dict, compare=False, repr=False)
 
     def job(self, ident: str) -> Job:
@@ -117,6 +126,7 @@ class Manifest:
         return {
             "version": 2, "batch": self.batch, "created_at": self.created_at,
             "source": self.source, "defaults": self.defaults, "request": self.request,
+            "notify": self.notify, "settings": self.settings,
             "jobs": [{"id": j.id, "index": j.index, "spec": j.spec.to_dict(),
                       "vram": j.vram_class, "stage": j.stage.value,
                       "refiner_vram": j.refiner_vram_class,
@@ -126,6 +136,7 @@ class Manifest:
 
     @classmethod
     def decode(cls, data: Any, settings: Settings) -> Manifest:
+        batch = "?"
         try:
             batch = data["batch"]
             jobs = [Job(id=j["id"], batch=batch, index=j["index"],
@@ -136,9 +147,33 @@ class Manifest:
                     for j in data["jobs"]]
             return cls(batch=batch, created_at=float(data["created_at"]),
                        source=data.get("source", ""), defaults=data.get("defaults", {}),
-                       jobs=jobs, request=data.get("request", ""))
-        except (KeyError, TypeError, ValueError, FarmError) as exc:
-            raise IntegrityError(f"the manifest of batch is malformed: {exc}") from None
+                       jobs=jobs, request=data.get("request", ""), notify=data.get("notify"),
+                       settings=data.get("settings") or {})
+        except FarmError as exc:
+            differ = _settings_differ(data.get("settings") or {}, settings)
+            if differ:
+                raise ConfigError(f"the manifest of batch {batch} was planned with other "
+                                  f"settings than this process has ({differ}): {exc}") from None
+            raise IntegrityError(f"the manifest of batch {batch} is malformed: {exc}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise IntegrityError(f"the manifest of batch {batch} is malformed: {exc}") from None
+
+
+def _settings_differ(planned: dict[str, Any], settings: Settings) -> str:
+    """The shared settings a manifest was planned with that differ from `settings`, as
+    `FARM_BUCKETS is 64x64 there, 1024x1024 here`; empty when none (or none recorded)."""
+    from farm.fleet import shared_settings
+
+    here = json.loads(json.dumps(shared_settings(settings), default=list))
+    return "; ".join(f"FARM_{name.upper()} is {_show(value)} there, {_show(here.get(name))} here"
+                     for name, value in sorted(planned.items())
+                     if name in here and value != here[name])
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "unset"
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def read_manifest(store: Store, batch: str, settings: Settings) -> Manifest:
@@ -147,6 +182,23 @@ def read_manifest(store: Store, batch: str, settings: Settings) -> Manifest:
     except NotFound:
         raise NotFound(f"no batch {batch!r} in {store.url}") from None
     return Manifest.decode(data, settings)
+
+
+# how many records are read at once: S3 answers each GET in 15-30 ms, so one at a time a batch of
+# 10,000 takes minutes; boto3's connection pool holds 10 connections by default
+READ_THREADS = 10
+
+
+def read_all(store: Store, batch: str, jobs: list[str]) -> dict[str, JobRecord]:
+    """The records of `jobs` that exist, read in parallel (a bounded pool); a job without one
+    is still queued."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from farm.lifecycle import read_record
+
+    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+        found = pool.map(lambda job: read_record(store, batch, job), jobs)
+        return {record.job: record for record in found if record is not None}
 
 
 def read_records(store: Store, batch: str) -> dict[str, JobRecord]:

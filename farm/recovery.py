@@ -216,6 +216,11 @@ def job_ended(client: Any, batch: str, job: str) -> None:
     client.srem(OPEN + batch, job)
 
 
+def ended(client: Any, batch: str) -> bool:
+    """Every job of the (active) batch has ended: none is open."""
+    return not client.scard(OPEN + batch)
+
+
 def active_batches(client: Any) -> list[str]:
     return sorted(b.decode() if isinstance(b, bytes) else b
                   for b in client.smembers(ACTIVE_BATCHES))

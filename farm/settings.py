@@ -110,6 +110,11 @@ class Settings:
     # and resumed by another worker (worker/drain.py). 30: Kubernetes' default.
     stop_grace: float = 30.0
 
+    # the key that signs a batch's end webhook (`farm submit --notify URL`): the POST's
+    # X-Farm-Signature is sha256=<HMAC-SHA256 of the body> (farm/webhook.py). The workers send
+    # it, so they need it; unset: sent unsigned
+    webhook_secret: str | None = field(default=None, repr=False)
+
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Defaults, then FARM_* variables from `env` (os.environ if None), then overrides.

@@ -1,18 +1,38 @@
-"""A batch's state, read from the store: the manifest, its submit record, and whatever job
-records exist."""
+"""A batch's state.
+
+`batch_counts` is what `farm status` and `--watch` show, at a constant cost whatever the
+batch's size: its submit record, and its state counters in Redis (farm/tally.py) while it runs
+or its summary in the store once it ended (farm/summary.py). A batch with neither (the broker
+lost its data) is counted from its job records, and says so (`source`).
+
+`batch_status` is every job's detail (`--jobs`, `--json`, results): the manifest and every job
+record, read in parallel."""
 
 from __future__ import annotations
 
+import enum
+import re
 from dataclasses import dataclass, replace
 from typing import Any
 
-from farm.errors import FarmError
+from farm import tally
+from farm.errors import FarmError, NotFound
 from farm.fleet import WorkerInfo
 from farm.keys import BATCHES
-from farm.lifecycle import JobRecord, JobState
-from farm.records import Manifest, Submit, SubmitState, read_manifest, read_records, read_submit
+from farm.lifecycle import JobRecord, JobState, Stage
+from farm.records import (
+    READ_THREADS,
+    Manifest,
+    Submit,
+    SubmitState,
+    read_all,
+    read_manifest,
+    read_submit,
+)
 from farm.settings import Settings
 from farm.store import Store
+from farm.summary import batch_state, read_summary
+from farm.tally import final_count
 
 
 @dataclass(frozen=True)
@@ -22,7 +42,7 @@ class JobView:
     images: list[str]
     error: str | None
     record: JobRecord | None
-    waiting: str | None = None   # why a queued job is not moving, when we can tell
+    waiting: str | None = None   # why a waiting job is not moving, when we can tell
 
     @property
     def fault(self) -> str | None:
@@ -65,20 +85,8 @@ class BatchStatus:
     @property
     def state(self) -> str:
         """queued / running while any job is unfinished; then succeeded, failed or canceled."""
-        if self.submit is not None and self.submit.state is SubmitState.ABORTED:
-            return "aborted"
-        states = {j.state for j in self.jobs}
-        if self.half_submitted and not all(s.final for s in states):
-            return "submitting"
-        if not all(s.final for s in states):
-            return "queued" if states == {JobState.QUEUED} else "running"
-        if states == {JobState.SUCCEEDED}:
-            return "succeeded"
-        if JobState.FAILED in states:
-            return "failed"
-        if states == {JobState.CANCELED}:
-            return "canceled"
-        return "succeeded" if JobState.SUCCEEDED in states else "canceled"
+        return batch_state(len(self.jobs), self.counts,
+                           self.submit.state if self.submit is not None else None)
 
     @property
     def half_submitted(self) -> bool:
@@ -104,8 +112,9 @@ class BatchStatus:
         }
 
     def with_fleet(self, workers: list[WorkerInfo]) -> BatchStatus:
-        """Mark each queued job that no live worker can take: its model at its class or above.
-        Such a job was accepted (a worker may join later); status says why it waits."""
+        """Mark each waiting job that no live worker can take: a queued job's model at its
+        class or above, a latents_ready job's refiner at its class or above. Such a job was
+        accepted (a worker may join later); status says why it waits."""
         jobs = {j.id: j for j in self.manifest.jobs}
         views = []
         for view in self.jobs:
@@ -115,13 +124,22 @@ class BatchStatus:
                     for w in workers):
                 view = replace(view, waiting=f"waiting: no live worker serves {job.spec.model} "
                                              f"at >={job.vram_class} GB")
+            elif view.state == JobState.LATENTS_READY and job.spec.refiner:
+                refiner = replace(job, stage=Stage.REFINER).replanned(
+                    view.record.replanned if view.record is not None else {})
+                if not any(job.spec.refiner in w.models and w.vram_class >= refiner.stage_class
+                           for w in workers):
+                    view = replace(view, waiting=f"waiting: no live worker serves the refiner "
+                                                 f"{job.spec.refiner} at "
+                                                 f">={refiner.stage_class} GB")
             views.append(view)
         return replace(self, jobs=views)
 
 
 def batch_status(store: Store, batch: str, settings: Settings) -> BatchStatus:
+    """Every job's state: the manifest and the records, read in parallel."""
     manifest = read_manifest(store, batch, settings)
-    records = read_records(store, batch)
+    records = read_all(store, batch, [j.id for j in manifest.jobs])
     views = []
     for job in manifest.jobs:
         record = records.get(job.id)
@@ -135,13 +153,118 @@ def batch_status(store: Store, batch: str, settings: Settings) -> BatchStatus:
                        jobs=views, submit=found[0] if found is not None else None)
 
 
-def recent_batches(store: Store, settings: Settings, limit: int = 20) -> list[BatchStatus]:
-    """The newest batches first (batch ids sort by time)."""
-    names = sorted(store.list_dirs(BATCHES), reverse=True)[:limit]
-    out = []
-    for name in names:
+class Source(enum.StrEnum):
+    """Where a batch's counts came from."""
+
+    TALLY = "tally"       # its state counters in Redis: the batch runs (or just ended)
+    SUMMARY = "summary"   # its summary in the store: the batch ended
+    RECORDS = "records"   # every job record: the broker has no counters for it (lost data?)
+
+
+@dataclass(frozen=True)
+class BatchCounts:
+    """A batch's counts per state, read at a constant cost (`batch_counts`)."""
+
+    batch: str
+    created_at: float
+    total: int
+    by_state: dict[str, int]
+    source: Source
+    submit: Submit | None = None
+    # the failed jobs, {"id", "error", "fault"}, once known (a summary, or the records)
+    failed: list[dict[str, Any]] | None = None
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {s.value: self.by_state[s.value] for s in JobState if self.by_state.get(s.value)}
+
+    @property
+    def done(self) -> int:
+        return final_count(self.by_state)
+
+    @property
+    def state(self) -> str:
+        return batch_state(self.total, self.by_state,
+                           self.submit.state if self.submit is not None else None)
+
+    @property
+    def half_submitted(self) -> bool:
+        return self.submit is not None and self.submit.state is SubmitState.SUBMITTING
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("succeeded", "failed", "canceled", "aborted")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"batch": self.batch, "state": self.state, "counts": self.counts,
+                "jobs_total": self.total, "created_at": self.created_at,
+                "submit": self.submit.state.value if self.submit is not None else None,
+                "source": self.source.value,
+                **({"failed": self.failed} if self.failed is not None else {})}
+
+
+def batch_counts(store: Store, client: Any, batch: str, settings: Settings) -> BatchCounts:
+    """The batch's counts: its tally in Redis (`client`; None: no broker to ask) while it runs,
+    its summary once it ended, else its records. A constant number of requests, except in the
+    last case."""
+    found = read_submit(store, batch)
+    if found is None:
+        raise NotFound(f"no batch {batch!r} in {store.url}")
+    submit = found[0]
+    got = _tally(client, batch)
+    if got is not None and final_count(got[1]) < got[0]:
+        return BatchCounts(batch, submit.created_at, got[0], got[1], Source.TALLY, submit)
+    summary = read_summary(store, batch)
+    if summary is not None:
+        return BatchCounts(batch, summary.created_at, summary.jobs, summary.counts,
+                           Source.SUMMARY, submit, summary.failed)
+    if got is not None:   # ended a moment ago: its summary is being written
+        return BatchCounts(batch, submit.created_at, got[0], got[1], Source.TALLY, submit)
+    detail = batch_status(store, batch, settings)
+    failed = [{"id": j.id, "error": j.error, "fault": j.fault} for j in detail.jobs
+              if j.state is JobState.FAILED]
+    return BatchCounts(batch, detail.created_at, len(detail.jobs), detail.counts,
+                       Source.RECORDS, submit, failed)
+
+
+def _tally(client: Any, batch: str) -> tuple[int, dict[str, int]] | None:
+    if client is None:
+        return None
+    import redis
+
+    try:
+        return tally.counts(client, batch)
+    except (redis.RedisError, OSError):   # no broker to ask: the store answers
+        return None
+
+
+def recent_batches(store: Store, client: Any, settings: Settings,
+                   limit: int = 20) -> list[BatchCounts]:
+    """The newest batches first. Batch ids sort by the second they were made in; batches of
+    the same second, and those with ids of their own (`--batch-id`), are ordered by when their
+    submit record says they were made."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = sorted(store.list_dirs(BATCHES), reverse=True)
+    stamped = [n for n in names if _STAMPED.match(n)]
+    chosen = stamped[:limit]
+    if chosen:   # the rest of the oldest second taken
+        second = chosen[-1][:_SECOND]
+        chosen += [n for n in stamped[limit:] if n[:_SECOND] == second]
+    chosen += [n for n in names if not _STAMPED.match(n)]
+
+    def read(name: str) -> BatchCounts | None:
         try:
-            out.append(batch_status(store, name, settings))
+            return batch_counts(store, client, name, settings)
         except FarmError:  # a batch being written right now, or a foreign folder
-            continue
-    return out
+            return None
+
+    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+        found = [b for b in pool.map(read, chosen) if b is not None]
+    found.sort(key=lambda b: (b.created_at, b.batch), reverse=True)
+    return found[:limit]
+
+
+# a batch id farm/jobs.py new_batch_id made: 20261129-151200-3fa9c1
+_STAMPED = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")
+_SECOND = len("20261129-151200")

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from farm import broker, fleet, queues, recovery
+from farm import broker, fleet, queues, recovery, tally, webhook
 from farm.errors import (
     AlreadyExists,
     BrokerUnavailable,
@@ -38,14 +39,16 @@ from farm.records import (
     Manifest,
     SubmitState,
     create_batch,
+    read_all,
     read_manifest,
-    read_records,
     read_submit,
     write_submit,
 )
 from farm.scheduler.plan import plan
 from farm.settings import Settings
 from farm.store import Store, open_store, put_json
+
+log = logging.getLogger("farm.submit")
 
 BATCH_MARKER_SECONDS = 30 * 24 * 3600
 
@@ -77,12 +80,15 @@ def request_digest(specs: list[JobSpec], defaults: dict[str, Any] | None = None)
 def submit(settings: Settings, specs: list[JobSpec], *, source: str = "-",
            defaults: dict[str, Any] | None = None, store: Store | None = None,
            batch_id: str | None = None, idempotency_key: str | None = None,
-           request: str | None = None,
+           request: str | None = None, notify: str | None = None,
            announce: Callable[[str], None] | None = None) -> Submitted:
     """Submit `specs` as a batch. `batch_id`, or an `idempotency_key` (any text; the batch id
     derives from it), makes the call idempotent: a batch of that id that exists is continued
     (it must be the same request: `request`, by default the digest of the specs and
-    defaults), not made again. `announce` hears the batch id before any message is sent."""
+    defaults), not made again. `notify`: an http(s) URL told when the batch ends
+    (farm/webhook.py). `announce` hears the batch id before any message is sent."""
+    if notify is not None:
+        webhook.check_url(notify)
     if idempotency_key is not None and batch_id is None:
         batch_id = key_batch_id(idempotency_key)
     # 1. the broker must answer before anything is written
@@ -94,7 +100,8 @@ def submit(settings: Settings, specs: list[JobSpec], *, source: str = "-",
     if batch_id is not None and not is_id(batch_id):
         raise UsageError(f"--batch-id must be lowercase letters, digits and dashes (at most 81), "
                          f"got {batch_id!r}")
-    request = request or request_digest(specs, defaults)
+    request = request or request_digest(specs, {**(defaults or {}), "notify": notify}
+                                        if notify else defaults)
 
     # 2. the submit record and the manifest, before any message exists
     batch = batch_id or new_batch_id(time.time())
@@ -108,7 +115,7 @@ def submit(settings: Settings, specs: list[JobSpec], *, source: str = "-",
     except NotFound:  # killed between its submit record and its manifest
         manifest = None
     if manifest is None:
-        manifest = _manifest(batch, specs, settings, source, defaults, request)
+        manifest = _manifest(batch, specs, settings, source, defaults, request, notify)
         try:
             if found is None:
                 found = create_batch(store, manifest, SubmitState.SUBMITTING)
@@ -130,7 +137,7 @@ def submit(settings: Settings, specs: list[JobSpec], *, source: str = "-",
 
     # 3. one message per job that still needs one; first the jobs are noted as open until
     # each ends, so that workers can find one whose message vanished with a killed worker
-    records = read_records(store, batch) if continued else {}
+    records = read_all(store, batch, [j.id for j in manifest.jobs]) if continued else {}
     todo = [job for job in (_next_stage(j, records.get(j.id), client) for j in manifest.jobs)
             if job is not None]
     app = broker.celery_app(settings)
@@ -138,6 +145,7 @@ def submit(settings: Settings, specs: list[JobSpec], *, source: str = "-",
         if submit_record.state is not SubmitState.SUBMITTING:
             submit_record = submit_record.to(SubmitState.SUBMITTING)
             version = write_submit(store, submit_record, version)
+        _start_tally(client, batch, len(manifest.jobs), records)
         recovery.open_jobs(client, batch, [job.id for job in todo])
         with app.producer_or_acquire() as producer:
             for job in todo:
@@ -166,8 +174,22 @@ def submit(settings: Settings, specs: list[JobSpec], *, source: str = "-",
     return Submitted(batch=batch, jobs=manifest.jobs, sent=len(todo), continued=continued)
 
 
+def _start_tally(client: Any, batch: str, total: int, records: dict[str, JobRecord]) -> None:
+    """The batch's state counters (farm/tally.py), before any message: from the records a
+    continued batch has. Without them status counts from the records, so a broker that refuses
+    them (an ACL without hash commands or scripts) costs speed, not the batch."""
+    import redis
+
+    try:
+        tally.start(client, batch, total, records)
+    except redis.ResponseError as exc:
+        log.warning("batch %s: the broker refused its state counters (%s); `farm status` "
+                    "counts from the job records", batch, exc)
+
+
 def _manifest(batch: str, specs: list[JobSpec], settings: Settings, source: str,
-              defaults: dict[str, Any] | None, request: str) -> Manifest:
+              defaults: dict[str, Any] | None, request: str,
+              notify: str | None = None) -> Manifest:
     """The batch's jobs, each planned: its first stage and the classes its stages need."""
     jobs = []
     for i, spec in enumerate(specs):
@@ -175,8 +197,10 @@ def _manifest(batch: str, specs: list[JobSpec], settings: Settings, source: str,
         jobs.append(Job(id=job_id(batch, i), batch=batch, index=i, spec=spec,
                         vram_class=p.vram_class, stage=p.first_stage,
                         refiner_vram_class=p.refiner_vram_class))
+    shared = json.loads(json.dumps(fleet.shared_settings(settings), default=list))
     return Manifest(batch=batch, created_at=time.time(), source=source,
-                    defaults=dict(defaults or {}), jobs=jobs, request=request)
+                    defaults=dict(defaults or {}), jobs=jobs, request=request, notify=notify,
+                    settings=shared)
 
 
 def _next_stage(job: Job, record: JobRecord | None, client: Any) -> Job | None:
@@ -200,12 +224,13 @@ def resubmit(settings: Settings, batch: str, store: Store | None = None) -> list
     broker.wait_for_broker(settings)
     store = store or open_store(settings)
     manifest = read_manifest(store, batch, settings)
-    records = read_records(store, batch)
+    records = read_all(store, batch, [j.id for j in manifest.jobs])
     client = broker.redis_client(settings)
     again = [job for job in (_next_stage(j, records.get(j.id), client) for j in manifest.jobs)
              if job is not None]
     app = broker.celery_app(settings)
     try:
+        _start_tally(client, batch, len(manifest.jobs), records)
         recovery.open_jobs(client, batch, [job.id for job in again])
         with app.producer_or_acquire() as producer:
             for job in again:

@@ -45,7 +45,8 @@ def fail(run: Run, fault: Fault, error: str) -> Result:
 def cancel(ctx: WorkerContext, job: Job, held: Held, reason: str) -> Result:
     if not held.record.state.final:
         try:
-            lifecycle.commit(ctx.store, held, lifecycle.cancel(held.record, reason, ctx.name))
+            lifecycle.commit(ctx.store, held, lifecycle.cancel(held.record, reason, ctx.name),
+                             then=ctx.tally)
         except Superseded:
             pass  # someone else moved it on (to canceled, most likely)
     return Result(job.id, Outcome.CANCELED, reason)

@@ -65,6 +65,10 @@ def _never(*_: Any) -> bool:
     return False
 
 
+def _ignore(record: JobRecord) -> None:
+    return None
+
+
 def _cannot_enqueue(job: Job) -> None:
     raise RuntimeError("this worker cannot enqueue stages")
 
@@ -95,6 +99,8 @@ class WorkerContext:
     alive: Callable[[str, str | None], bool] = _never
     # another live worker serves the queue this job's stage goes to
     others_serve: Callable[[Job], bool] = _never
+    # hears every record this worker wrote, or found final (the batch's tally, farm/tally.py)
+    tally: Callable[[JobRecord], None] = _ignore
     # called after every denoising step (hang detection)
     on_progress: Callable[[], None] = lambda: None
     # the worker's stop request (SIGTERM) and its grace period
@@ -138,8 +144,8 @@ class Run:
 
     def commit(self, new: JobRecord) -> JobRecord:
         """Write `new` over the record this run holds (Superseded when someone else wrote)."""
-        self.held = lifecycle.commit(self.ctx.store, self.held, new)
-        return new
+        self.held = lifecycle.commit(self.ctx.store, self.held, new, then=self.ctx.tally)
+        return self.held.record
 
     def start(self, model: Any, takeover: str | None) -> JobRecord:
         """The stage starts here: one counted attempt. `takeover` (from worker/stage.py's

@@ -28,6 +28,7 @@ from farm.settings import Settings
 from farm.store import open_store
 from farm.worker import compile
 from farm.worker.drain import Drain
+from farm.worker.finisher import Finisher
 from farm.worker.metrics import REQUEUED, WorkerMetrics
 from farm.worker.stage import Outcome, Result, WorkerContext, package_versions, resolve, run_job
 
@@ -97,6 +98,7 @@ class Worker:
         self.faults: list[str] = []
         self.quarantined_at: float | None = None
         self.metrics = WorkerMetrics()   # served on settings.metrics_port (worker/metrics.py)
+        self.finisher: Finisher | None = None   # built in setup: the batches' tallies and ends
 
     # -- 1-2: setup, once ---------------------------------------------------------------------
 
@@ -152,6 +154,7 @@ class Worker:
             loaded[spec.name] = model
         self.app = broker.celery_app(self.settings)
         self.listener = recovery.CancelListener(broker.redis_client(self.settings))
+        self.finisher = Finisher(store, self.redis, self.settings)
         self.ctx = WorkerContext(
             settings=self.settings, store=store, models=loaded, backend=pipelines,
             name=self.name, versions=package_versions(), threads=self.settings.threads,
@@ -160,7 +163,8 @@ class Worker:
             canceled_now=self.listener.canceled,
             holds=lambda worker, job: recovery.holds(self.redis, worker, job),
             alive=lambda worker, incarnation: fleet.alive(self.redis, worker, incarnation),
-            others_serve=self._others_serve, on_progress=self._progressed, drain=self.drain,
+            others_serve=self._others_serve, tally=self.finisher.noted,
+            on_progress=self._progressed, drain=self.drain,
             incarnation=self.incarnation, metrics=self.metrics)
         self.info.state = fleet.WorkerState.READY
         self._beat()
@@ -424,6 +428,8 @@ class Worker:
                 exitcode = self._stay_quarantined()
         finally:
             self._stop.set()
+            if self.finisher is not None:
+                self.finisher.wait()   # a batch's end this worker is telling (summary, webhook)
             if self.ready_file is not None:
                 self.ready_file.unlink(missing_ok=True)
             try:
@@ -478,7 +484,7 @@ class Worker:
         from farm.lifecycle import JobState, Stage, read_record
         from farm.records import read_manifest
 
-        assert self.ctx is not None
+        assert self.ctx is not None and self.finisher is not None
         every = max(self.settings.heartbeat_interval, self.settings.heartbeat_ttl / 2)
         if not self.redis.set(recovery.RECONCILE_LOCK, self.name or "", nx=True,
                               px=int(every * 1000)):
@@ -498,12 +504,18 @@ class Worker:
                 manifests[batch] = ({j.id: j for j in manifest.jobs},
                                     set().union(*(queues.job_queues(j) for j in manifest.jobs)))
             jobs, names = manifests[batch]
+            if recovery.ended(self.redis, batch):
+                # its last job ended: make sure its summary and webhook were done (their
+                # finisher may have died); the batch then leaves the active set
+                self.finisher.conclude(batch)
             for job_id in recovery.missing_jobs(self.redis, batch, names,
                                                 grace=self.settings.heartbeat_ttl):
                 recovery.forget_missing(self.redis, batch, job_id)
                 job = jobs.get(job_id)
                 record = read_record(self.ctx.store, batch, job_id)
                 if job is None or (record is not None and record.state.final):
+                    if record is not None:
+                        self.finisher.noted(record)
                     recovery.job_ended(self.redis, batch, job_id)
                     continue
                 if record is not None and record.state in (JobState.LATENTS_READY,

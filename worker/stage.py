@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from farm import lifecycle
-from farm.errors import IntegrityError, NotFound, ValidationError
+from farm.errors import ConfigError, IntegrityError, NotFound, ValidationError
 from farm.jobs import Job, Message
 from farm.lifecycle import Fault, Held, JobState, Stage, Superseded
 from farm.records import SubmitState
@@ -47,7 +47,7 @@ def resolve(ctx: WorkerContext, raw: Any) -> Job | Result:
     except NotFound:
         return Result(message.job, Outcome.REJECTED, f"batch {message.batch} has no manifest in "
                       "the store: no one submitted it; nothing done")
-    except IntegrityError as exc:
+    except (IntegrityError, ConfigError) as exc:
         return Result(message.job, Outcome.REJECTED, f"batch {message.batch}: {exc}")
     if submit is not None and submit.state is SubmitState.ABORTED:
         return Result(message.job, Outcome.REJECTED, f"batch {message.batch} was aborted "
@@ -79,6 +79,7 @@ def run_job(ctx: WorkerContext, job: Job) -> Result:
                       f"{missing[0]}; nothing done")
     if held.record.state.final:
         log.info("job %s is already %s; skipping the duplicate", job.id, held.record.state.value)
+        ctx.tally(held.record)   # its writer may have died before counting it
         return Result(job.id, Outcome.DUPLICATE)
     if ctx.canceled(job.id, job.batch):
         return cancel(ctx, job, held, "canceled before it started")
