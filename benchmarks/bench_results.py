@@ -13,8 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 from benchmarks._downloads import download_benchmark, memory_benchmark
+from benchmarks._status_at_scale import status_at_scale
 
-PARTS: list[Callable[[], dict[str, Any]]] = [download_benchmark, memory_benchmark]
+PARTS: list[Callable[[], dict[str, Any]]] = [status_at_scale, download_benchmark, memory_benchmark]
 
 
 def run() -> dict[str, Any]:
