@@ -237,3 +237,26 @@ def test_farm_status_of_a_large_batch_shows_its_counts_and_failed_jobs_without_i
     shown = json.loads(CliRunner().invoke(cli, ["batches", "--json"], env=env).output)
     assert [(b["batch"], b["state"], b["jobs"], b["source"]) for b in shown] == [
         ("b-large", "failed", 60, "summary")]
+
+
+def test_a_job_waiting_for_a_refiner_no_live_worker_serves_says_so(settings: Settings) -> None:
+    from farm.records import Manifest
+    from farm.scheduler.status import BatchStatus, JobView
+
+    spec = JobSpec.from_dict({"prompt": "a fox", "seed": 1, "steps": 20, "width": 64,
+                              "height": 64, "refiner": "tiny-sdxl-refiner", "split": "always"},
+                             settings)
+    manifest: Manifest = _manifest("b-refiner", [spec, spec], settings, "-", {}, "r")
+    first, second = manifest.jobs
+    ready = JobRecord(job=first.id, batch="b-refiner", state=JobState.LATENTS_READY)
+    st = BatchStatus(batch="b-refiner", created_at=0.0, manifest=manifest, jobs=[
+        JobView(first.id, JobState.LATENTS_READY, [], None, ready),
+        JobView(second.id, JobState.QUEUED, [], None, None)])
+    base_only = fleet.WorkerInfo(name="w", host="h", pid=1, device="cpu", models=["tiny-sdxl"],
+                                 queues=[], vram_class=80)
+    waiting = [v.waiting for v in st.with_fleet([base_only]).jobs]
+    assert waiting == [f"waiting: no live worker serves the refiner tiny-sdxl-refiner at "
+                       f">={first.refiner_vram_class} GB", None]
+    both = fleet.WorkerInfo(name="w", host="h", pid=1, device="cpu",
+                            models=["tiny-sdxl", "tiny-sdxl-refiner"], queues=[], vram_class=80)
+    assert [v.waiting for v in st.with_fleet([both]).jobs] == [None, None]
