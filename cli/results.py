@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from farm.cli.progress import batch_id, counts, exit_unless_succeeded, watch
+from farm.cli.progress import batch_id, broker_client, counts, exit_unless_succeeded, watch
 from farm.errors import UsageError
 from farm.settings import Settings
 from farm.store import DOWNLOAD_THREADS, Store, open_store
@@ -46,6 +46,19 @@ def progress(store: Store, batch: str, settings: Settings
         bar.close()
 
 
+def _client(settings: Settings) -> Any:
+    """A Redis client for the batches' counters, or None when the broker cannot be reached
+    (the store answers: each batch's summary, else its records)."""
+    import redis
+
+    from farm.errors import FarmError
+
+    try:
+        return broker_client(settings)
+    except (redis.RedisError, OSError, FarmError):
+        return None
+
+
 @click.command()
 @click.argument("batch")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path),
@@ -62,7 +75,7 @@ def results(batch: str, out: Path | None, wait: bool, follow: bool, urls: bool,
     Files already here and whole are skipped."""
     from farm.scheduler.results import download
     from farm.scheduler.share import parse_expires
-    from farm.scheduler.status import batch_status
+    from farm.scheduler.status import batch_counts
 
     settings = Settings.load()
     batch = batch_id(batch)
@@ -73,12 +86,14 @@ def results(batch: str, out: Path | None, wait: bool, follow: bool, urls: bool,
         return
     if wait and follow:
         raise UsageError("--wait and --follow: choose one (--follow downloads while it waits)")
+    client = _client(settings)
     if wait:
-        watch(settings, batch)
+        watch(settings, batch, detail=False)
     else:
-        batch_status(store, batch, settings)  # an unknown batch: one line, exit 2
+        batch_counts(store, client, batch, settings)  # an unknown batch: one line, exit 2
     with progress(store, batch, settings) as tick:
-        got = download(store, batch, out or Path(batch), settings, follow=follow, on_image=tick)
+        got = download(store, batch, out or Path(batch), settings, follow=follow, on_image=tick,
+                       client=client)
     click.echo(f"{len(got.images)} images and sidecars in {got.folder}/ "
                f"({got.fetched} downloaded, {got.skipped} already here)")
     for sheet in got.contact_sheets:
@@ -86,7 +101,7 @@ def results(batch: str, out: Path | None, wait: bool, follow: bool, urls: bool,
     if got.missing:
         click.echo(f"warning: {len(got.missing)} image(s) of succeeded jobs are not in the "
                    f"store: {', '.join(got.missing[:3])}", err=True)
-    st = batch_status(store, batch, settings)
+    st = batch_counts(store, client, batch, settings)
     if not st.finished:
         click.echo(f"batch is still {st.state}: {counts(st.counts)}", err=True)
     if wait or follow:
@@ -100,7 +115,7 @@ def _print_urls(store: Store, batch: str, settings: Settings, seconds: int) -> N
     from farm.scheduler.share import check_shareable, urls
 
     check_shareable(store)
-    images = all_images_if_succeeded(store, batch, settings)  # unknown batch: exit 2
+    images = all_images_if_succeeded(store, batch, settings, _client(settings))  # unknown: exit 2
     if images is None:
         with ThreadPoolExecutor(max_workers=DOWNLOAD_THREADS) as pool:
             images = Succeeded(store, batch).look(pool)
@@ -125,7 +140,7 @@ def gallery(batch: str, out: Path | None, into_store: bool, share: bool, expires
     timings, links to each PNG and sidecar, and a text filter."""
     from farm.scheduler.gallery import publish, write_local
     from farm.scheduler.share import check_shareable, parse_expires
-    from farm.scheduler.status import batch_status
+    from farm.scheduler.status import batch_counts
 
     settings = Settings.load()
     batch = batch_id(batch)
@@ -135,16 +150,18 @@ def gallery(batch: str, out: Path | None, into_store: bool, share: bool, expires
     seconds = parse_expires(expires) if share else None
     if share:
         check_shareable(store)
-    batch_status(store, batch, settings)  # an unknown batch: one line, exit 2
+    client = _client(settings)
+    batch_counts(store, client, batch, settings)  # an unknown batch: one line, exit 2
     if into_store or share:
         if follow:
             raise UsageError("--follow writes a local gallery; with --store or --share, run "
                              "it when the batch has ended")
         with progress(store, batch, settings) as tick:
-            where = publish(store, batch, settings, share_seconds=seconds, on_image=tick)
+            where = publish(store, batch, settings, share_seconds=seconds, on_image=tick,
+                            client=client)
         click.echo(where if share else f"gallery: {store.url}/{where}")
         return
     with progress(store, batch, settings) as tick:
         page = write_local(store, batch, out or Path(batch), settings, follow=follow,
-                           on_image=tick)
+                           on_image=tick, client=client)
     click.echo(f"gallery: {page}")

@@ -88,11 +88,11 @@ def _card_of(item: Landed, hrefs: Callable[[str], str]) -> Card:
 
 
 def write_local(store: Store, batch: str, out: Path, settings: Settings, *,
-                follow: bool = False, on_image: Callable[[Landed | str], None] | None = None
-                ) -> Path:
+                follow: bool = False, on_image: Callable[[Landed | str], None] | None = None,
+                client: Any = None) -> Path:
     """The batch's images into `out` (skipping those already whole), and `out/index.html`."""
     cards = []
-    for item in land(store, batch, out, settings, follow=follow):
+    for item in land(store, batch, out, settings, follow=follow, client=client):
         if isinstance(item, Landed):
             cards.append(_card_of(item, lambda rel: rel))
         if on_image is not None:
@@ -103,7 +103,7 @@ def write_local(store: Store, batch: str, out: Path, settings: Settings, *,
 
 
 def publish(store: Store, batch: str, settings: Settings, *, share_seconds: int | None = None,
-            on_image: Callable[[Landed | str], None] | None = None) -> str:
+            on_image: Callable[[Landed | str], None] | None = None, client: Any = None) -> str:
     """The gallery into the store beside the batch; returns its key, or with `share_seconds`
     a presigned link to a page whose every link is presigned for as long."""
     gallery = keys.gallery_prefix(batch)
@@ -119,7 +119,7 @@ def publish(store: Store, batch: str, settings: Settings, *, share_seconds: int 
     with tempfile.TemporaryDirectory(prefix="farm-gallery-") as tmp, \
             ThreadPoolExecutor(max_workers=DOWNLOAD_THREADS) as uploads:
         sent: list[Future[str]] = []
-        for item in land(store, batch, Path(tmp), settings):
+        for item in land(store, batch, Path(tmp), settings, client=client):
             if isinstance(item, Landed):
                 cards.append(_card_of(item, hrefs))
                 thumb = item.thumb.read_bytes()

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from farm import keys
 from farm.errors import NotFound
@@ -159,19 +160,22 @@ def planned_images(store: Store, batch: str, settings: Settings) -> int:
     return sum(job.spec.n for job in read_manifest(store, batch, settings).jobs)
 
 
-def batch_ended(store: Store, batch: str, settings: Settings) -> bool:
-    from farm.scheduler.status import batch_status
+def batch_ended(store: Store, batch: str, settings: Settings, client: Any = None) -> bool:
+    """Whether the batch has ended, at a constant cost (its counters in Redis through `client`,
+    or its summary; scheduler/status.py)."""
+    from farm.scheduler.status import batch_counts
 
-    return batch_status(store, batch, settings).finished
+    return batch_counts(store, client, batch, settings).finished
 
 
-def all_images_if_succeeded(store: Store, batch: str, settings: Settings) -> list[str] | None:
+def all_images_if_succeeded(store: Store, batch: str, settings: Settings,
+                            client: Any = None) -> list[str] | None:
     """Every image key of a batch that ended with every job succeeded (status says so), from
     its manifest: no job record needs reading. None for any other batch."""
     from farm.records import read_manifest
-    from farm.scheduler.status import batch_status
+    from farm.scheduler.status import batch_counts
 
-    if batch_status(store, batch, settings).state != "succeeded":
+    if batch_counts(store, client, batch, settings).state != "succeeded":
         return None
     return sorted(keys.image_key(batch, job.id, k)
                   for job in read_manifest(store, batch, settings).jobs
@@ -180,14 +184,16 @@ def all_images_if_succeeded(store: Store, batch: str, settings: Settings) -> lis
 
 def land(store: Store, batch: str, folder: Path, settings: Settings, *, follow: bool = False,
          poll_s: float = 1.0, threads: int = DOWNLOAD_THREADS,
-         ended: Callable[[], bool] | None = None) -> Iterator[Landed | str]:
+         ended: Callable[[], bool] | None = None, client: Any = None
+         ) -> Iterator[Landed | str]:
     """Yield each image of the batch as it lands here (a Landed), or its key when a succeeded
-    job's image is not in the store. With `follow`, keep looking until the batch has ended."""
-    ended = ended or (lambda: batch_ended(store, batch, settings))
+    job's image is not in the store. With `follow`, keep looking until the batch has ended.
+    `client`: a Redis client for the batch's counters (None: the store answers)."""
+    ended = ended or (lambda: batch_ended(store, batch, settings, client))
     found = Succeeded(store, batch)
     fetcher = Fetcher(store, batch, folder)
     limit = threads * 4
-    known = None if follow else all_images_if_succeeded(store, batch, settings)
+    known = None if follow else all_images_if_succeeded(store, batch, settings, client)
     try:
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="results") as pool:
             while True:
@@ -218,12 +224,13 @@ def land(store: Store, batch: str, folder: Path, settings: Settings, *, follow: 
 def download(store: Store, batch: str, out: Path, settings: Settings, *, follow: bool = False,
              poll_s: float = 1.0, threads: int = DOWNLOAD_THREADS,
              on_image: Callable[[Landed | str], None] | None = None,
-             sheets: bool = True, ended: Callable[[], bool] | None = None) -> Downloaded:
+             sheets: bool = True, ended: Callable[[], bool] | None = None,
+             client: Any = None) -> Downloaded:
     """Every image of the batch's succeeded jobs into `out` (see `land`), then its contact
     sheets. `on_image` hears each image as it lands (a progress bar)."""
     got = Downloaded(folder=out)
     for item in land(store, batch, out, settings, follow=follow, poll_s=poll_s,
-                     threads=threads, ended=ended):
+                     threads=threads, ended=ended, client=client):
         if isinstance(item, str):
             got.missing.append(item)
         else:
