@@ -2,9 +2,10 @@
 final, so that status outlives Redis and costs one read.
 
 Whoever makes a batch's last job final (the tally says so, farm/tally.py) calls `finish`: it
-reads every record again (in parallel), and only when all are final writes the summary
-(create-once: two finishers at the same moment write one), repairs the tally from that recount,
-and tells the batch's webhook (farm/webhook.py, at most once). Reconciling calls it again for
+writes the summary create-once (two finishers at the same moment write one) from the tally's
+per-job states and the failed jobs' records, or, when the tally did not count every job (or is
+gone), from every record read again in parallel; then the batch's webhook is told
+(farm/webhook.py, at most once). Reconciling calls it again for
 every batch whose last open job ended (farm/recovery.py), so a finisher that died half-way is
 repaired. `finish` is idempotent: a batch with a summary is left as it is.
 """
@@ -81,45 +82,68 @@ def read_summary(store: Store, batch: str) -> Summary | None:
         return None
 
 
-def summarize(manifest: Manifest, records: dict[str, JobRecord]) -> Summary:
+def summarize(manifest: Manifest, states: dict[str, JobState],
+              failed: dict[str, JobRecord]) -> Summary:
+    """The summary of a batch whose jobs are in `states` (all final), with the records of its
+    failed jobs."""
     counts = {s.value: 0 for s in JobState}
-    failed = []
     for job in manifest.jobs:
-        record = records.get(job.id)
-        state = record.state if record is not None else JobState.QUEUED
-        counts[state.value] += 1
-        if record is not None and state is JobState.FAILED:
-            failed.append({"id": job.id, "error": record.error, "fault": record.error_kind})
+        counts[states.get(job.id, JobState.QUEUED).value] += 1
     counts = {k: v for k, v in counts.items() if v}
     total = len(manifest.jobs)
     return Summary(batch=manifest.batch,
                    state=batch_state(total, counts, SubmitState.SUBMITTED), jobs=total,
                    counts=counts, created_at=manifest.created_at, finished_at=time.time(),
-                   failed=failed, notify=manifest.notify)
+                   failed=[{"id": j.id, "error": failed[j.id].error,
+                            "fault": failed[j.id].error_kind}
+                           for j in manifest.jobs if j.id in failed],
+                   notify=manifest.notify)
 
 
 def finish(store: Store, client: Any, manifest: Manifest) -> Summary | None:
-    """Write the batch's summary if every job is final and none is written yet, and repair its
-    tally from that recount; returns the summary written (None: nothing to do). The caller
-    tells the webhook (farm/webhook.py `deliver`)."""
+    """Write the batch's summary if every job is final and none is written yet; returns the
+    summary written (None: nothing to do). The caller tells the webhook (`conclude`).
+
+    A tally that counted every job final is exact (final is final), so only the failed jobs'
+    records are read, for their errors. Otherwise (a job the tally never counted, or no tally)
+    every record is read again, and the tally is rewritten from that recount."""
     batch = manifest.batch
     if store.exists(keys.summary_key(batch)):
         return None
-    records = read_all(store, batch, [j.id for j in manifest.jobs])
-    if len(records) < len(manifest.jobs) or not all(r.state.final for r in records.values()):
-        return None   # not ended: the tally lagged no further than the records
-    summary = summarize(manifest, records)
+    ids = [j.id for j in manifest.jobs]
+    states = _tallied(client, batch)
+    recount = states is None or any(not states.get(i, JobState.QUEUED).final for i in ids)
+    if recount:
+        records = read_all(store, batch, ids)
+        states = {job: r.state for job, r in records.items()}
+        if len(records) < len(ids) or not all(s.final for s in states.values()):
+            return None   # not ended: the tally lagged no further than the records
+    else:
+        assert states is not None
+        records = read_all(store, batch, [i for i in ids if states[i] is JobState.FAILED])
+    failed = {job: r for job, r in records.items() if r.state is JobState.FAILED}
+    summary = summarize(manifest, states, failed)
     try:
         put_json(store, keys.summary_key(batch), summary.encode(), create_once=True)
     except AlreadyExists:
         return None   # another finisher, at the same moment
-    if client is not None:
+    if recount and client is not None:
         try:
-            tally.reset(client, batch, len(manifest.jobs), records)
+            tally.reset(client, batch, len(ids), records)
         except Exception as exc:  # noqa: BLE001 - the summary is written; status reads it
             log.warning("batch %s: could not repair its tally: %s", batch, exc)
     log.info("batch %s ended %s: %s", batch, summary.state, summary.counts)
     return summary
+
+
+def _tallied(client: Any, batch: str) -> dict[str, JobState] | None:
+    if client is None:
+        return None
+    try:
+        return tally.job_states(client, batch)
+    except Exception as exc:  # noqa: BLE001 - the records answer instead
+        log.warning("batch %s: could not read its tally: %s", batch, exc)
+        return None
 
 
 def conclude(store: Store, client: Any, manifest: Manifest, secret: str | None) -> Summary | None:

@@ -151,5 +151,20 @@ def counts(client: Any, batch: str) -> tuple[int, dict[str, int]] | None:
                                                                        strict=True)}
 
 
+def job_states(client: Any, batch: str) -> dict[str, JobState] | None:
+    """Each noted job's state, as the tally counted it (one request); None without a tally."""
+    raw = client.hgetall(tally_key(batch))
+    if not raw:
+        return None
+    states = {}
+    for name, value in raw.items():
+        job = name.decode() if isinstance(name, bytes) else name
+        if job.startswith("#"):
+            continue
+        text = value.decode() if isinstance(value, bytes) else value
+        states[job] = JobState(text.split(":", 1)[1])
+    return states
+
+
 def final_count(by_state: dict[str, int]) -> int:
     return sum(by_state.get(s.value, 0) for s in FINAL_STATES)

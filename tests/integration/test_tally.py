@@ -260,3 +260,18 @@ def test_a_job_waiting_for_a_refiner_no_live_worker_serves_says_so(settings: Set
     both = fleet.WorkerInfo(name="w", host="h", pid=1, device="cpu",
                             models=["tiny-sdxl", "tiny-sdxl-refiner"], queues=[], vram_class=80)
     assert [v.waiting for v in st.with_fleet([both]).jobs] == [None, None]
+
+
+def test_a_summary_recounts_the_records_when_the_tally_missed_a_job_and_repairs_it(
+        settings: Settings, client: Any) -> None:
+    store = open_store(settings)
+    manifest = _batch(settings, client, "b-recount", 2)
+    counter = tally.Tally(client)
+    a, b = (j.id for j in manifest.jobs)
+    _move(store, counter, "b-recount", a, JobState.CANCELED)
+    _move(store, counter, "b-recount", b, JobState.FAILED, then=False)   # died before its note
+    written = summary.finish(store, client, manifest)   # reconciling, once no job is open
+    assert written is not None
+    assert (written.state, written.counts) == ("failed", {"failed": 1, "canceled": 1})
+    assert tally.counts(client, "b-recount") == (2, {**_zero(), "failed": 1, "canceled": 1})
+    assert tally.job_states(client, "b-recount") == {a: JobState.CANCELED, b: JobState.FAILED}
