@@ -104,18 +104,11 @@ def submit(prompts: str, model: str | None, steps: int | None, guidance: float |
         if not as_json:
             click.echo(f"batch {batch}: queueing {len(specs)} jobs", err=True)
 
-    if notify is None:
-        batch = Farm(settings).submit_specs(specs, source=prompts, defaults=defaults,
-                                            batch_id=batch_id, request=request,
-                                            announce=announce)
-        assert batch.submitted is not None
-        result = batch.submitted
-    else:   # the Python client's submit takes no webhook: the scheduler's does
-        from farm.scheduler.submit import submit as submit_batch
-
-        result = submit_batch(settings, specs, source=prompts, defaults=defaults,
-                              batch_id=batch_id, request=request, notify=notify,
-                              announce=announce)
+    batch = Farm(settings).submit_specs(specs, source=prompts, defaults=defaults,
+                                        batch_id=batch_id, request=request, notify=notify,
+                                        announce=announce)
+    assert batch.submitted is not None
+    result = batch.submitted
     snapped = [j for j in result.jobs if j.spec.snapped_from]
     if snapped:
         first = snapped[0].spec

@@ -24,14 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from farm import keys
+from farm import broker, keys
 from farm.errors import NotFound, UsageError, ValidationError
 from farm.jobs import INPUT_ONLY, JobSpec, is_id
 from farm.scheduler.cancel import Canceled, cancel
 from farm.scheduler.parse import check_jobs, parse_size
 from farm.scheduler.replay import Replay, read_job
 from farm.scheduler.results import Succeeded, batch_ended
-from farm.scheduler.status import BatchStatus, batch_status
+from farm.scheduler.status import BatchCounts, BatchStatus, batch_counts, batch_status
 from farm.scheduler.submit import Submitted, submit
 from farm.settings import Settings
 from farm.store import DOWNLOAD_THREADS, Store, get_json, open_store
@@ -71,12 +71,13 @@ class Farm:
 
     def submit(self, jobs: Iterable[str | Mapping[str, Any] | JobSpec], *,
                batch_id: str | None = None, idempotency_key: str | None = None,
-               **defaults: Any) -> Batch:
+               notify: str | None = None, **defaults: Any) -> Batch:
         """Submit `jobs` (prompts, dicts of job fields, or JobSpecs) as one batch, all or
         nothing. `defaults` are job fields every job gets unless it has its own (model, steps,
         guidance, seed, n, negative_prompt, scheduler, priority, min_vram, refiner, switch,
         split, preset, cfg_cutoff, vae, snap; and size="WIDTHxHEIGHT"), as the CLI's flags.
-        `batch_id` or `idempotency_key` makes a retry continue the batch, never render twice."""
+        `batch_id` or `idempotency_key` makes a retry continue the batch, never render twice;
+        `notify`, an http(s) URL, is sent the batch's summary when it ends (farm/webhook.py)."""
         records = [(i, _fields(job, i)) for i, job in enumerate(jobs)]
         defaults = _defaults(defaults)
         try:
@@ -88,17 +89,25 @@ class Farm:
                                             default=str).encode()).hexdigest()
         return self.submit_specs(specs, defaults=defaults, source="python",
                                  batch_id=batch_id, idempotency_key=idempotency_key,
-                                 request=request)
+                                 request=request, notify=notify)
 
     def submit_specs(self, specs: list[JobSpec], *, source: str,
                      defaults: dict[str, Any] | None = None, batch_id: str | None = None,
                      idempotency_key: str | None = None, request: str | None = None,
+                     notify: str | None = None,
                      announce: Callable[[str], None] | None = None) -> Batch:
         """Submit checked specs (what `farm submit` does once it has read its file)."""
         done = submit(self.settings, specs, source=source, defaults=defaults,
                       store=self.store, batch_id=batch_id, idempotency_key=idempotency_key,
-                      request=request, announce=announce)
+                      request=request, notify=notify, announce=announce)
         return Batch(done.batch, self, submitted=done)
+
+    def broker(self) -> Any:
+        """A Redis client of the broker, or None when the embedded one is not running (the
+        store then answers alone)."""
+        if self.settings.embedded and not broker.embedded_running(self.settings):
+            return None
+        return broker.redis_client(self.settings)
 
     def replay(self, path: str | Path, *, batch_id: str | None = None) -> Batch:
         """Submit again the job that made one image (a farm PNG or its sidecar): the same
@@ -129,18 +138,21 @@ class Batch:
     replayed: Replay | None = field(default=None, repr=False)
 
     def status(self) -> BatchStatus:
-        """Its state, counts and each job's state (scheduler/status.py)."""
+        """Its state, counts and each job's state and images (every job record)."""
         return batch_status(self.farm.store, self.id, self.farm.settings)
+
+    def counts(self) -> BatchCounts:
+        """Its state and counts per state, at a constant cost whatever its size."""
+        return batch_counts(self.farm.store, self.farm.broker(), self.id, self.farm.settings)
 
     def wait(self, timeout: float | None = None, poll: float = POLL_SECONDS) -> BatchStatus:
         """Block until the batch ends (succeeded, failed, canceled or aborted) and return its
         status; TimeoutError after `timeout` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not batch_ended(self.farm.store, self.id, self.farm.settings):
+        while not (now := self.counts()).finished:
             if deadline is not None and time.monotonic() >= deadline:
-                st = self.status()
-                raise TimeoutError(f"batch {self.id} is still {st.state} after {timeout} s: "
-                                   + " ".join(f"{k}={v}" for k, v in st.counts.items()))
+                raise TimeoutError(f"batch {self.id} is still {now.state} after {timeout} s: "
+                                   + " ".join(f"{k}={v}" for k, v in now.counts.items()))
             time.sleep(poll)
         return self.status()
 
@@ -149,14 +161,14 @@ class Batch:
         """Each image of the batch as its job succeeds, until the batch ends (TimeoutError
         after `timeout` seconds). Jobs that fail or are canceled yield nothing: status() says
         why. One image is held at a time."""
-        store, settings = self.farm.store, self.farm.settings
+        store, settings, client = self.farm.store, self.farm.settings, self.farm.broker()
         deadline = None if timeout is None else time.monotonic() + timeout
         found = Succeeded(store, self.id)   # each look reads only the records that changed
         with ThreadPoolExecutor(max_workers=DOWNLOAD_THREADS) as pool:
             while True:
                 # whether it ended is read before the look: a look after the end sees every
                 # job's final record
-                over = batch_ended(store, self.id, settings)
+                over = batch_ended(store, self.id, settings, client)
                 for key in found.look(pool):
                     sidecar = get_json(store, keys.sidecar_of(key))
                     yield Result(job=str(sidecar["job"]), index=int(sidecar["image_index"]),

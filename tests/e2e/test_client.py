@@ -13,6 +13,7 @@ from PIL import Image
 from farm import Farm
 from farm.errors import UsageError
 from farm.jobs import JobSpec
+from farm.records import read_manifest
 from farm.settings import Settings
 from farm.store import get_json
 from tests.conftest import ROOT, farm_cmd, run_farm
@@ -85,7 +86,13 @@ def test_cancel_a_queued_batch_and_bad_input_from_python(farm_env: dict[str, str
     with pytest.raises(UsageError, match="exists with a different request"):
         farm.submit(["one", "three"], steps=2, idempotency_key="nightly-42")
     keyed.cancel()
+    told = farm.submit(["one"], steps=2, notify="http://127.0.0.1:9/hook")
+    assert read_manifest(farm.store, told.id, farm.settings).notify == "http://127.0.0.1:9/hook"
+    told.cancel()
+    assert told.counts().state == "canceled" and told.counts().total == 1
     before = farm.store.list_dirs("batches")
+    with pytest.raises(UsageError, match="must be an http:// or https:// URL"):
+        farm.submit(["one"], notify="ftp://example.com/hook")
     with pytest.raises(UsageError) as err:
         farm.submit([{"prompt": "fine"}, {"prompt": "bad", "guidance": 99}])
     assert str(err.value) == "jobs[1].guidance must be a number from 0 to 30, got 99"
