@@ -169,8 +169,8 @@ def write_batch(store: Any, client: Any, settings: Any, batch: str) -> tuple[Any
 
 def end_batch(store: Any, client: Any, manifest: Any, held: list[Any]) -> float:
     """Every unfinished job succeeds (as its worker commits it, over the record it holds), then
-    the batch's summary is written as the worker that ends it writes it (a full recount).
-    Returns the seconds the summary took."""
+    the batch's summary is written as the worker that ends it writes it (from its tally and
+    its failed jobs' records). Returns the seconds the summary took."""
     from farm import lifecycle, summary, tally
 
     counter = tally.Tally(client)
@@ -210,8 +210,8 @@ def status_cli(settings: Any, counter: Requests, batch: str) -> dict[str, Any]:
 
 def _print(figures: dict[str, Any]) -> None:
     print(f"status of a {figures['jobs']:,}-job batch on S3 over HTTP (moto); batch written "
-          f"through the farm's code in {figures['write_seconds']} s; its summary (a full "
-          f"recount, once, when it ends) took {figures['summary_write_seconds']} s")
+          f"through the farm's code in {figures['write_seconds']} s; its summary (written once "
+          f"when it ends, by the worker that ends it) took {figures['summary_write_seconds']} s")
     for name in ("status_running_counts", "status_ended_summary", "status_cli",
                  "status_without_redis", "status_from_records"):
         f = figures[name]

@@ -310,6 +310,10 @@ def batches(as_json: bool, limit: int) -> None:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b.created_at))
         click.echo(f"{b.batch}  {created}  {b.state:<9}  {b.total:>5} jobs  "
                    + _counts(b.counts))
+    counted = [b.batch for b in found if b.source.value == "records"]
+    if counted:
+        click.echo(f"note: the broker has no counters and the store no summary for "
+                   f"{', '.join(counted)}: their job records were read to count them", err=True)
 
 
 # -- workers and the local farm ----------------------------------------------------------------

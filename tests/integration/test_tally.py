@@ -23,6 +23,7 @@ from farm.scheduler.status import Source, batch_counts, recent_batches
 from farm.scheduler.submit import _manifest, batch_marker
 from farm.settings import Settings
 from farm.store import open_store, put_json
+from tests.conftest import REDIS_URL
 
 
 @pytest.fixture
@@ -128,6 +129,16 @@ def test_status_counts_from_the_records_and_says_so_when_redis_lost_its_data(
     assert counter.note(lifecycle.read(store, "b-lost", manifest.jobs[0].id).record) is None
     # no broker at all: the same
     assert batch_counts(store, None, "b-lost", settings).source is Source.RECORDS
+    # and `farm batches` says which batches it counted from their records
+    from click.testing import CliRunner
+
+    from farm.cli.main import cli
+
+    shown = CliRunner().invoke(cli, ["batches"], env={"FARM_HOME": str(settings.home),
+                                                      "FARM_BROKER_URL": REDIS_URL})
+    assert shown.exit_code == 0, shown.output
+    assert "note: the broker has no counters and the store no summary for b-lost" in \
+        shown.output
 
 
 def test_a_resubmitted_batch_starts_its_tally_from_the_records(settings: Settings,
