@@ -11,8 +11,8 @@ everything it does, and be refused what it must not.
               farm's keys, Celery's late-ack bookkeeping (`unacked*`), its bindings and remote
               control (`*.celery.pidbox`, `/<db>.celery.pidbox`), Lua (kombu's restore sweep)
     cli       submit, status/watch, cancel, resubmit, workers, batches: pushes to the queues
-              and reads them, writes the farm's batch keys, publishes cancels; it cannot take
-              a message off a queue, run scripts, or touch Celery's unacked bookkeeping
+              and reads them, writes the farm's batch keys and counters, publishes cancels; it
+              cannot take a message off a queue or touch Celery's unacked bookkeeping
     scaler    KEDA's Redis scaler: EVAL of its list-length script (TYPE, then LLEN) on the
               queue lists, nothing else (no writes, no other keys)
     metrics   `farm metrics serve`: read-only, the commands and keys the exporter declares
@@ -54,9 +54,12 @@ SCALER_COMMANDS = ("eval", "type", "llen")
 
 # Commands the CLI sends (`farm submit/status/cancel/resubmit/workers/batches`, and kombu
 # publishing a message: SADD of the binding, LPUSH): no BRPOP/RPOP/LMOVE, so it cannot consume.
+# The batch's state counters (farm/tally.py) are a hash the CLI starts at submit and notes
+# cancels in, with Lua scripts; a script runs with the CLI's own rights, so EVAL adds nothing.
 CLI_COMMANDS = ("lpush", "llen", "sadd", "srem", "smembers", "scard", "sismember", "set", "get",
                 "mget", "exists", "expire", "del", "scan", "multi", "exec", "discard", "watch",
-                "unwatch", "publish")
+                "unwatch", "publish", "hset", "hmget", "hgetall", "eval", "evalsha",
+                "script|load")
 
 _DATA = ("+@read", "+@write", "+@transaction")
 _SAFE = ("-@dangerous", "-@admin")
@@ -123,9 +126,15 @@ def _cli_s3(bucket: str, prefix: str) -> list[dict[str, Any]]:
                       _arn(bucket, prefix, "batches/*/submit.json")]},
         {"Sid": "ReadBatches", "Effect": "Allow", "Action": ["s3:GetObject"],
          "Resource": [_arn(bucket, prefix, "batches/*")]},
-        # `farm cancel` marks jobs that are not running canceled at once (a compare-and-set)
+        # `farm cancel` marks jobs that are not running canceled at once (a compare-and-set);
+        # when that ends the batch, it writes the batch's summary and claims its notification
         {"Sid": "CancelRecords", "Effect": "Allow", "Action": ["s3:PutObject"],
-         "Resource": [_arn(bucket, prefix, "batches/*/jobs/*")]},
+         "Resource": [_arn(bucket, prefix, "batches/*/jobs/*"),
+                      _arn(bucket, prefix, "batches/*/summary.json"),
+                      _arn(bucket, prefix, "batches/*/notified.json")]},
+        # `farm gallery --store|--share` writes the page and thumbnails beside the batch
+        {"Sid": "Galleries", "Effect": "Allow", "Action": ["s3:PutObject"],
+         "Resource": [_arn(bucket, prefix, "batches/*/gallery/*")]},
         # `farm clean` removes kept base -> refiner latents
         {"Sid": "CleanIntermediates", "Effect": "Allow", "Action": ["s3:DeleteObject"],
          "Resource": [_arn(bucket, prefix, "batches/*/intermediate/*")]},
