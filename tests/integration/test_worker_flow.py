@@ -50,7 +50,7 @@ def test_a_full_batch_renders_into_s3_and_comes_back(s3_env: dict[str, str], red
     assert store.url.startswith("s3://")
     status = batch_status(store, result.batch, settings)
     assert status.state == "succeeded", status.to_json()
-    got = download(store, status, tmp_path / "out")
+    got = download(store, result.batch, tmp_path / "out", settings)
     assert len(got.images) == 4 and got.contact_sheet is not None and not got.missing
     Image.open(got.contact_sheet).verify()
 
