@@ -24,10 +24,8 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
-@pytest.fixture
-def tls_redis(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    d = tmp_path / "tls"
-    d.mkdir()
+def _certificates(d: Path) -> None:
+    """A test CA (ca.crt) and a server certificate for 127.0.0.1 it signed (server.crt/.key)."""
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
              "ca.crt", "-days", "1", "-subj", "/CN=farm-test-ca", cwd=d)
     _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out",
@@ -35,6 +33,13 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
     _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
              "-CAcreateserial", "-out", "server.crt", "-days", "1", "-extfile", "ext.cnf", cwd=d)
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    d = tmp_path / "tls"
+    d.mkdir()
+    _certificates(d)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -96,13 +101,7 @@ def test_the_generated_kubernetes_files_reach_a_tls_redis(tmp_path: Path,
 
     d = tmp_path / "tls"
     d.mkdir()
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
-             "ca.crt", "-days", "1", "-subj", "/CN=farm-test-ca", cwd=d)
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out",
-             "server.csr", "-subj", "/CN=127.0.0.1", cwd=d)
-    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
-    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-             "-CAcreateserial", "-out", "server.crt", "-days", "1", "-extfile", "ext.cnf", cwd=d)
+    _certificates(d)
     passwords = {var: tokens.token_hex(8) for var in access.REDIS_PASSWORD_VARS.values()}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
