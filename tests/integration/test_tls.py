@@ -35,6 +35,15 @@ def _certificates(d: Path) -> None:
              "-CAcreateserial", "-out", "server.crt", "-days", "1", "-extfile", "ext.cnf", cwd=d)
 
 
+def _wait_for(port: int) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def tls_redis(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     d = tmp_path / "tls"
@@ -50,12 +59,7 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[str, Path]]:
          "--appendonly", "no", "--requirepass", "tls-secret"],
         cwd=d, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.05)
+        _wait_for(port)
         yield f"rediss://:tls-secret@127.0.0.1:{port}/0", d / "ca.crt"
     finally:
         server.terminate()
@@ -113,12 +117,7 @@ def test_the_generated_kubernetes_files_reach_a_tls_redis(tmp_path: Path,
          *access.redis_server_args(lambda var: passwords[var])[4:]],   # users, not the AOF
         cwd=d, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.05)
+        _wait_for(port)
         spec = deploy.make_spec(Settings.load(env={**env, "FARM_VRAM_CLASSES": "12,24"}),
                                 classes=[24], model_names=["tiny-sdxl"],
                                 redis_address=f"rediss://127.0.0.1:{port}",
