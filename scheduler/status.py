@@ -63,8 +63,27 @@ class JobView:
         return self.record.note
 
 
+class _BatchEnd:
+    """What BatchStatus and BatchCounts both say of a batch from its state and submit record."""
+
+    submit: Any
+
+    @property
+    def state(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def half_submitted(self) -> bool:
+        """Its submit stopped part-way (killed): some jobs may never have been queued."""
+        return self.submit is not None and self.submit.state is SubmitState.SUBMITTING
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("succeeded", "failed", "canceled", "aborted")
+
+
 @dataclass(frozen=True)
-class BatchStatus:
+class BatchStatus(_BatchEnd):
     batch: str
     created_at: float
     manifest: Manifest
@@ -87,15 +106,6 @@ class BatchStatus:
         """queued / running while any job is unfinished; then succeeded, failed or canceled."""
         return batch_state(len(self.jobs), self.counts,
                            self.submit.state if self.submit is not None else None)
-
-    @property
-    def half_submitted(self) -> bool:
-        """Its submit stopped part-way (killed): some jobs may never have been queued."""
-        return self.submit is not None and self.submit.state is SubmitState.SUBMITTING
-
-    @property
-    def finished(self) -> bool:
-        return self.state in ("succeeded", "failed", "canceled", "aborted")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -162,7 +172,7 @@ class Source(enum.StrEnum):
 
 
 @dataclass(frozen=True)
-class BatchCounts:
+class BatchCounts(_BatchEnd):
     """A batch's counts per state, read at a constant cost (`batch_counts`)."""
 
     batch: str
@@ -186,14 +196,6 @@ class BatchCounts:
     def state(self) -> str:
         return batch_state(self.total, self.by_state,
                            self.submit.state if self.submit is not None else None)
-
-    @property
-    def half_submitted(self) -> bool:
-        return self.submit is not None and self.submit.state is SubmitState.SUBMITTING
-
-    @property
-    def finished(self) -> bool:
-        return self.state in ("succeeded", "failed", "canceled", "aborted")
 
     def to_json(self) -> dict[str, Any]:
         return {"batch": self.batch, "state": self.state, "counts": self.counts,
