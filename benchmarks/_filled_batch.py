@@ -3,7 +3,8 @@ for measuring and testing what reads results (`farm results`, `farm gallery`) wi
 
 Everything is written through the farm's own builders: the manifest and submit record
 (farm/records.py), each job's record (farm/lifecycle.py) and its images and sidecars at the
-keys farm/keys.py names. Image k of job i is a small flat PNG whose colour comes from its seed.
+keys farm/keys.py names, and the summary of a batch whose every job succeeded
+(farm/summary.py). Image k of job i is a small flat PNG whose colour comes from its seed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import replace
 
 from PIL import Image
 
-from farm import keys
+from farm import keys, summary
 from farm.jobs import Job, JobSpec, job_id
 from farm.lifecycle import JobRecord, JobState
 from farm.records import Manifest, SubmitState, create_batch
@@ -71,4 +72,7 @@ def fill(store: Store, settings: Settings, batch: str, jobs: int, *, n: int = 1,
         return images
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        return [key for images in pool.map(finish, range(succeeded)) for key in images]
+        written = [key for images in pool.map(finish, range(succeeded)) for key in images]
+    if succeeded == jobs:
+        summary.finish(store, None, manifest)   # as the worker finishing the last job does
+    return written
