@@ -500,11 +500,13 @@ def demo(out: Path, n_workers: int) -> None:
 def _register() -> None:
     from farm.cli.deploy import deploy
     from farm.cli.metrics import metrics
+    from farm.cli.models import models
     from farm.cli.replay import replay
     from farm.cli.results import gallery, results
 
     cli.add_command(deploy)
     cli.add_command(metrics)
+    cli.add_command(models)
     cli.add_command(results)
     cli.add_command(gallery)
     cli.add_command(replay)

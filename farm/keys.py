@@ -18,12 +18,17 @@
     batches/<batch>/intermediate/<job>/resume-<stage>-<image>-<step>.safetensors
                                              a handed-back stage's checkpoint (worker/latents.py)
     compile-cache/<model>/<key>.bin|.json    compile artefacts for the fleet (worker/compile.py)
+    models/blobs/sha256/<digest>             one model file, named by the sha256 of its bytes
+    models/manifests/<name>/<version>.json   one version of a model in the catalog
+                                             (farm/catalog.py): its files' paths and digests
 """
 
 from __future__ import annotations
 
 BATCHES = "batches"
 COMPILE_CACHE = "compile-cache"
+MODELS = "models"
+MODEL_MANIFESTS = f"{MODELS}/manifests"
 
 
 def batch_prefix(batch: str) -> str:
@@ -99,3 +104,20 @@ def handoff_key(batch: str, job: str) -> str:
 
 def checkpoint_key(batch: str, job: str, stage: str, image: int, step: int) -> str:
     return f"{intermediate_prefix(batch, job)}resume-{stage}-{image}-{step:04d}.safetensors"
+
+
+def blob_key(digest: str) -> str:
+    return f"{MODELS}/blobs/sha256/{digest}"
+
+
+def model_manifest_key(name: str, version: int) -> str:
+    return f"{MODEL_MANIFESTS}/{name}/{version}.json"
+
+
+def model_manifest_ref(key: str) -> tuple[str, int] | None:
+    """(name, version) of a model manifest's key; None for any other key."""
+    parts = key.split("/")
+    if len(parts) == 4 and "/".join(parts[:2]) == MODEL_MANIFESTS and \
+            parts[3].endswith(".json") and parts[3][:-5].isdigit():
+        return parts[2], int(parts[3][:-5])
+    return None

@@ -1,8 +1,13 @@
 """Which models a job may name: an allow-list of names, or an explicit local path.
 
 No arbitrary URLs, no path tricks: a model is either a name below, a Hugging Face Hub id that is
-on the list, or an absolute path to a local folder (diffusers layout) or a single-file
-checkpoint (`.safetensors`). Loading itself lives in `worker/pipelines.py`.
+on the list, a model of the store's catalog (farm/catalog.py: `name`, `name@version`,
+`sha256:<digest>`), or an absolute path to a local folder (diffusers layout) or a single-file
+checkpoint (`.safetensors`). Loading itself lives in `worker/pipelines.py`, which takes a
+model from the catalog first when the catalog holds it (under a name below too).
+
+A catalog name is only a shape here; whether the catalog holds it is checked where the store is
+at hand: `farm submit` (scheduler/parse.py, `check_catalog`) and the worker that pulls it.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from farm.errors import ValidationError
 @dataclass(frozen=True)
 class ModelSpec:
     name: str            # what jobs and queues call it
-    source: str          # "tiny" (built locally), "hub" (Hub id), "path" (local folder or file)
+    source: str          # "tiny" (built locally), "hub" (Hub id), "path" (local folder or file),
+                         # "store" (the store's catalog)
     ref: str             # Hub id, local path, or the tiny model's folder name
     role: str            # "base" or "refiner"
     default_width: int
@@ -45,6 +51,8 @@ REFINER_OF: dict[str, str] = {TINY_BASE.name: TINY_REFINER.name,
                               SDXL_BASE.name: SDXL_REFINER.name}
 
 _SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/+@=-]+$")
+# the shape of a catalog reference (farm/catalog.py): name, name@version, sha256:<digest>
+CATALOG_REF = re.compile(r"^([a-z0-9][a-z0-9._-]{0,63}(@[0-9]{1,6})?|sha256:[0-9a-f]{12,64})$")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
 
@@ -69,8 +77,18 @@ def resolve(name: str, role: str | None = None, field: str = "model") -> ModelSp
             raise ValidationError(
                 field, "must be an absolute path without '..' or unusual characters", name)
         return ModelSpec(name, "path", name, role or "base", 1024, 1024, 30)
+    if CATALOG_REF.match(name):
+        return ModelSpec(name, "store", name, role or "base", 1024, 1024, 30)
+    raise ValidationError(field, unknown_rule(), name)
+
+
+def unknown_rule(catalog: str | None = None) -> str:
+    """The rule a model name breaks; `catalog`: what the store's catalog holds, when it has one."""
     known = ", ".join(sorted(REGISTRY))
-    raise ValidationError(field, f"must be one of {known} or an absolute local path", name)
+    if catalog is None:
+        return f"must be one of {known} or an absolute local path"
+    return (f"must be one of {known}, a model of the store's catalog (it holds: {catalog}) or "
+            "an absolute local path")
 
 
 def pair_name(base: str, refiner: str) -> str:

@@ -36,6 +36,12 @@ class Settings:
     s3_region: str = "us-east-1"
     # where tiny models are built and saved; unset: `home`/models
     models_dir: Path | None = None
+    # where workers keep the models they pulled from the store's catalog (farm/catalog.py), shared
+    # by every worker of the machine; unset: `home`/model-cache
+    model_cache_dir: Path | None = None
+    # the most that cache holds, in GB: least recently used blobs go first (SDXL base and
+    # refiner in fp16 are about 13 GB together)
+    model_cache_gb: float = 100.0
     # "auto" picks cuda:0 when torch sees a GPU, else cpu
     device: str = "auto"
     # torch intra-op threads per worker; 0: one on CPU (see worker/runtime.py), torch's on CUDA
@@ -174,6 +180,9 @@ class Settings:
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be 0 (any free port) to 65535, got "
                               f"{self.metrics_port}")
+        if not self.model_cache_gb > 0:
+            raise ConfigError(f"model_cache_gb (FARM_MODEL_CACHE_GB) must be positive GB, got "
+                              f"{self.model_cache_gb}")
         if not self.stop_grace > 0:
             raise ConfigError(f"stop_grace must be positive seconds, got {self.stop_grace}")
         from farm.limits import check_visibility
@@ -207,6 +216,11 @@ class Settings:
     @property
     def models_path(self) -> Path:
         return self.models_dir if self.models_dir is not None else self.home / "models"
+
+    @property
+    def model_cache_path(self) -> Path:
+        return self.model_cache_dir if self.model_cache_dir is not None else \
+            self.home / "model-cache"
 
     @property
     def broker_socket(self) -> Path:

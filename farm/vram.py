@@ -167,5 +167,8 @@ def place(model: str, stage: str, width: int, height: int, min_vram: int,
 
 
 def _family(model: str) -> str:
-    """Local paths are SDXL-base-shaped unless said otherwise."""
-    return "sdxl-base" if model.startswith("/") else model
+    """Local paths and the catalog's own models are SDXL-base-shaped unless said otherwise."""
+    from farm.models import CATALOG_REF, REGISTRY
+
+    catalog = bool(CATALOG_REF.match(model)) and model not in REGISTRY
+    return "sdxl-base" if model.startswith("/") or catalog else model

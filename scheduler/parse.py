@@ -19,6 +19,7 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from farm import models
 from farm.errors import ValidationError
 from farm.jobs import INPUT_ONLY, JobSpec
 from farm.scheduler.plan import plan
@@ -106,7 +107,34 @@ def check_jobs(records: list[tuple[int, dict[str, Any]]], defaults: Mapping[str,
             specs.append(spec)
         except ValidationError as err:
             raise _at(err, line) from None
+    check_catalog(records, specs, settings)
     return specs
+
+
+def check_catalog(records: list[tuple[int, dict[str, Any]]], specs: list[JobSpec],
+                  settings: Settings) -> None:
+    """Every model a job names that is neither a known name nor a path must be in the store's
+    catalog (farm/catalog.py); the store is read only when a job names one."""
+    wanted = [(line, field, name) for (line, _), spec in zip(records, specs, strict=True)
+              for field, name in (("model", spec.model), ("refiner", spec.refiner))
+              if name is not None and models.resolve(name).source == "store"]
+    if not wanted:
+        return
+    from farm import catalog
+    from farm.store import open_store
+
+    store = open_store(settings)
+    held = catalog.refs(store)
+    known: set[str] = {n for n, _ in held} | {f"{n}@{v}" for n, v in held}
+    digests = [m.digest for m in catalog.manifests(store)] if any(
+        name.startswith("sha256:") for _, _, name in wanted) else []
+    for line, field, name in wanted:
+        hex_ = name.removeprefix("sha256:")
+        if name in known or (name.startswith("sha256:")
+                             and sum(d.startswith(hex_) for d in digests) == 1):
+            continue
+        rule = models.unknown_rule(catalog.summary(store) if held else None)
+        raise ValidationError(field, rule, name, line=line)
 
 
 def _sniff(text: str) -> str:

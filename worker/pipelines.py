@@ -76,7 +76,25 @@ def load_model(spec: ModelSpec, settings: Settings, device: str,
     dtype = torch.float16 if on_cuda else torch.float32
     cls = StableDiffusionXLImg2ImgPipeline if spec.role == "refiner" else StableDiffusionXLPipeline
 
-    if spec.source == "tiny":
+    pulled = _pull(spec, settings, profile or PROFILES["resident"])
+    if pulled is not None:
+        # the store's catalog first: its copy wins over the Hub and the built tiny models
+        source = pulled.path
+        try:
+            if pulled.manifest.layout == "single-file":
+                pipe = _load(spec, lambda: cls.from_single_file(str(source), dtype=dtype))
+                weights = [(source.name, source)]
+            else:
+                pipe = _load(spec, lambda: cls.from_pretrained(source, dtype=dtype,
+                                                               use_safetensors=True))
+                weights = weight_files(source)
+        finally:
+            pulled.release()
+        if pulled.manifest.variant == "fp8" and not (profile and profile.fp8_weights):
+            # stored in fp8: held in fp8 too, each layer cast up to compute
+            pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn,
+                                               compute_dtype=dtype)
+    elif spec.source == "tiny":
         folder = settings.models_path / spec.ref
         tiny.build_tiny(spec.ref, folder)
         pipe = _load(spec, lambda: cls.from_pretrained(folder, dtype=dtype, use_safetensors=True))
@@ -113,15 +131,57 @@ def load_model(spec: ModelSpec, settings: Settings, device: str,
     profile = profile or PROFILES["resident"]
     vae_name = _apply_profile(pipe, spec, settings, profile, device, dtype)
     pipe.set_progress_bar_config(disable=True)
-    tiny_vae = pipe.vae if vae_name == "tiny" else _optional_tiny_vae(spec, settings, device,
-                                                                        dtype)
+    if vae_name == "tiny":
+        tiny_vae = pipe.vae
+    elif pulled is not None and (pulled.folder / tiny.TINY_VAE_FOLDER).is_dir():
+        # the tiny VAE the model was pushed with, beside it in the machine's cache
+        folder = pulled.folder / tiny.TINY_VAE_FOLDER
+        tiny_vae = _load(spec, lambda: AutoencoderTiny.from_pretrained(folder, dtype=dtype))
+        tiny_vae = tiny_vae.to(device)
+    else:
+        tiny_vae = _optional_tiny_vae(spec, settings, device, dtype)
     return LoadedModel(
         name=spec.name, spec=spec, pipe=pipe, device=device, dtype=dtype,
         weights_hash=weights_hash(weights),
         load_seconds=time.perf_counter() - start,
         scheduler_config=dict(pipe.scheduler.config),
         profile=profile.name, vae_name=vae_name, profile_vae=pipe.vae, tiny_vae=tiny_vae,
+        catalog=None if pulled is None else {
+            "name": pulled.manifest.name, "version": pulled.manifest.version,
+            "variant": pulled.manifest.variant, "manifest": pulled.manifest.digest},
     )
+
+
+def _pull(spec: ModelSpec, settings: Settings, profile: Profile) -> Any:
+    """The model from the store's catalog (worker/model_cache.py), when the catalog has it;
+    None for a model it does not hold (then the Hub, a built tiny model, or a local path)."""
+    if spec.source == "path":
+        return None
+    from farm import catalog
+    from farm.errors import NotFound, StoreUnavailable
+    from farm.store import open_store
+    from farm.worker.model_cache import ModelCache
+
+    cache = ModelCache(settings, echo=log.warning)
+    prefer = "fp8" if profile.fp8_weights else "fp16"
+    store = open_store(settings)
+    try:
+        known = spec.source == "store" or catalog.has_catalog(store)
+    except StoreUnavailable:
+        known = True  # no network: the cache may hold it
+    if not known:
+        return None
+    try:
+        pulled = cache.pull(store, spec.name, prefer)
+    except (NotFound, ModelUnavailable):
+        if spec.source == "store":
+            raise
+        return None
+    log.warning("model %s: %s (%s, sha256:%s) %s in %.1f s", spec.name, pulled.manifest.ref,
+                pulled.manifest.variant, pulled.manifest.digest[:12],
+                f"pulled {pulled.fetched} blobs ({pulled.fetched_bytes / 1e6:.1f} MB)"
+                if pulled.fetched else "from the machine's cache", pulled.seconds)
+    return pulled
 
 
 def _tiny_vae(spec: ModelSpec, settings: Settings, dtype: torch.dtype) -> Any:
