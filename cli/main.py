@@ -58,7 +58,7 @@ def cli() -> None:
 @click.option("--split", type=click.Choice(["auto", "always", "never"]),
               help="Base and refiner on two workers through the store (always), on one "
                    "(never), or auto (default).")
-@click.option("--preset", type=click.Choice(["balanced", "fast", "quality"]),
+@click.option("--preset", type=click.Choice(["balanced", "fast", "quality", "turbo"]),
               help="Job defaults from the SDXL guide (default: balanced).")
 @click.option("--snap", is_flag=True, default=None,
               help="Move sizes that are not a bucket to the nearest bucket (else refused).")
@@ -330,6 +330,9 @@ def batches(as_json: bool, limit: int) -> None:
 @click.option("--compile", "compile_", default=None,
               type=click.Choice(["inductor", "regional", "none", "onediff"]),
               help="Compile the UNet (default: inductor on CUDA, none on CPU).")
+@click.option("--recipe", default=None, metavar="OPTIONS",
+              help="GPU recipe options, comma-separated: fuse-qkv, channels-last, compile-vae, "
+                   "cuda-graphs, fp8; or none (FARM_RECIPE; default: the device's).")
 @click.option("--stop-grace", type=float, default=None, metavar="SECONDS",
               help="Seconds the platform allows between SIGTERM and SIGKILL (default 30, "
                    "FARM_STOP_GRACE): a stage that fits finishes, else it is handed back.")
@@ -338,7 +341,8 @@ def batches(as_json: bool, limit: int) -> None:
                    "port; default: none). Each worker on a machine needs its own.")
 def worker(models_: tuple[str, ...], device: str | None, max_jobs: int | None,
            name: str | None, vram: str | None, profile: str | None,
-           compile_: str | None, stop_grace: float | None, metrics_port: int | None) -> None:
+           compile_: str | None, recipe: str | None, stop_grace: float | None,
+           metrics_port: int | None) -> None:
     """Run one worker in the foreground: load and warm its pipelines, then take jobs."""
     import logging
 
@@ -348,7 +352,7 @@ def worker(models_: tuple[str, ...], device: str | None, max_jobs: int | None,
     from farm.worker.runtime import Worker
 
     settings = Settings.load(device=device, vram=vram, profile=profile, compile=compile_,
-                             stop_grace=stop_grace, metrics_port=metrics_port)
+                             recipe=recipe, stop_grace=stop_grace, metrics_port=metrics_port)
     w = Worker(settings, list(models_), device=settings.device, name=name, max_jobs=max_jobs,
                echo=lambda m: click.echo(m, err=True))
     sys.exit(w.run())

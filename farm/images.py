@@ -37,6 +37,8 @@ def a1111_parameters(spec: JobSpec, seed: int, weights_hash: str) -> str:
         settings += [f"Refiner: {spec.refiner}", f"Refiner switch at: {number(spec.switch)}"]
     if spec.cfg_cutoff:
         settings.append(f"CFG cutoff: {number(spec.cfg_cutoff)}")
+    if spec.deep_cache:
+        settings.append(f"Deep cache: {spec.deep_cache}")
     for name, value, default in (("VAE", spec.vae, "default"),
                                  ("Preset", spec.preset, DEFAULT_PRESET),
                                  ("Split", spec.split, "auto"), ("Min VRAM", spec.min_vram, 0)):

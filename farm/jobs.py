@@ -29,6 +29,9 @@ SPLIT_POLICIES = ("auto", "always", "never")
 GUIDANCE_MAX = 30.0
 MIN_SIDE = 64
 MAX_VRAM_GB = 1024
+# the longest feature-cache interval (worker/deepcache.py): past a few steps the reused deep
+# features are too stale to be worth the time saved
+DEEP_CACHE_MAX = 8
 
 # accepted in a request but not kept: `snap` moves a size that is not a bucket to the nearest
 INPUT_ONLY = ("snap",)
@@ -59,6 +62,9 @@ class JobSpec:
     preset: str = DEFAULT_PRESET    # farm/presets.py: its values fill what the job leaves out
     cfg_cutoff: float = 0.0     # turn classifier-free guidance off after this share of steps
     vae: str = "default"        # "tiny": decode with TAESD-XL where the worker has it
+    # the feature cache of the turbo preset: the full UNet every `deep_cache`-th step, its
+    # shallow blocks on the rest with the deep features reused (worker/deepcache.py); 0: off
+    deep_cache: int = 0
     snapped_from: str | None = None  # "WxH" the job asked for before --snap moved it to a bucket
 
     _FIELDS: ClassVar[tuple[str, ...]] = ()  # set below: asked for once per field of a job
@@ -128,6 +134,11 @@ class JobSpec:
         if cfg_cutoff >= 1.0:
             raise ValidationError("cfg_cutoff", "must be below 1 (0 keeps CFG on every step)",
                                   cfg_cutoff)
+        deep_cache = _int(data, "deep_cache", 0, DEEP_CACHE_MAX, 0)
+        if deep_cache == 1:
+            raise ValidationError("deep_cache", f"must be 0 (off) or an interval from 2 to "
+                                  f"{DEEP_CACHE_MAX} (the full UNet every that many steps)",
+                                  deep_cache)
         seed = data.get("seed")
         return cls(
             prompt=_text(data, "prompt", settings.max_prompt_chars, required=True),
@@ -141,7 +152,7 @@ class JobSpec:
             min_vram=_int(data, "min_vram", 0, MAX_VRAM_GB, 0), refiner=refiner, switch=switch,
             split=_choice(data, "split", SPLIT_POLICIES, "auto"), preset=preset,
             cfg_cutoff=cfg_cutoff, vae=_choice(data, "vae", VAES, "default"),
-            snapped_from=snapped_from)
+            deep_cache=deep_cache, snapped_from=snapped_from)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

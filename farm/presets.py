@@ -7,6 +7,9 @@ over its preset's; the README says what each trades.
     quality   50 steps, full CFG, the model's VAE, and the model's refiner (farm/models.py
               REFINER_OF) taking over at 0.9: the guide's ensemble of expert denoisers. A job
               on a model with no known refiner names its own, or is refused.
+    turbo     as balanced, with the deep feature cache (worker/deepcache.py): the full UNet on
+              every other step, its shallow blocks only on the rest (the guide measured DeepCache
+              at about half the time, at some loss of detail). Opt-in.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fast": {"steps": 30, "cfg_cutoff": 0.75, "vae": "tiny"},
     "quality": {"steps": 50, "cfg_cutoff": 0.0, "vae": "default",
                 "refiner": MODELS_REFINER, "switch": 0.9},
+    "turbo": {"deep_cache": 2},
 }
 DEFAULT_PRESET = "balanced"
 VAES = ("default", "tiny")

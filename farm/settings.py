@@ -56,6 +56,9 @@ class Settings:
     # a worker's compile backend: inductor, regional, none, onediff; unset: inductor on CUDA,
     # none on CPU (worker/compile.py)
     compile: str | None = None
+    # a worker's recipe (farm/recipe.py): comma-separated options (fuse-qkv, channels-last,
+    # compile-vae, cuda-graphs, fp8) or "none"; unset: the device's default
+    recipe: str | None = None
     # a worker's load profile; unset: the one its class implies (farm.vram.PROFILE_BY_CLASS)
     profile: str | None = None
     # measured peak-VRAM figures (JSON rows) replacing the seeded ones
@@ -162,6 +165,10 @@ class Settings:
         if self.compile is not None and self.compile not in COMPILE_BACKENDS:
             raise ConfigError(f"compile must be one of {', '.join(COMPILE_BACKENDS)}, got "
                               f"{self.compile!r}")
+        if self.recipe is not None:
+            from farm.recipe import parse
+
+            parse(self.recipe, "cpu")
         if self.buckets:
             from farm import buckets
 

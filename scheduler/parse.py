@@ -28,7 +28,8 @@ from farm.settings import Settings
 FORMATS = ("txt", "jsonl", "csv")
 _EXTENSIONS = {".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
 
-INT_FIELDS = frozenset({"seed", "steps", "width", "height", "n", "priority", "min_vram"})
+INT_FIELDS = frozenset({"seed", "steps", "width", "height", "n", "priority", "min_vram",
+                        "deep_cache"})
 NUMBER_FIELDS = frozenset({"guidance", "switch", "cfg_cutoff"})
 
 # ASCII digits only: int() and \d also take "1_000" and other scripts' digits, which no one

@@ -111,6 +111,7 @@ def _from_png(path: Path, data: bytes, settings: Settings) -> Replay:
         "refiner": found.get("Refiner"),
         "switch": _float(found.get("Refiner switch at", str(DEFAULT_SWITCH))),
         "cfg_cutoff": _float(found.get("CFG cutoff", "0")), "vae": found.get("VAE", "default"),
+        "deep_cache": _int(found.get("Deep cache", "0")),
         "preset": found.get("Preset", DEFAULT_PRESET), "split": found.get("Split", "auto"),
         "min_vram": _int(found.get("Min VRAM", "0"))}
     try:

@@ -75,15 +75,20 @@ def wrap(model: Any, backend: str) -> None:
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit,
                                                 CACHE_SIZE_LIMIT)
-    pipe = model.pipe
+    from farm.worker import recipe
+
+    pipe, chosen = model.pipe, tuple(getattr(model, "recipe", ()))
     if backend == "inductor":
-        pipe.unet = torch.compile(pipe.unet, dynamic=False)
+        pipe.unet = torch.compile(pipe.unet, dynamic=False, mode=recipe.compile_mode(chosen))
     elif backend == "regional":
         pipe.unet.compile_repeated_blocks(dynamic=False)
     elif backend == "onediff":
         from onediffx import compile_pipe
 
         model.pipe = compile_pipe(pipe)
+        return
+    recipe.compile_vae((pipe.vae, getattr(model, "profile_vae", None),
+                        getattr(model, "tiny_vae", None)), chosen)
 
 
 def graphs() -> int:
@@ -107,7 +112,8 @@ def cache_key(model: Any, backend: str, buckets: tuple[tuple[int, int], ...], pr
     parts = {"torch": torch.__version__, "diffusers": diffusers.__version__,
              "python": platform.python_version(), "device": name, "capability": capability,
              "weights": model.weights_hash, "dtype": str(model.dtype), "backend": backend,
-             "buckets": [list(b) for b in buckets], "profile": profile, "model": model.name}
+             "buckets": [list(b) for b in buckets], "profile": profile, "model": model.name,
+             "recipe": list(getattr(model, "recipe", ()))}
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
     return f"{CACHE_PREFIX}/{model.name}/{digest}"
 

@@ -29,6 +29,8 @@ class LoadedModel:
     vae_name: str = "default"
     profile_vae: Any = None
     tiny_vae: Any = None
+    # the worker's recipe options applied (farm/recipe.py)
+    recipe: tuple[str, ...] = ()
     # the catalog's model it was pulled as (farm/catalog.py): name, version, variant and the
     # manifest's digest; None for a model loaded from the Hub, a tiny build or a local path
     catalog: dict[str, Any] | None = None

@@ -33,7 +33,8 @@ from farm.errors import ModelUnavailable
 from farm.models import CHECKPOINT_SUFFIXES, ModelSpec
 from farm.settings import Settings
 from farm.vram import PROFILES, Profile
-from farm.worker import tiny
+from farm.worker import recipe, tiny
+from farm.worker.compile import default_backend
 from farm.worker.model import LoadedModel
 
 # the backend a worker renders with: loading is here, rendering in worker/render.py
@@ -70,6 +71,7 @@ def load_model(spec: ModelSpec, settings: Settings, device: str,
     everything resident, the model's own VAE). Raises ModelUnavailable."""
     start = time.perf_counter()
     device = resolve_device(device)
+    chosen = recipe.resolve(settings.recipe, device, settings.compile or default_backend(device))
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
     on_cuda = device.startswith("cuda")
@@ -140,12 +142,14 @@ def load_model(spec: ModelSpec, settings: Settings, device: str,
         tiny_vae = tiny_vae.to(device)
     else:
         tiny_vae = _optional_tiny_vae(spec, settings, device, dtype)
+    recipe.apply_at_load(pipe, chosen, (tiny_vae,))
     return LoadedModel(
         name=spec.name, spec=spec, pipe=pipe, device=device, dtype=dtype,
         weights_hash=weights_hash(weights),
         load_seconds=time.perf_counter() - start,
         scheduler_config=dict(pipe.scheduler.config),
         profile=profile.name, vae_name=vae_name, profile_vae=pipe.vae, tiny_vae=tiny_vae,
+        recipe=chosen,
         catalog=None if pulled is None else {
             "name": pulled.manifest.name, "version": pulled.manifest.version,
             "variant": pulled.manifest.variant, "manifest": pulled.manifest.digest},

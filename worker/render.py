@@ -9,6 +9,7 @@ image seed, (seed + k) mod 2**32 (JobSpec.image_seeds).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from diffusers import (
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback, SDXLCFGCutoffCallback
 
 from farm import jobs
+from farm.worker.deepcache import FeatureCache
 from farm.worker.model import LoadedModel
 
 # job scheduler name -> class, each built from_config of the model's own scheduler config
@@ -151,14 +153,15 @@ def render(model: LoadedModel, spec: jobs.JobSpec, *,
         generator = torch.Generator("cpu").manual_seed(seed)
         if track is not None:
             track(k, generator, 0)
-        result = model.pipe(
-            prompt=spec.prompt,
-            # None, not "": SDXL base then uses zero negative embeddings, as it was tuned with
-            negative_prompt=spec.negative_prompt or None,
-            width=spec.width, height=spec.height,
-            num_inference_steps=spec.steps, guidance_scale=spec.guidance,
-            num_images_per_prompt=1, generator=generator, output_type="pil", **extra,
-        )
+        with feature_cache(model, spec):
+            result = model.pipe(
+                prompt=spec.prompt,
+                # None, not "": SDXL base then uses zero negative embeddings, as it was tuned
+                negative_prompt=spec.negative_prompt or None,
+                width=spec.width, height=spec.height,
+                num_inference_steps=spec.steps, guidance_scale=spec.guidance,
+                num_images_per_prompt=1, generator=generator, output_type="pil", **extra,
+            )
         images.extend(result.images)
     return images
 
@@ -186,13 +189,25 @@ def denoise_base(model: LoadedModel, spec: jobs.JobSpec, seed: int, *,
     generator = torch.Generator("cpu").manual_seed(seed)
     if track is not None:
         track(generator, 0)
-    result = model.pipe(
-        prompt=spec.prompt, negative_prompt=spec.negative_prompt or None,
-        width=spec.width, height=spec.height, num_inference_steps=spec.steps,
-        guidance_scale=spec.guidance, denoising_end=spec.switch, output_type="latent",
-        generator=generator, **extra,
-    )
+    with feature_cache(model, spec):
+        result = model.pipe(
+            prompt=spec.prompt, negative_prompt=spec.negative_prompt or None,
+            width=spec.width, height=spec.height, num_inference_steps=spec.steps,
+            guidance_scale=spec.guidance, denoising_end=spec.switch, output_type="latent",
+            generator=generator, **extra,
+        )
     return result.images, generator
+
+
+def feature_cache(model: LoadedModel, spec: jobs.JobSpec,
+                  start_step: int = 0) -> contextlib.AbstractContextManager[Any]:
+    """The job's deep feature cache (`deep_cache`, the turbo preset) on the model's UNet for
+    one image's denoising loop, or nothing. A resumed image starts at `start_step` with a full
+    step (there is no cached feature to reuse yet), so one resumed at a step the uninterrupted
+    run would have cached computes that step in full and its pixels may differ slightly."""
+    if not spec.deep_cache:
+        return contextlib.nullcontext()
+    return FeatureCache(model.pipe.unet, spec.deep_cache, start_step)
 
 
 def _schedule(model: LoadedModel, spec: jobs.JobSpec) -> tuple[torch.Tensor, int]:
@@ -240,14 +255,15 @@ def _continue(model: LoadedModel, spec: jobs.JobSpec, point: Continue,
             guidance = 0.0  # the uninterrupted run had turned guidance off already
     extra = _callbacks(callback, cutoff)
     try:
-        result = pipe(
-            prompt=spec.prompt, negative_prompt=spec.negative_prompt or None,
-            image=point.latents.to(device=model.device, dtype=model.dtype),
-            num_inference_steps=spec.steps,
-            denoising_start=start_fraction(timesteps, train, point.step, spec),
-            denoising_end=end, guidance_scale=guidance, generator=generator,
-            output_type=output_type, **extra,
-        )
+        with feature_cache(model, spec, point.step):
+            result = pipe(
+                prompt=spec.prompt, negative_prompt=spec.negative_prompt or None,
+                image=point.latents.to(device=model.device, dtype=model.dtype),
+                num_inference_steps=spec.steps,
+                denoising_start=start_fraction(timesteps, train, point.step, spec),
+                denoising_end=end, guidance_scale=guidance, generator=generator,
+                output_type=output_type, **extra,
+            )
     finally:
         # Under model offload the shared modules carry the worker pipeline's hooks, and only
         # that pipeline puts them all back on the CPU when a call ends (a no-op otherwise).

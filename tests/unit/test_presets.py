@@ -37,7 +37,18 @@ def test_quality_preset_and_the_balanced_default() -> None:
     assert spec(preset="quality", refiner="tiny-sdxl-refiner", switch=0.8).switch == 0.8
     b = spec()
     assert (b.preset, b.steps, b.cfg_cutoff, b.vae) == ("balanced", 20, 0.0, "default")
-    assert set(PRESETS) == {"balanced", "fast", "quality"}
+    assert set(PRESETS) == {"balanced", "fast", "quality", "turbo"}
+
+
+def test_turbo_preset_is_balanced_with_the_deep_feature_cache() -> None:
+    t, b = spec(preset="turbo"), spec()
+    assert (t.deep_cache, b.deep_cache) == (2, 0)
+    assert (t.steps, t.cfg_cutoff, t.vae, t.refiner) == (b.steps, b.cfg_cutoff, b.vae, b.refiner)
+    assert spec(preset="turbo", deep_cache=4).deep_cache == 4
+    assert spec(preset="turbo", deep_cache=0).deep_cache == 0  # the job's own field wins
+    assert spec(deep_cache=3).preset == "balanced"
+    # a manifest's stored spec reads back as it was written
+    assert JobSpec.from_dict(t.to_dict(), SETTINGS, stored=True) == t
 
 
 def test_quality_preset_on_a_model_with_no_known_refiner_is_refused_not_dropped() -> None:
@@ -56,8 +67,12 @@ def test_a_stored_quality_spec_without_a_refiner_keeps_none() -> None:
 
 
 @pytest.mark.parametrize(("fields", "message"), [
-    ({"preset": "turbo"}, "preset must be one of balanced, fast, quality, got 'turbo'"),
-    ({"preset": ["fast"]}, "preset must be one of balanced, fast, quality, got ['fast']"),
+    ({"preset": "warp"}, "preset must be one of balanced, fast, quality, turbo, got 'warp'"),
+    ({"preset": ["fast"]}, "preset must be one of balanced, fast, quality, turbo, got ['fast']"),
+    ({"deep_cache": 1}, "deep_cache must be 0 (off) or an interval from 2 to 8 (the full UNet "
+                        "every that many steps), got 1"),
+    ({"deep_cache": 9}, "deep_cache must be an integer from 0 to 8, got 9"),
+    ({"deep_cache": "2"}, "deep_cache must be an integer from 0 to 8, got '2'"),
     ({"cfg_cutoff": 1.0}, "cfg_cutoff must be below 1 (0 keeps CFG on every step), got 1.0"),
     ({"cfg_cutoff": -0.1}, "cfg_cutoff must be a number from 0 to 1, got -0.1"),
     ({"vae": "big"}, "vae must be one of default, tiny, got 'big'"),
