@@ -69,7 +69,8 @@ def worker_service(spec: files.DeploySpec, vram_class: int) -> dict[str, Any]:
         # ready once loaded and warm: the worker creates FARM_READY_FILE then
         "healthcheck": {"test": ["CMD", "test", "-f", files.READY_FILE], "interval": "10s",
                         "timeout": "5s", "retries": 3,
-                        # a first start downloads the weights (about 7 GB for SDXL)
+                        # a first start pulls the weights (about 7 GB for SDXL base) from
+                        # the store's catalog, or from the Hub when the catalog lacks them
                         "start_period": "30m"},
         # SIGTERM is a warm shutdown: wait past the hard limit (FARM_STOP_GRACE says the same
         # to the worker), so it finishes its stage

@@ -49,10 +49,16 @@ READY_FILE = "/tmp/farm/ready"
 # Each worker serves /metrics here (FARM_METRICS_PORT): one worker per container or pod, so one
 # port for all. Not 9400, which NVIDIA's DCGM exporter takes on many GPU nodes.
 METRICS_PORT = 9460
-# The model cache volume: Hub downloads (HF_HOME) and built tiny models (FARM_HOME/models).
+# The model cache volume: the models a worker pulls from the farm's store (its catalog, pushed
+# once with `farm models push`: no per-pod Hub download), Hub downloads (HF_HOME) for what the
+# catalog does not hold, and built tiny models (FARM_HOME/models).
 MODEL_CACHE = "/models"
 HF_HOME = f"{MODEL_CACHE}/huggingface"
 FARM_HOME_IN_CONTAINER = f"{MODEL_CACHE}/farm"
+MODEL_CACHE_DIR = f"{FARM_HOME_IN_CONTAINER}/model-cache"
+# FARM_MODEL_CACHE_GB: the pulled models' share of the volume (k8s gives it 60 GiB): SDXL base
+# and refiner in fp16 take about 13 GB, so several versions fit before the oldest is evicted
+MODEL_CACHE_GB = 40
 
 # A deployment serves the real model unless told otherwise; a job names its model, so the
 # served set must match what users submit (`farm submit --model sdxl-base`).
@@ -269,6 +275,8 @@ def worker_env(spec: DeploySpec, vram_class: int, stop_grace: int | None = None
         "FARM_READY_FILE": READY_FILE,
         "FARM_METRICS_PORT": str(METRICS_PORT),
         "FARM_HOME": FARM_HOME_IN_CONTAINER,
+        "FARM_MODEL_CACHE_DIR": MODEL_CACHE_DIR,
+        "FARM_MODEL_CACHE_GB": str(MODEL_CACHE_GB),
         "HF_HOME": HF_HOME,
     }
 

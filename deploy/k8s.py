@@ -181,7 +181,8 @@ def deployment(spec: files.DeploySpec, vram_class: int) -> dict[str, Any]:
         "securityContext": {"runAsNonRoot": True, "runAsUser": WORKER_UID,
                             "runAsGroup": WORKER_UID, "fsGroup": WORKER_UID},
         "containers": [container],
-        # the weights are downloaded per pod; a ReadWriteMany claim here shares them (README)
+        # each pod pulls its weights from the farm's store (the catalog, README "Models"), in
+        # parallel ranged GETs; a ReadWriteMany claim here shares them between pods
         "volumes": [{"name": "models", "emptyDir": {"sizeLimit": "60Gi"}}],
     }
     return {"apiVersion": "apps/v1", "kind": "Deployment",

@@ -276,8 +276,9 @@ def _explain(spec: ModelSpec, exc: Exception) -> str:
         if offline:
             return (f"cannot load {spec.ref}: not in the local Hugging Face cache and the Hub is "
                     f"unreachable; download it first with `hf download {spec.ref}` on a machine "
-                    f"with network (then copy the cache, HF_HOME), or pass an absolute local "
-                    f"path as the model ({detail})")
+                    f"with network (then copy the cache, HF_HOME), push it into the farm's "
+                    f"store once (`farm models push {spec.ref} --name {spec.name}`), or pass "
+                    f"an absolute local path as the model ({detail})")
     if spec.source == "tiny":
         return f"cannot load tiny model {spec.name} from {spec.ref}: {detail}"
     return f"cannot load {spec.ref}: {detail}"

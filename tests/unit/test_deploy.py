@@ -254,6 +254,9 @@ def test_compose_services_and_environment_are_complete(classes: tuple[int, ...],
         assert env["FARM_STOP_GRACE"] == str(_seconds(service["stop_grace_period"]))
         assert any(v.endswith(f":{env['HF_HOME'].rsplit('/', 1)[0]}")
                    for v in service["volumes"])
+        # the models pulled from the store's catalog land on the same volume, within a budget
+        assert env["FARM_MODEL_CACHE_DIR"].startswith(env["HF_HOME"].rsplit("/", 1)[0] + "/")
+        assert 0 < float(env["FARM_MODEL_CACHE_GB"]) < 60
         assert service["command"] == deploy.worker_args(spec)
         settings = Settings.load(env={k: v for k, v in env.items() if "${" not in v})
         assert settings.vram_classes == classes and settings.vram == str(c)
