@@ -24,13 +24,26 @@ from farm.errors import BrokerUnavailable, ConfigError
 from farm.settings import Settings
 
 
-def celery_app(settings: Settings, name: str = "farm") -> Any:
-    """A Celery app on the reliability baseline of DESIGN.md §6."""
+def celery_app(settings: Settings, name: str = "farm", *, worker: bool = False) -> Any:
+    """A Celery app on the reliability baseline of DESIGN.md §6. `worker`: a worker's, whose
+    late-ack bookkeeping goes through farm/transport.py (two commands a delivery and an ack,
+    not four)."""
     from celery import Celery
 
     url = settings.effective_broker_url
     check_url(url)
+    transport = None
+    if worker:
+        from farm import transport as farm_transport
+
+        if url.startswith(("redis+socket://", "unix://")):
+            url, transport = "socket://" + url.split("://", 1)[1], \
+                farm_transport.SOCKET_TRANSPORT
+        else:
+            transport = farm_transport.TRANSPORT
     app = Celery(name, broker=url, set_as_current=False)
+    if transport is not None:
+        app.conf.broker_transport = transport
     app.conf.update(
         # JSON only: a pickle message would be code execution for anyone who reaches Redis.
         task_serializer="json",

@@ -16,8 +16,8 @@ can land in either; both are closed here:
   with no record naming it. The sweep restores such orphans once they are older than the
   heartbeat TTL (`restore_orphans`).
 - after BRPOP took the message, before kombu's `unacked` write (kombu#305): the message is
-  nowhere in Redis. Submit notes every job of a batch in `farm:open:<batch>`, and a worker
-  removes a job when it ends. Reconciling (`missing_jobs`) finds a job that is open while its
+  nowhere in Redis. Submit notes every job of a batch in `farm:open:<batch>`; the tally note
+  of a job's final record removes it (farm/tally.py, in the same command). Reconciling (`missing_jobs`) finds a job that is open while its
   batch's queues are empty and no unacknowledged message carries it; missing for a heartbeat
   TTL, the worker runs it again from the batch's manifest. A second delivery is harmless:
   workers skip a job that has ended, and discard a superseded attempt.
@@ -269,7 +269,7 @@ def forget_missing(client: Any, batch: str, job: str) -> None:
     client.hdel(MISSING + batch, job)
 
 
-# -- cancel: a flag to check before a stage, a broadcast to stop a running one ----------------
+# -- cancel: a flag (read when a worker subscribes) and a broadcast that stops a running stage --
 
 CANCEL_CHANNEL = "farm:cancel"
 
@@ -286,32 +286,59 @@ def is_canceled(client: Any, *idents: str) -> bool:
 
 
 class CancelListener:
-    """The ids canceled since this worker started, from the broadcast (a background thread).
-    A broadcast missed while disconnected is caught by the flag check before each stage."""
+    """The ids canceled, as this worker knows them without asking Redis: every flag set when it
+    subscribed (read once, after subscribing, so none falls between), then the broadcast (a
+    background thread). On reconnecting it subscribes and reads the flags again, so a broadcast
+    missed while disconnected is caught then. Before `start`, and while it reconnects,
+    `canceled` asks Redis."""
 
     def __init__(self, client: Any) -> None:
         self.ids: set[str] = set()
         self._client = client
         self._thread: Any = None
+        self._listening = False
 
     def start(self) -> None:
+        """Subscribe and read the flags now (the first job may start right after), then listen
+        in a background thread."""
         import threading
 
-        self._thread = threading.Thread(target=self._listen, name="cancel", daemon=True)
+        pubsub = self._subscribe()
+        self._listening = True
+        self._thread = threading.Thread(target=self._listen, args=(pubsub,), name="cancel",
+                                        daemon=True)
         self._thread.start()
 
-    def _listen(self) -> None:
+    def _subscribe(self) -> Any:
+        pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(CANCEL_CHANNEL)
+        for key in self._client.scan_iter(match=CANCEL + "*", count=1000):
+            name = key.decode() if isinstance(key, bytes) else key
+            self.ids.add(name[len(CANCEL):])
+        return pubsub
+
+    def _listen(self, pubsub: Any) -> None:
         while True:
             try:
-                pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(CANCEL_CHANNEL)
+                if pubsub is None:
+                    pubsub = self._subscribe()
+                    self._listening = True
                 for message in pubsub.listen():
                     data = message.get("data")
                     if isinstance(data, bytes):
                         self.ids.add(data.decode())
-            except Exception as exc:  # noqa: BLE001 - reconnect; the flag check covers the gap
+            except Exception as exc:  # noqa: BLE001 - reconnect, and read the flags again
                 log.warning("cancel listener reconnecting: %s", exc)
+                self._listening = False   # meanwhile each stage asks Redis
+                pubsub = None
                 time.sleep(1.0)
 
     def canceled(self, *idents: str) -> bool:
+        """Before a stage: whether any of `idents` is canceled."""
+        if not self._listening:
+            return is_canceled(self._client, *idents)
+        return self.heard(*idents)
+
+    def heard(self, *idents: str) -> bool:
+        """After each step: what the broadcast said, never a Redis command."""
         return any(i in self.ids for i in idents)

@@ -17,6 +17,11 @@ record (a second delivery of its message): a process that died between its store
 its note is repaired by the next one that sees the record. When the batch ends, `reset` writes
 the counts of a full recount (farm/summary.py), which repairs anything else.
 
+A note of a final record also takes the job out of the batch's open set (farm/recovery.py
+`OPEN`, what reconciling looks for), in the same command: the job's end costs its worker one
+Redis command, and a note that never ran leaves the job open until reconciling reads its final
+record and notes it again.
+
 No tally (Redis lost its data, or a batch from before the tally): `counts` says None and status
 counts from the records.
 """
@@ -27,18 +32,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from farm.lifecycle import FINAL_STATES, JobRecord, JobState
+from farm.recovery import OPEN
 
 PREFIX = "farm:tally:"
 TOTAL = "#total"
 TALLY_SECONDS = 30 * 24 * 3600   # as long as the batch's other notes in Redis
 STATES = tuple(JobState)
 
-# KEYS[1] the tally; ARGV: job, seq, state. Returns {changed, final jobs, total}, or nil when
-# the batch has no tally. Two commands inside (one read, at most one write): INFO commandstats
-# counts them, and the worker's commands per job are kept low (issue #16).
+# KEYS[1] the tally, KEYS[2] the batch's open set; ARGV: job, seq, state. Returns {changed,
+# final jobs, total}, or nil when the batch has no tally. Inside: at most one SREM (a final
+# state), one read and at most one write of the tally; INFO commandstats counts each of them.
 _NOTE = """
 local states = {'queued', 'running', 'latents_ready', 'refining', 'succeeded', 'failed',
                 'canceled'}
+local new = ARGV[3]
+if new == 'succeeded' or new == 'failed' or new == 'canceled' then
+  redis.call('SREM', KEYS[2], ARGV[1])
+end
 local fields = {'#total', ARGV[1]}
 for i, s in ipairs(states) do fields[i + 2] = '#' .. s end
 local got = redis.call('HMGET', KEYS[1], unpack(fields))
@@ -50,7 +60,7 @@ if got[2] then
   local at = string.find(got[2], ':', 1, true)
   seq, old = tonumber(string.sub(got[2], 1, at - 1)), string.sub(got[2], at + 1)
 end
-local new, changed = ARGV[3], 0
+local changed = 0
 if tonumber(ARGV[2]) > seq then
   if old ~= new then
     count[old], count[new] = count[old] - 1, count[new] + 1
@@ -65,6 +75,7 @@ return {changed, count['succeeded'] + count['failed'] + count['canceled'], tonum
 """
 
 assert all(f"'{s.value}'" in _NOTE for s in JobState), "the note script must know every state"
+assert all(f"new == '{s.value}'" in _NOTE for s in FINAL_STATES), "and every final one"
 
 # KEYS[1] the tally; ARGV: ttl, then field, value pairs. Writes them only when no tally exists.
 _START = """
@@ -132,8 +143,9 @@ class Tally:
         self._note = client.register_script(_NOTE)
 
     def note(self, record: JobRecord) -> Noted | None:
-        """Count `record` (idempotent, order-free); None when its batch has no tally."""
-        got = self._note(keys=[tally_key(record.batch)],
+        """Count `record` (idempotent, order-free), and a final one leaves the open set; None
+        when its batch has no tally."""
+        got = self._note(keys=[tally_key(record.batch), OPEN + record.batch],
                          args=[record.job, record.seq, record.state.value])
         if got is None:
             return None

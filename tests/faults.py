@@ -13,6 +13,10 @@ purpose, and a launcher for stand-in worker processes that use it. Test tools on
                       whose class is below --oom-below GB (default: every class)
     --gate FILE       half-way through each job, wait until FILE exists: a test decides when
                       this worker's stage may finish
+    --die-before-note JOB:FILE
+                      exit at once (os._exit(1)) after JOB's final record is written, before the
+                      batch's tally hears of it (farm/tally.py), unless FILE exists; FILE is
+                      created first, so only one worker dies so
 """
 
 from __future__ import annotations
@@ -67,6 +71,23 @@ class FaultyStandIn(StandIn):
             raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
+def die_before_note(job: str, marker: str) -> None:
+    """Make this worker process die between `job`'s final record write and its tally note."""
+    from farm.worker.finisher import Finisher
+
+    noted = Finisher.noted
+
+    def dying(self: Finisher, record: Any) -> None:
+        if record.job == job and record.state.final and not os.path.exists(marker):
+            open(marker, "w").close()
+            print(f"faults: {job} is {record.state.value} in the store; exiting before its "
+                  "note", file=sys.stderr, flush=True)
+            os._exit(1)
+        noted(self, record)
+
+    Finisher.noted = dying  # type: ignore[method-assign]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.faults")
     parser.add_argument("--crash-on")
@@ -77,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--oom-below", type=int)
     parser.add_argument("--gate")
     parser.add_argument("--render-seconds", type=float, default=0.0)
+    parser.add_argument("--die-before-note")
     args, rest = parser.parse_known_args(argv)
+    if args.die_before_note:
+        die_before_note(*args.die_before_note.split(":", 1))
     from benchmarks._standin_worker import main as run_worker
     from farm.settings import Settings
 

@@ -26,7 +26,7 @@ from farm.jobs import Job
 from farm.lifecycle import Fault
 from farm.settings import Settings
 from farm.store import open_store
-from farm.worker import compile
+from farm.worker import allocator, compile
 from farm.worker.drain import Drain
 from farm.worker.finisher import Finisher
 from farm.worker.metrics import REQUEUED, WorkerMetrics
@@ -103,6 +103,8 @@ class Worker:
     # -- 1-2: setup, once ---------------------------------------------------------------------
 
     def setup(self) -> WorkerContext:
+        # before anything large is allocated: renders reuse freed memory (worker/allocator.py)
+        allocator.keep_freed_memory()
         if self.backend is None:
             from farm.worker import pipelines
 
@@ -152,15 +154,15 @@ class Worker:
                       f"(weights {model.weights_hash[:12]})")
             self._compile_and_warm(model, spec, device, profile.name, store)
             loaded[spec.name] = model
-        self.app = broker.celery_app(self.settings)
+        self.app = broker.celery_app(self.settings, worker=True)
         self.listener = recovery.CancelListener(broker.redis_client(self.settings))
         self.finisher = Finisher(store, self.redis, self.settings)
         self.ctx = WorkerContext(
             settings=self.settings, store=store, models=loaded, backend=pipelines,
             name=self.name, versions=package_versions(), threads=self.settings.threads,
             vram_class=self.vram_class, enqueue=self._enqueue,
-            canceled=lambda *ids: recovery.is_canceled(self.redis, *ids),
-            canceled_now=self.listener.canceled,
+            canceled=self.listener.canceled,
+            canceled_now=self.listener.heard,
             holds=lambda worker, job: recovery.holds(self.redis, worker, job),
             alive=lambda worker, incarnation: fleet.alive(self.redis, worker, incarnation),
             others_serve=self._others_serve, tally=self.finisher.noted,
@@ -262,9 +264,6 @@ class Worker:
             self.done += 1
             self.info.current_job = None
             self.info.state = fleet.WorkerState.READY
-        if result.job and result.outcome.ended and isinstance(message, dict):
-            # the job has its final record: reconciling stops looking for its message
-            recovery.job_ended(self.redis, str(message.get("batch")), result.job)
         # a stage done counts, whether it finished the job or handed it to a refiner
         if result.outcome in (Outcome.SUCCEEDED, Outcome.LATENTS_READY):
             self.info.jobs_done += 1
@@ -283,7 +282,10 @@ class Worker:
                   + (f": {result.error}" if result.error else ""))
         if self.max_jobs and self.done >= self.max_jobs:
             self.request_stop()
-        self._beat()
+        if self.info.state != fleet.WorkerState.READY:
+            # draining or quarantined: say so at once. Otherwise the heartbeat thread
+            # publishes the job counts with its next beat: no Redis command per job here
+            self._beat()
 
     def _count_stage(self, job: Job | Result | None, stage: Any, outcome: str, fault: Any,
                      began: float) -> None:

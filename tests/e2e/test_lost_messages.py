@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from farm import broker, queues, recovery
+from farm import broker, queues, recovery, tally
 from farm.jobs import JobSpec
 from farm.lifecycle import JobState, read_record
 from farm.scheduler.status import batch_status
@@ -161,3 +161,24 @@ def test_a_message_put_back_gets_a_fresh_delivery_tag(env: dict[str, str]) -> No
         assert client.hexists(recovery.UNACKED, new_tag)
     finally:
         broker.stop_broker(settings)
+
+
+def test_a_worker_killed_between_a_final_record_and_its_note_leaves_record_and_tally_exact(
+        env: dict[str, str], tmp_path: Path) -> None:
+    """A job's final note also takes it out of the batch's open set (one command): a worker
+    that dies after the record's write and before that note leaves the job counted as running
+    and open; its message comes back, the next worker finds the record final, and its note
+    makes the tally exact and closes the job."""
+    marker = tmp_path / "died"
+    with _farm(env, tmp_path) as (settings, client, crew):
+        result = _submit(settings, 4)
+        victim = result.jobs[1].id
+        crew.args = ["--die-before-note", f"{victim}:{marker}"]
+        crew.start("w")
+        _finish(settings, result, crew, limit=120)
+        assert marker.exists(), crew.tails()   # the fault did happen
+        assert any(status == 1 for _, status in crew.exits), crew.exits
+        total, counts = tally.counts(client, result.batch) or (0, {})
+        assert total == 4 and counts["succeeded"] == 4, counts
+        assert sum(counts.values()) == 4, counts
+        assert not client.smembers(recovery.OPEN + result.batch)

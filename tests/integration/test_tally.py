@@ -286,3 +286,32 @@ def test_a_summary_recounts_the_records_when_the_tally_missed_a_job_and_repairs_
     assert (written.state, written.counts) == ("failed", {"failed": 1, "canceled": 1})
     assert tally.counts(client, "b-recount") == (2, {**_zero(), "failed": 1, "canceled": 1})
     assert tally.job_states(client, "b-recount") == {a: JobState.CANCELED, b: JobState.FAILED}
+
+
+def test_a_final_note_closes_the_job_and_a_note_that_never_ran_leaves_it_for_reconciling(
+        settings: Settings, client: Any) -> None:
+    from farm import recovery
+
+    store = open_store(settings)
+    manifest = _batch(settings, client, "b-open", 3)
+    a, b, c = (j.id for j in manifest.jobs)
+    recovery.open_jobs(client, "b-open", [a, b, c])
+    counter = tally.Tally(client)
+    _move(store, counter, "b-open", a, JobState.RUNNING)
+    assert client.sismember(recovery.OPEN + "b-open", a)   # running: still open
+    _move(store, counter, "b-open", a, JobState.SUCCEEDED)
+    _move(store, counter, "b-open", b, JobState.RUNNING)
+    failed = _move(store, counter, "b-open", b, JobState.FAILED, then=False)  # died first
+    open_now = {j.decode() for j in client.smembers(recovery.OPEN + "b-open")}
+    assert open_now == {b, c}
+    assert tally.counts(client, "b-open") == (3, {**_zero(), "queued": 1, "running": 1,
+                                                  "succeeded": 1})
+    # whoever reads the final record again (a second delivery, reconciling) notes it
+    assert counter.note(failed) == tally.Noted(changed=True, final=2, total=3)
+    assert {j.decode() for j in client.smembers(recovery.OPEN + "b-open")} == {c}
+    assert tally.counts(client, "b-open") == (3, {**_zero(), "queued": 1, "failed": 1,
+                                                  "succeeded": 1})
+    # a batch without a tally (Redis lost it) still has its job closed
+    client.delete(tally.tally_key("b-open"))
+    _move(store, counter, "b-open", c, JobState.CANCELED)
+    assert not client.smembers(recovery.OPEN + "b-open")

@@ -1,0 +1,77 @@
+"""The workers' kombu transport: kombu's Redis transport with its late-ack bookkeeping written in
+fewer commands.
+
+kombu notes every message it delivers in two keys, `unacked_index` (a sorted set: tag → when)
+and `unacked` (a hash: tag → the message), and removes both on ack; each pair goes out as a
+MULTI/EXEC transaction, four commands where two do the work. Here each pair is one pipelined
+round trip without MULTI/EXEC (two commands), in an order that makes a half-applied pair safe:
+Redis runs a connection's commands in the order they arrive, so a worker killed mid-send leaves
+at most a prefix of them applied.
+
+    deliver   ZADD unacked_index, then HSET unacked. A lone ZADD names no message: kombu's
+              restore and farm/recovery.py skip it (and drop it); the message it stood for
+              was already taken by BRPOP and is found by reconciling (farm/recovery.py
+              missing_jobs), as after kombu#305.
+    ack       HDEL unacked, then ZREM unacked_index. A lone HDEL leaves the same harmless
+              index entry; the message is gone, as an ack means.
+
+A put-back (`restore_by_tag`, reject with requeue) keeps kombu's WATCH/MULTI transaction: it
+moves a message and must never duplicate or drop it.
+
+Celery picks the class by name (`broker.celery_app(..., worker=True)`): `Transport` for
+redis:// and rediss:// URLs, `SocketTransport` for the embedded broker's unix socket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from time import time
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+from kombu.utils.json import dumps
+
+
+class QoS(kombu_redis.QoS):
+    @contextmanager
+    def pipe_or_acquire(self, pipe: Any = None, client: Any = None) -> Iterator[Any]:
+        if pipe:
+            yield pipe
+        else:
+            with self.channel.conn_or_acquire(client) as conn:
+                yield conn.pipeline(transaction=False)
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        delivery = message.delivery_info
+        entry = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time()}) \
+                .hset(self.unacked_key, delivery_tag, entry) \
+                .execute()
+        # kombu's in-process note of the delivery (virtual.QoS), as its own append makes
+        super(kombu_redis.QoS, self).append(message, delivery_tag)
+
+    def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
+        with self.pipe_or_acquire(pipe) as p:
+            return p.hdel(self.unacked_key, delivery_tag) \
+                    .zrem(self.unacked_index_key, delivery_tag)
+
+
+class Channel(kombu_redis.Channel):
+    QoS = QoS
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel
+
+
+class SocketTransport(Transport):
+    """The same over a unix socket: Celery hands it `socket:///path` unparsed, which kombu's
+    Redis channel connects to as it does for `redis+socket://` URLs."""
+
+    can_parse_url = True
+
+
+TRANSPORT = f"{__name__}:Transport"
+SOCKET_TRANSPORT = f"{__name__}:SocketTransport"
