@@ -26,8 +26,9 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from farm import broker, fleet, procs
+from farm import broker, fleet, procs, tally
 from farm.keys import record_key
+from farm.lifecycle import FINAL_STATES
 from farm.settings import Settings
 from farm.store import Store, open_store
 
@@ -98,7 +99,8 @@ class LocalFarm:
     def start_workers(self, names: list[str], *, kind: str, max_jobs: int | None = None,
                       stats_dir: Path | None = None) -> None:
         """kind "farm": `farm worker --device cpu` (tiny-sdxl through diffusers);
-        kind "standin": benchmarks/_standin_worker.py (worker/standin.py, no diffusion)."""
+        kind "standin": benchmarks/_standin_worker.py (worker/standin.py, no diffusion);
+        kind "plain": benchmarks/_plain_celery.py (plain Celery, the same images, no farm)."""
         for name in names:
             if kind == "farm":
                 cmd = [sys.executable, "-m", "farm.cli.main", "worker", "--device", "cpu",
@@ -107,8 +109,10 @@ class LocalFarm:
                 cmd = [sys.executable, "-m", "benchmarks._standin_worker", "--name", name]
                 if stats_dir is not None:
                     cmd += ["--stats", str(stats_dir / f"{name}.json")]
+            elif kind == "plain":
+                cmd = [sys.executable, "-m", "benchmarks._plain_celery", "--name", name]
             else:
-                raise ValueError(f"kind must be farm or standin, got {kind!r}")
+                raise ValueError(f"kind must be farm, standin or plain, got {kind!r}")
             if max_jobs is not None:
                 cmd += ["--max-jobs", str(max_jobs)]
             with open(self.logs / f"{name}.log", "ab") as log:
@@ -159,26 +163,27 @@ class LocalFarm:
         self.own_commands["info"] += 1
         return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
-    def jobs_done(self, names: list[str]) -> int:
-        """Jobs the named workers finished (succeeded or failed), from their heartbeats, which
-        each worker rewrites right after a job's final record is written."""
-        raws = self.redis.mget([fleet.worker_key(n) for n in names])
-        self.own_commands["mget"] += 1
-        total = 0
-        for raw in raws:
-            if raw is not None:
-                info = fleet.WorkerInfo.decode(raw)
-                total += info.jobs_done + info.jobs_failed
-        return total
+    def jobs_final(self, batches: list[str]) -> int:
+        """Jobs of these batches with a final record, as their tallies count them (farm/tally.py;
+        one HMGET per batch, in one round trip): what a worker writes with each job's end, so
+        waiting on it adds no command to the workers' own."""
+        finals = ["#" + s.value for s in FINAL_STATES]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for batch in batches:
+                pipe.hmget(tally.tally_key(batch), finals)
+            got = pipe.execute()
+        self.own_commands["hmget"] += len(batches)
+        return sum(int(v or 0) for row in got for v in row)
 
-    def wait_jobs(self, names: list[str], target: int, timeout: float = 300.0,
-                  interval: float = 0.01) -> None:
+    def wait_batches(self, names: list[str], batches: list[str], jobs: int,
+                     timeout: float = 300.0, interval: float = 0.01) -> None:
+        """Wait until `jobs` jobs of `batches` are final; the named workers must stay alive."""
         start = time.monotonic()
-        while self.jobs_done(names) < target:
+        while self.jobs_final(batches) < jobs:
             self._check_alive(names)
             if time.monotonic() - start > timeout:
-                raise BenchError(f"workers {names} did {self.jobs_done(names)} of {target} "
-                                 f"jobs in {timeout:g} s; logs in {self.logs}")
+                raise BenchError(f"workers {names} finished {self.jobs_final(batches)} of "
+                                 f"{jobs} jobs in {timeout:g} s; logs in {self.logs}")
             time.sleep(interval)
 
     def stop_workers(self, names: list[str], grace: float = 30.0) -> None:

@@ -20,9 +20,15 @@ timings{render_s, write_s, total_s}) and the records' modification times:
                  counted with INFO commandstats, priced at one round trip each: an estimate)
   render diff    the worker's render_s, less `steps`, minus the same renders in this process
                  (noise and contention, not farm work)
-"Farm-added time" is the sum of all but render diff: what the farm itself spends per job. The
-end-to-end difference also carries render diff, which on a shared machine swings by more than
-the farm's whole cost from round to round; both are reported.
+The headline is the end-to-end ratio, farm / in-process: what a user waits for. Beside it,
+"farm-added time", the sum of all parts but render diff (what the farm itself spends per job),
+and render diff, how much slower (or faster) the worker process renders the same jobs. The worker
+keeps freed memory for the next render (worker/allocator.py); this process renders with
+glibc's defaults, as a user's script would.
+
+This process waits for a batch by reading its tally every POLL_S seconds: rarely, so that its
+own wake-ups take little from the worker's core. No figure depends on when it notices: every
+time comes from the records and their modification times.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ N_JOBS = 10          # jobs per batch
 ROUNDS = 8           # measured rounds of each variant, after one warm-up round
 STEPS, SIZE = 8, 128  # a tiny job: about 0.2 s on one core
 WORKER = "overhead-1"
+POLL_S = 0.25
+TARGET_RATIO = 1.03   # end to end, farm / in-process (issue #16)
 
 PARTS = ("submit", "queue", "checks", "images", "status", "steps", "render_diff")
 
@@ -83,16 +91,16 @@ def redis_call_s(farm: LocalFarm, repeat: int = 200) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def farm_round(farm: LocalFarm, specs: list[JobSpec], done_before: int) -> dict[str, Any]:
+def farm_round(farm: LocalFarm, specs: list[JobSpec]) -> dict[str, Any]:
     before = farm.command_calls()
-    polls = farm.own_commands["mget"]
+    polls = farm.own_commands["hmget"]
     t0 = time.time()
     sub = submit(farm.settings, specs, source="bench-overhead")
     t1 = time.time()
-    farm.wait_jobs([WORKER], done_before + len(specs), interval=0.05)
+    farm.wait_batches([WORKER], [sub.batch], len(specs), interval=POLL_S)
     calls = farm.command_calls() - before
     calls.pop("info", None)
-    calls["mget"] -= farm.own_commands["mget"] - polls
+    calls["hmget"] -= farm.own_commands["hmget"] - polls
     jobs = sorted(farm.job_times(sub.batch, [j.id for j in sub.jobs]),
                   key=lambda t: t["started_at"])
     gaps, prev = [], t1
@@ -163,9 +171,7 @@ def run() -> dict[str, Any]:
         specs = job_specs(settings)
 
         # 3. one warm-up round of each, then interleaved measured rounds
-        done = 0
-        farm_round(farm, specs, done)
-        done += N_JOBS
+        farm_round(farm, specs)
         direct_round(model, specs)
         rounds = []
         for r in range(ROUNDS):
@@ -173,8 +179,7 @@ def run() -> dict[str, Any]:
             got: dict[str, dict[str, Any]] = {}
             for variant in order:
                 if variant == "farm":
-                    got["farm"] = farm_round(farm, specs, done)
-                    done += N_JOBS
+                    got["farm"] = farm_round(farm, specs)
                 else:
                     got["direct"] = direct_round(model, specs)
             rounds.append(got)
@@ -217,14 +222,17 @@ def run() -> dict[str, Any]:
         "redis_commands_per_job": rounds[-1]["farm"]["redis_commands_per_job"],
         "machine_before": machine,
         "code": code_version(),
-        "target": "farm overhead <= 5% of a tiny-model job",
         "wall_s": round(time.perf_counter() - wall, 1),
     }
-    figures["target_met"] = figures["farm_added_pct"]["median"] <= 5.0
+    figures["targets"] = {
+        f"end to end, farm / in-process <= {TARGET_RATIO}":
+            figures["ratio_farm_over_direct"]["median"] <= TARGET_RATIO,
+        "farm-added time <= 5% of a job": figures["farm_added_pct"]["median"] <= 5.0,
+    }
 
     rows: list[list[object]] = [
+        ["END TO END, farm / in-process (ratio)", spread(figures["ratio_farm_over_direct"], 3)],
         ["direct render, ms/job", spread(figures["direct_ms_per_job"])],
-        ["farm / direct, end to end (ratio)", spread(figures["ratio_farm_over_direct"], 3)],
         ["end-to-end difference, ms/job", spread(figures["end_to_end_overhead_ms_per_job"])],
         ["end-to-end difference, % of a job", spread(figures["end_to_end_overhead_pct"])],
         ["farm-added time, ms/job", spread(figures["farm_added_ms_per_job"], 2)],
@@ -233,8 +241,8 @@ def run() -> dict[str, Any]:
     labels = {"submit": "submit (manifest + enqueue)", "queue": "queue (ack, BRPOP, decode)",
               "checks": "checks (record + manifest reads)", "images": "images (PNG + 2 writes)",
               "status": "status (2 record writes)",
-              "steps": "step callbacks (Redis cancel checks)",
-              "render_diff": "render diff (not farm work)"}
+              "steps": "step callbacks (Redis calls in them)",
+              "render_diff": "render diff (worker process vs this one)"}
     rows += [[f"  {labels[p]}, ms/job", spread(figures["overhead_parts_ms_per_job"][p], 2)]
              for p in PARTS]
     rows.append(["  unattributed, ms/job", spread(figures["unattributed_ms_per_job"], 2)])
@@ -249,6 +257,7 @@ def run() -> dict[str, Any]:
         f"{k} {v:g}" for k, v in rounds[-1]["farm"]["redis_commands_per_job"].items()))
     print(f"machine before start: {machine['busy_pct']}% of {machine['cores']} cores busy, "
           f"load average {machine['loadavg_1m']}")
-    print(f"target: farm-added time <= 5% of a job -> "
-          f"{'met' if figures['target_met'] else 'MISSED'}; took {figures['wall_s']} s")
+    for target, met in figures["targets"].items():
+        print(f"target: {target} -> {'met' if met else 'MISSED'}")
+    print(f"took {figures['wall_s']} s")
     return figures
