@@ -1,12 +1,21 @@
 #!/usr/bin/env bash
 # One prepared run on a lent CUDA machine: the GPU figures the README quotes.
 #
-#   OUT=gpu-results bash benchmarks/gpu_session.sh
+#   OUT=gpu-results bash benchmarks/gpu_session.sh                  # the recipe part, < 8 min
+#   OUT=gpu-results PARTS=sdxl,vram bash benchmarks/gpu_session.sh  # the parts measured before
 #
-# Runs benchmarks/gpu_sdxl.py (eager vs compiled, compile and cached cold start, fast preset,
-# peak VRAM) and then benchmarks/gpu_vram_table.py (peak VRAM per profile and bucket), each under
-# its own time limit; both write their JSON as they go, so a run cut short keeps what it measured.
-# Python packages the machine lacks can sit as wheels in .whl/ (installed to /tmp/site first).
+# Parts (PARTS, comma-separated; default: recipe), each under its own time limit, each writing
+# its JSON as it goes, so a run cut short keeps what it measured:
+#   recipe  benchmarks/gpu_recipe.py: fp16 eager, fuse-qkv, channels-last, turbo, batches of
+#           1/2/4, then compiled with the recipe, fp8 (torchao), CUDA graphs and turbo compiled,
+#           each with its PSNR against eager (RECIPE_PARTS picks, RECIPE_BUDGET seconds in all;
+#           a compiled part takes minutes, so a run gets the eager parts and about one compiled
+#           part: RECIPE_PARTS=eager,fp8 and so on for the rest)
+#   sdxl    benchmarks/gpu_sdxl.py: eager vs compiled, compile and cached cold start, fast
+#           preset, peak VRAM (about 5.5 min)
+#   vram    benchmarks/gpu_vram_table.py: peak VRAM per profile and bucket (about 2.5 min)
+# Python packages the machine lacks can sit as wheels in .whl/ (installed to /tmp/site first):
+# the fp8 part needs torchao (a release built for the machine's torch).
 set -u
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
@@ -21,8 +30,18 @@ quiet() { grep -v -e "should be kept in float32" -e "^\[transformers\]" -e "it/s
   python3 -c "import torch, diffusers, transformers, triton; print('torch', torch.__version__, \
 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'triton', \
 triton.__version__, 'cpus', __import__('os').cpu_count())"; } 2>&1 | tee "$OUT/machine.txt"
-timeout "${SDXL_LIMIT:-380}" python3 -m benchmarks.gpu_sdxl --images "${IMAGES:-3}" \
-    --out "$OUT/gpu-sdxl.json" 2>&1 | quiet | tee "$OUT/gpu-sdxl.log"
-timeout "${VRAM_LIMIT:-150}" python3 -m benchmarks.gpu_vram_table --steps 2 \
-    --buckets "${BUCKETS:-1mp,2mp,4mp}" --out "$OUT/vram-measured.json" 2>&1 | quiet \
-    | tee "$OUT/vram.log"
+PARTS=",${PARTS:-recipe},"
+if [[ $PARTS == *,recipe,* ]]; then
+    timeout "${RECIPE_LIMIT:-440}" python3 -m benchmarks.gpu_recipe --budget "${RECIPE_BUDGET:-420}" \
+        --parts "${RECIPE_PARTS:-eager,batch,compiled,fp8,graphs,turbo-compiled}" \
+        --out "$OUT/gpu-recipe.json" 2>&1 | quiet | tee "$OUT/gpu-recipe.log"
+fi
+if [[ $PARTS == *,sdxl,* ]]; then
+    timeout "${SDXL_LIMIT:-380}" python3 -m benchmarks.gpu_sdxl --images "${IMAGES:-3}" \
+        --out "$OUT/gpu-sdxl.json" 2>&1 | quiet | tee "$OUT/gpu-sdxl.log"
+fi
+if [[ $PARTS == *,vram,* ]]; then
+    timeout "${VRAM_LIMIT:-150}" python3 -m benchmarks.gpu_vram_table --steps 2 \
+        --buckets "${BUCKETS:-1mp,2mp,4mp}" --out "$OUT/vram-measured.json" 2>&1 | quiet \
+        | tee "$OUT/vram.log"
+fi

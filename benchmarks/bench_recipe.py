@@ -1,0 +1,157 @@
+"""The recipe options, the turbo preset and batched rendering on CPU with tiny-sdxl: seconds per
+image against eager `balanced` on the same weights, and the pixel difference (PSNR, dB) of
+each against it.
+
+    python -m benchmarks recipe
+
+Every variant renders the same job (one prompt, one seed) through the worker's own code
+(worker.pipelines.load_model with the recipe, worker.render.render), one thread as a CPU worker
+runs; the variants take turns round after round so a busy machine slows all of them alike.
+The VAE compile is measured with the UNet eager, so its ratio is the decoder's share alone.
+Batched: one pipeline call for B jobs of the same bucket and steps (their own prompts and
+seeds), images per second against the same B jobs one by one, and the PSNR of each batched
+image against the same job rendered alone.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+
+from benchmarks._stats import machine_busy, summary, table
+from farm import models
+from farm.jobs import JobSpec
+from farm.settings import Settings
+from farm.worker import pipelines, recipe
+from farm.worker.model import LoadedModel
+
+ROUNDS = 5
+SIZE, STEPS = 128, 20         # tiny-sdxl's default bucket and steps
+BATCHES = (2, 4)
+PROMPTS = ("a lighthouse on a basalt cliff at dusk", "a red fox in fresh snow",
+           "a tram crossing a bridge in the rain", "a bowl of ramen, steam rising")
+
+
+def psnr(a: PIL.Image.Image, b: PIL.Image.Image) -> float:
+    """Peak signal-to-noise ratio of 8-bit images, dB; inf when identical."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mse = float(((x - y) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+
+
+def _spec(settings: Settings, **fields: Any) -> JobSpec:
+    return JobSpec.from_dict({"prompt": PROMPTS[0], "seed": 7, "steps": STEPS, "width": SIZE,
+                              "height": SIZE, **fields}, settings)
+
+
+def _render(model: LoadedModel, spec: JobSpec) -> tuple[float, PIL.Image.Image]:
+    t = time.perf_counter()
+    image = pipelines.render(model, spec)[0]
+    return time.perf_counter() - t, image
+
+
+def _batched(model: LoadedModel, specs: list[JobSpec]) -> list[PIL.Image.Image]:
+    """B jobs of one bucket and step count in one pipeline call: their prompts and their own
+    generators batched, as a batching worker would."""
+    pipe = model.pipe
+    pipe.scheduler = pipelines.make_scheduler(model, "euler")
+    out = pipe(prompt=[s.prompt for s in specs], width=SIZE, height=SIZE,
+               num_inference_steps=STEPS, guidance_scale=specs[0].guidance,
+               generator=[torch.Generator("cpu").manual_seed(s.seed) for s in specs],
+               output_type="pil")
+    return list(out.images)
+
+
+def run() -> dict[str, Any]:
+    torch.set_num_threads(1)
+    busy = machine_busy()
+    home = Path(tempfile.mkdtemp(prefix="farm-recipe-"))
+    settings = Settings(home=home, threads=1)
+    load = {name: pipelines.load_model(models.TINY_BASE, settings.replace(recipe=text), "cpu")
+            for name, text in (("eager", "none"), ("fuse-qkv", "fuse-qkv"),
+                               ("channels-last", "channels-last"),
+                               ("fuse-qkv+channels-last", "fuse-qkv,channels-last"))}
+    balanced, turbo = _spec(settings), _spec(settings, preset="turbo")
+    turbo3 = _spec(settings, preset="turbo", deep_cache=3)
+    # the VAE decoder compiled, the UNet eager: what compile-vae adds on top of a UNet compile
+    vae_model = pipelines.load_model(models.TINY_BASE, settings.replace(recipe="none"), "cpu")
+    t0 = time.perf_counter()
+    recipe.compile_vae((vae_model.pipe.vae,), ("compile-vae",))
+    _render(vae_model, balanced)
+    vae_compile_s = time.perf_counter() - t0
+    variants: dict[str, tuple[LoadedModel, JobSpec]] = {
+        "eager (balanced)": (load["eager"], balanced),
+        "fuse-qkv": (load["fuse-qkv"], balanced),
+        "channels-last": (load["channels-last"], balanced),
+        "fuse-qkv+channels-last": (load["fuse-qkv+channels-last"], balanced),
+        "compile-vae (UNet eager)": (vae_model, balanced),
+        "turbo (deep_cache 2)": (load["eager"], turbo),
+        "deep_cache 3": (load["eager"], turbo3),
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    images: dict[str, PIL.Image.Image] = {}
+    for model, spec in variants.values():
+        _render(model, spec)  # first-call costs
+    for _ in range(ROUNDS):
+        for name, (model, spec) in variants.items():
+            seconds, image = _render(model, spec)
+            times[name].append(seconds)
+            images[name] = image
+    reference = images["eager (balanced)"]
+    ref_s = summary(times["eager (balanced)"])["median"]
+    rows, figures = [], {}
+    for name in variants:
+        s = summary(times[name])
+        figures[name] = {"s_per_image": s, "over_eager": s["median"] / ref_s,
+                         "psnr_db_vs_eager": psnr(images[name], reference)}
+        rows.append([name, f"{s['median'] * 1000:.0f}", f"{s['median'] / ref_s:.2f}",
+                     f"{figures[name]['psnr_db_vs_eager']:.1f}"])
+    batched = _batch_throughput(load["eager"], settings)
+    for b, f in batched.items():
+        rows.append([f"batch of {b} (images/s vs one by one)", f"{f['batch_s'] * 1000 / b:.0f}",
+                     f"{f['speedup']:.2f}x", f"{f['min_psnr_db_vs_alone']:.1f}"])
+    print(f"tiny-sdxl, {SIZE}x{SIZE}, {STEPS} steps, CPU, 1 thread, medians of {ROUNDS} "
+          f"interleaved rounds; machine at start: {busy}")
+    print(table(["variant", "ms/image", "ratio", "PSNR dB"], rows))
+    print(f"compile-vae: compiling the tiny VAE decoder took {vae_compile_s:.1f} s")
+    return {"variants": figures, "batched": batched, "vae_compile_s": vae_compile_s,
+            "machine_at_start": busy, "size": SIZE, "steps": STEPS, "rounds": ROUNDS,
+            "torch": torch.__version__}
+
+
+def _batch_throughput(model: LoadedModel, settings: Settings) -> dict[int, dict[str, Any]]:
+    """Images per second of B jobs in one call against the same jobs one by one."""
+    out: dict[int, dict[str, Any]] = {}
+    for b in BATCHES:
+        specs = [JobSpec.from_dict({"prompt": PROMPTS[i % len(PROMPTS)], "seed": 100 + i,
+                                    "steps": STEPS, "width": SIZE, "height": SIZE}, settings)
+                 for i in range(b)]
+        _batched(model, specs)  # first-call costs at this batch size
+        one: list[float] = []
+        many: list[float] = []
+        alone: list[PIL.Image.Image] = []
+        together: list[PIL.Image.Image] = []
+        for _ in range(max(2, ROUNDS - 2)):
+            t = time.perf_counter()
+            alone = [pipelines.render(model, s)[0] for s in specs]
+            one.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            together = _batched(model, specs)
+            many.append(time.perf_counter() - t)
+        one_s, many_s = summary(one)["median"], summary(many)["median"]
+        out[b] = {"one_by_one_s": one_s, "batch_s": many_s, "speedup": one_s / many_s,
+                  "images_per_s_one_by_one": b / one_s, "images_per_s_batched": b / many_s,
+                  "min_psnr_db_vs_alone": min(psnr(x, y) for x, y
+                                              in zip(together, alone, strict=True))}
+    return out
+
+
+if __name__ == "__main__":
+    run()
