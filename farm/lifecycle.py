@@ -41,7 +41,7 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from farm import keys
@@ -159,7 +159,9 @@ class JobRecord:
         return replace(self, state=state, updated_at=time.time(), **changes)
 
     def encode(self) -> dict[str, Any]:
-        data = asdict(self)
+        # shallow: JSON encoding reads the nested dicts and lists as they are, and asdict's deep
+        # copy of them cost more than the record's write on the stand-in's hot path
+        data = {name: getattr(self, name) for name in _RECORD_FIELDS}
         data["state"] = self.state.value
         return data
 
@@ -172,6 +174,9 @@ class JobRecord:
             return cls(**{k: v for k, v in values.items() if k in known})
         except (KeyError, TypeError, ValueError) as exc:
             raise IntegrityError(f"a job record is malformed: {exc}") from None
+
+
+_RECORD_FIELDS = tuple(f.name for f in fields(JobRecord))
 
 
 @dataclass(frozen=True)
