@@ -26,6 +26,7 @@ from farm.keys import image_key  # noqa: E402
 from farm.scheduler.submit import submit  # noqa: E402
 from farm.settings import Settings  # noqa: E402
 from farm.store import open_store  # noqa: E402
+from farm.worker import compile  # noqa: E402
 from farm.worker.deepcache import FeatureCache  # noqa: E402
 from farm.worker.pipelines import LoadedModel, load_model, pixels_digest, render  # noqa: E402
 from tests.conftest import run_farm  # noqa: E402
@@ -133,6 +134,20 @@ def test_recipe_options_load_and_render_close_to_eager(base: LoadedModel,
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     spec = job(settings)
     assert psnr(render(tuned, spec)[0], render(base, spec)[0]) > 50
+
+
+def test_compile_vae_compiles_every_decoder_in_place_and_keys_the_cache(
+        base: LoadedModel, settings: Settings) -> None:
+    """Compiling is lazy: wrapping costs nothing until a render, so no render here."""
+    model = load_model(models.TINY_BASE, settings.replace(recipe="compile-vae",
+                                                          compile="regional"), "cpu")
+    compile.wrap(model, "regional")
+    for vae in (model.profile_vae, model.tiny_vae):
+        assert vae.decoder._compiled_call_impl is not None
+    assert base.profile_vae.decoder._compiled_call_impl is None
+    # the same weights with another recipe compile to other artefacts: another cache entry
+    key = compile.cache_key(model, "regional", ((64, 64),), "resident", "cpu")
+    assert key != compile.cache_key(base, "regional", ((64, 64),), "resident", "cpu")
 
 
 @pytest.mark.parametrize(("recipe", "message"), [
