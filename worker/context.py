@@ -185,10 +185,22 @@ class Run:
             inflight.note_step(pipe, step_index, kwargs)
             if (ctx.drain is not None and ctx.drain.requested
                     and job.stage in HANDBACK_STAGES and kwargs.get("latents") is not None
+                    and at_full_step(inflight, job)
                     and ctx.drain.must_hand_back(inflight.steps_left(job.spec.n),
                                                  inflight.seconds_per_step())):
                 raise HandBack(inflight)
         return kwargs
+
+
+def at_full_step(inflight: InFlight, job: Job) -> bool:
+    """Whether the image's next step runs the whole UNet in the uninterrupted render too. A job
+    with the deep feature cache (worker/deepcache.py) hands back only there: a resumed image
+    starts with a full step, so resuming anywhere else would change its pixels. It costs at
+    most deep_cache - 1 steps of the grace period."""
+    if not job.spec.deep_cache or job.stage == Stage.REFINER:
+        return True
+    image = inflight.images.get(inflight.current)
+    return image is None or image.done % job.spec.deep_cache == 0
 
 
 class StageEnded(Exception):

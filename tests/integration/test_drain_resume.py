@@ -112,6 +112,21 @@ def test_a_full_stage_handed_back_resumes_to_the_uninterrupted_image(
     assert farm.intermediates() == []  # the checkpoint is gone after success
 
 
+def test_a_turbo_stage_hands_back_where_its_next_step_is_full_and_resumes_identical(
+        loaded: dict[str, Any], tmp_path: Path) -> None:
+    """The deep feature cache runs the full UNet at steps 0, 3, 6, 9 (and at 7, where the CFG
+    cut-off after step 6 halves the batch). Stopping is asked for at step 4; the stage goes on
+    to step 6, where the uninterrupted render computes in full too, so the resumed image is
+    the same."""
+    farm = Farm(loaded, tmp_path, preset="turbo", deep_cache=3, cfg_cutoff=0.5)
+    expected = np.array(pipelines.render(loaded["tiny-sdxl"], farm.spec)[0])
+    assert farm.run(farm.job, farm.worker("w-stopping", stop_after=4)).state == "handed_back"
+    (resume_msg,) = farm.queued
+    assert (resume_msg.resume.image, resume_msg.resume.step) == (0, 6)
+    assert farm.run(resume_msg, farm.worker("w-rescuer")).state == "succeeded"
+    assert np.array_equal(farm.pixels(0), expected)
+
+
 # Every load profile loads on CPU (offloading is a no-op there; the VAE swap and fp8 storage are
 # applied), so a stage is resumed under each; and a `vae: tiny` job (the fast preset's) on a
 # worker whose profile keeps the model's VAE, which swaps the tiny one in for that job.
