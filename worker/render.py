@@ -203,8 +203,8 @@ def feature_cache(model: LoadedModel, spec: jobs.JobSpec,
                   start_step: int = 0) -> contextlib.AbstractContextManager[Any]:
     """The job's deep feature cache (`deep_cache`, the turbo preset) on the model's UNet for
     one image's denoising loop, or nothing. A resumed image starts at `start_step` with a full
-    step (there is no cached feature to reuse yet), so one resumed at a step the uninterrupted
-    run would have cached computes that step in full and its pixels may differ slightly."""
+    step (there is no cached feature to reuse yet); stages are handed back only where the
+    uninterrupted run computes in full too (worker/context.py at_full_step)."""
     if not spec.deep_cache:
         return contextlib.nullcontext()
     return FeatureCache(model.pipe.unet, spec.deep_cache, start_step)
