@@ -75,7 +75,8 @@ class Farm:
         """Submit `jobs` (prompts, dicts of job fields, or JobSpecs) as one batch, all or
         nothing. `defaults` are job fields every job gets unless it has its own (model, steps,
         guidance, seed, n, negative_prompt, scheduler, priority, min_vram, refiner, switch,
-        split, preset, cfg_cutoff, vae, snap; and size="WIDTHxHEIGHT"), as the CLI's flags.
+        split, preset, cfg_cutoff, vae, deep_cache, snap; and size="WIDTHxHEIGHT"), as the CLI's
+        flags.
         `batch_id` or `idempotency_key` makes a retry continue the batch, never render twice;
         `notify`, an http(s) URL, is sent the batch's summary when it ends (farm/webhook.py)."""
         records = [(i, _fields(job, i)) for i, job in enumerate(jobs)]
