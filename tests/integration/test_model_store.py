@@ -302,3 +302,30 @@ def test_manifest_decode_names_what_is_wrong() -> None:
         catalog.ModelManifest.decode(bad)
     with pytest.raises(IntegrityError, match="variant must be one of fp16, fp8"):
         catalog.ModelManifest.decode({**good, "variant": "int4"})
+
+
+def test_push_takes_a_hub_id_from_the_local_hugging_face_cache(env: dict[str, str],
+                                                               tiny_folder: Path,
+                                                               tmp_path: Path) -> None:
+    import shutil
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "models--acme--tiny-sdxl"
+    shutil.copytree(tiny_folder, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    hub_env = {**env, "HF_HUB_CACHE": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    pushed = run_farm(hub_env, "models", "push", "acme/tiny-sdxl", "--json")
+    assert pushed.returncode == 0, pushed.stderr
+    manifest = json.loads(pushed.stdout)
+    assert (manifest["name"], manifest["source"], manifest["revision"]) == \
+        ("tiny-sdxl", "acme/tiny-sdxl", revision)
+    missing = run_farm(hub_env, "models", "push", "acme/not-here")
+    assert missing.returncode == 2
+    assert "not in the local Hugging Face cache" in missing.stderr
+    assert "hf download acme/not-here" in missing.stderr
+    listed = run_farm(hub_env, "models", "ls", "--json")
+    assert [m["ref"] for m in json.loads(listed.stdout)] == ["tiny-sdxl@1"]
+    removed = run_farm(hub_env, "models", "rm", "tiny-sdxl", "--json")
+    assert json.loads(removed.stdout)["removed"] == ["tiny-sdxl@1"]
+    assert open_store(_settings(env)).list_keys(keys.MODELS) == []
