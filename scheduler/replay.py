@@ -127,7 +127,12 @@ def _from_png(path: Path, data: bytes, settings: Settings) -> Replay:
 
 
 def _spec(fields: dict[str, Any], settings: Settings) -> JobSpec:
-    """A job as the farm recorded it: every field given, none filled from its preset."""
+    """A job as the farm recorded it: every field given, none filled from its preset; a model
+    of the store's catalog must still be in it."""
+    from farm.scheduler.parse import check_catalog_names
+
+    check_catalog_names([(None, "model", fields.get("model")),
+                         (None, "refiner", fields.get("refiner"))], settings)
     return JobSpec.from_dict(fields, settings, stored=True)
 
 
