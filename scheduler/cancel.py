@@ -1,8 +1,9 @@
 """`farm cancel BATCH|JOB`: queued stages never start, running ones stop within one step.
 
-A flag in Redis and a broadcast do the stopping: every worker reads the flags when it subscribes
-and hears each new one, and checks what it knows before a stage and after every denoising step; jobs that are not running are marked canceled in the store at once, so `farm status`
-shows it before any worker sees the message (which it then skips: the record is final).
+A flag in Redis and a broadcast do the stopping: every worker reads the flags when it
+subscribes and hears each new one, and checks what it knows before a stage and after every
+denoising step. Jobs that are not running are marked canceled in the store at once, so `farm
+status` shows it before any worker sees the message (which it then skips: the record is final).
 Each job marked here is counted in the batch's tally (farm/tally.py); when that makes the
 batch's last job final, its summary is written and its webhook told here (farm/summary.py).
 """
