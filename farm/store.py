@@ -69,8 +69,10 @@ class Store(Protocol):
 
 def put_json(store: Store, key: str, value: Any, *, create_once: bool = False,
              if_match: str | None = None) -> str:
-    """Write `value` as JSON; returns the object's new version."""
-    data = json.dumps(value, indent=2, sort_keys=True).encode()
+    """Write `value` as compact JSON; returns the object's new version. Compact: Python's C
+    encoder (indent=None) is several times faster than the pure-Python one an indent selects,
+    and every job writes its record twice."""
+    data = json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
     return store.put(key, data, create_once=create_once, if_match=if_match,
                      content_type="application/json")
 
