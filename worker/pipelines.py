@@ -166,7 +166,6 @@ def _pull(spec: ModelSpec, settings: Settings, profile: Profile) -> Any:
     from farm.store import open_store
     from farm.worker.model_cache import ModelCache
 
-    cache = ModelCache(settings, echo=log.warning)
     prefer = "fp8" if profile.fp8_weights else "fp16"
     store = open_store(settings)
     try:
@@ -176,7 +175,7 @@ def _pull(spec: ModelSpec, settings: Settings, profile: Profile) -> Any:
     if not known:
         return None
     try:
-        pulled = cache.pull(store, spec.name, prefer)
+        pulled = ModelCache(settings, echo=log.warning).pull(store, spec.name, prefer)
     except (NotFound, ModelUnavailable):
         if spec.source == "store":
             raise
