@@ -57,13 +57,25 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
             "base and refiner both resident, fp16-fix VAE"),
 )}
 
+# fp8 weight storage is the 6 GB class's default: it is what makes the resident recipe fit a
+# 6 GB card (lean-fp8 peaks at 4.65 GB at 1 MP and 5.42 GB at 2 MP, within 6 x HEADROOM = 5.82;
+# fp16 lean needs 7.07), where fp16 has to move each component on and off the GPU for every
+# image (model-offload, 5.23 GB). fp8 costs about 5% of speed and moves pixels a little, so a
+# class whose fp16 recipe fits keeps fp16: 8 GB (lean, 7.07 GB of 7.76 at 1 MP, every standard
+# bucket) and up. At 4 GB no resident recipe fits even in fp8 (4.65 > 3.88): sequential offload.
 PROFILE_BY_CLASS: dict[int, str] = {
-    4: "sequential-offload", 6: "model-offload", 8: "lean", 12: "resident", 16: "resident",
+    4: "sequential-offload", 6: "lean-fp8", 8: "lean", 12: "resident", 16: "resident",
     24: "resident-pair", 48: "resident-pair", 80: "resident-pair",
 }
 
 # Pixel buckets of the peak table: all nine standard SDXL resolutions are about 1 MP.
 BUCKETS = (("1mp", 1024 * 1024 * 1.1), ("2mp", 1536 * 1536 * 1.05), ("4mp", 2048 * 2048 * 1.0))
+
+
+def catalog_variant(profile: Profile) -> str:
+    """The variant a worker of `profile` takes when a job names a catalog model by its bare
+    name (farm/catalog.py `find`): the weights it holds in memory, so nothing is converted."""
+    return "fp8" if profile.fp8_weights else "fp16"
 
 
 def profile_for(vram_class: int) -> Profile:
@@ -98,7 +110,7 @@ class PeakTable:
     sources: dict[tuple[str, str, str, str], str]
 
     def peak(self, model: str, stage: str, profile: str, bucket: str) -> float | None:
-        return self.rows.get((_family(model), stage, profile, bucket))
+        return self.rows.get((_family(model, stage), stage, profile, bucket))
 
     @classmethod
     def from_rows(cls, rows: list[dict[str, Any]], origin: str) -> PeakTable:
@@ -166,9 +178,13 @@ def place(model: str, stage: str, width: int, height: int, min_vram: int,
         f"the largest class is {largest} GB", f"{width}x{height}")
 
 
-def _family(model: str) -> str:
-    """Local paths and the catalog's own models are SDXL-base-shaped unless said otherwise."""
+def _family(model: str, stage: str) -> str:
+    """Local paths and the catalog's own models are planned as SDXL of the stage they run: an
+    SDXL refiner in a refiner stage, an SDXL base otherwise (submit checks a catalog model's
+    role against its stage: scheduler/parse.py `check_catalog_names`)."""
     from farm.models import CATALOG_REF, REGISTRY
 
     catalog = bool(CATALOG_REF.match(model)) and model not in REGISTRY
-    return "sdxl-base" if model.startswith("/") or catalog else model
+    if model.startswith("/") or catalog:
+        return "sdxl-refiner" if stage == "refiner" else "sdxl-base"
+    return model

@@ -50,7 +50,8 @@ def _sigterm_while_running(settings: Settings, worker: subprocess.Popen[str], ba
     return worker.returncode, err, time.monotonic() - sent
 
 
-# every load profile, as a worker of its class loads it (lean-fp8 is an 8 GB option)
+# every load profile, as a worker of its class loads it (one no class takes by default: an
+# 8 GB worker with --profile)
 PROFILE_FLAGS = {name: (("--vram", str(min(c for c, p in vram.PROFILE_BY_CLASS.items()
                                             if p == name)))
                         if name in vram.PROFILE_BY_CLASS.values()

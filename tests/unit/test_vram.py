@@ -43,13 +43,34 @@ def test_a_card_below_every_class_is_refused() -> None:
 
 
 def test_every_class_has_a_profile_and_bigger_cards_never_load_leaner() -> None:
-    order = list(vram.PROFILES)
-    ranks = [order.index(vram.profile_for(c).name) for c in CLASSES]
-    assert ranks == sorted(ranks)
+    # leaner = less VRAM: each class's profile needs at least what the one below it needs
+    peaks = [TABLE.peak("sdxl-base", "base", vram.profile_for(c).name, "1mp") for c in CLASSES]
+    assert all(p is not None for p in peaks) and peaks == sorted(peaks), peaks  # type: ignore
     assert vram.profile_for(4).offload == "sequential" and vram.profile_for(4).vae == "tiny"
-    assert vram.profile_for(6).offload == "model"
     assert vram.profile_for(24).resident_pair
     assert vram.profile_for(10).name == vram.profile_for(8).name  # off-list: nearest below
+
+
+def test_the_6gb_class_stores_fp8_weights_where_fp16_needs_offload() -> None:
+    """fp8 is the default where it is what fits a resident pipeline: 6 GB (lean-fp8, 4.65 GB
+    at 1 MP and 5.42 at 2 MP, within 6 GB with headroom; fp16 lean needs 7.07). 8 GB keeps
+    fp16 (lean fits every standard bucket), 4 GB keeps sequential offload (no resident
+    pipeline fits, even in fp8)."""
+    six = vram.profile_for(6)
+    assert (six.name, six.fp8_weights, six.offload, six.vae) == ("lean-fp8", True, "none", "tiny")
+    assert vram.catalog_variant(six) == "fp8"  # a bare catalog name: its fp8 variant
+    for c in (4, 8, 12, 24):
+        assert not vram.profile_for(c).fp8_weights and vram.catalog_variant(
+            vram.profile_for(c)) == "fp16"
+    for bucket, w, h in (("1mp", 1024, 1024), ("2mp", 1536, 1536)):
+        peak = TABLE.peak("sdxl-base", "base", "lean-fp8", bucket)
+        assert peak is not None and peak <= 6 * vram.HEADROOM
+        assert vram.place("sdxl-base", "base", w, h, 0, (6, 8, 12, 24), TABLE).vram_class == 6
+    lean = TABLE.peak("sdxl-base", "base", "lean", "1mp")
+    assert lean is not None and 6 * vram.HEADROOM < lean <= 8 * vram.HEADROOM
+    # the refiner fits too (4.08 GB)
+    assert vram.place("sdxl-refiner", "refiner", 1024, 1024, 0, (6, 8, 24), TABLE).vram_class \
+        == 6
 
 
 def test_smallest_class_whose_profile_fits() -> None:
@@ -93,7 +114,7 @@ def test_measured_table_replaces_seeded_rows(tmp_path: Path) -> None:
          "bucket": "1mp", "peak_gb": 3.9, "source": "measured: H200"}]}))
     settings = Settings.load(env={"FARM_VRAM_TABLE": str(measured)})
     spec = JobSpec.from_dict({"prompt": "a", "model": "sdxl-base"}, settings)
-    # 3.9 GB no longer fits a 4 GB card with headroom: the 6 GB class (model offload) does
+    # 3.9 GB no longer fits a 4 GB card with headroom: the 6 GB class (lean-fp8) does
     assert placement(spec, settings).vram_class == 6
     table = vram.load_table(measured)
     assert table.sources[("sdxl-base", "base", "sequential-offload", "1mp")] == "measured: H200"
