@@ -45,8 +45,9 @@ def _gb(n: int) -> str:
               show_default=True, help="fp16: 16-bit weights; fp8: the UNet's in float8_e4m3fn.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def push(source: str, name: str | None, variant: str, as_json: bool) -> None:
-    """Slim SOURCE (a diffusers folder, a .safetensors file, or a Hub id in the local Hugging
-    Face cache) and upload it as the next version of NAME."""
+    """Slim SOURCE (a diffusers folder, a .safetensors file, a VAE's folder, or a Hub id of
+    one in the local Hugging Face cache) and upload it as the next version of NAME. Whether
+    it is a base, a refiner or a VAE is read from its config."""
     from farm.worker.push import push as push_model
 
     settings = Settings.load()

@@ -30,7 +30,9 @@ _REF = re.compile(r"^(?P<name>[a-z0-9][a-z0-9._-]{0,63})(@(?P<version>[0-9]{1,6}
 _DIGEST = re.compile(r"^sha256:(?P<hex>[0-9a-f]{12,64})$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 VARIANTS = ("fp16", "fp8")
-LAYOUTS = ("diffusers", "single-file")
+LAYOUTS = ("diffusers", "single-file", "component")
+# base and refiner: SDXL pipelines; vae: a load profile's replacement VAE (farm/models.py VAES)
+ROLES = ("base", "refiner", "vae")
 FORMAT = 1
 
 
@@ -58,8 +60,9 @@ class ModelManifest:
     name: str
     version: int
     variant: str                       # fp16 | fp8
-    role: str                          # base | refiner
-    layout: str                        # diffusers (a folder) | single-file (one .safetensors)
+    role: str                          # base | refiner | vae, read from the model's config
+    layout: str                        # diffusers (a pipeline's folder) | single-file (one
+                                       # .safetensors) | component (one VAE's folder)
     files: tuple[ModelFile, ...]
     components: dict[str, str]         # component -> class (model_index.json)
     dtypes: dict[str, list[str]]       # component -> the dtypes of its stored tensors
@@ -127,6 +130,8 @@ class ModelManifest:
             raise bad("name is not a model name", manifest.name)
         if manifest.variant not in VARIANTS:
             raise bad(f"variant must be one of {', '.join(VARIANTS)}", manifest.variant)
+        if manifest.role not in ROLES:
+            raise bad(f"role must be one of {', '.join(ROLES)}", manifest.role)
         if manifest.layout not in LAYOUTS:
             raise bad(f"layout must be one of {', '.join(LAYOUTS)}", manifest.layout)
         for f in files:

@@ -50,6 +50,25 @@ DEFAULT_MODEL = TINY_BASE.name
 REFINER_OF: dict[str, str] = {TINY_BASE.name: TINY_REFINER.name,
                               SDXL_BASE.name: SDXL_REFINER.name}
 
+
+
+@dataclass(frozen=True)
+class VaeSpec:
+    """A drop-in VAE the load profiles swap in (farm/vram.py `Profile.vae`) for real models."""
+
+    kind: str            # the profile's name for it: "tiny" or "fp16-fix"
+    name: str            # its name in the store's catalog (`farm models push HUB_ID` gives it)
+    hub_id: str          # where it comes from when the catalog does not hold it
+    cls: str             # its diffusers class
+
+
+# A worker takes each from the store's catalog first (pushed once: README, "Models"), then the
+# Hub, so a fleet whose store holds them downloads nothing from the Hub.
+VAES: dict[str, VaeSpec] = {v.kind: v for v in (
+    VaeSpec("tiny", "taesdxl", "madebyollin/taesdxl", "AutoencoderTiny"),
+    VaeSpec("fp16-fix", "sdxl-vae-fp16-fix", "madebyollin/sdxl-vae-fp16-fix", "AutoencoderKL"),
+)}
+
 _SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/+@=-]+$")
 # the shape of a catalog reference (farm/catalog.py): name, name@version, sha256:<digest>
 CATALOG_REF = re.compile(r"^([a-z0-9][a-z0-9._-]{0,63}(@[0-9]{1,6})?|sha256:[0-9a-f]{12,64})$")

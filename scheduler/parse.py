@@ -122,9 +122,15 @@ def check_catalog(records: list[tuple[int, dict[str, Any]]], specs: list[JobSpec
                          if name is not None], settings)
 
 
+# the role a catalog model must have in each field that names one (its manifest's role, read
+# from the model's own config when it was pushed: worker/push.py)
+FIELD_ROLES = {"model": "base", "refiner": "refiner"}
+
+
 def check_catalog_names(named: list[tuple[int | None, str, Any]], settings: Settings) -> None:
     """(line, field, model name): ValidationError at the first catalog name the store's catalog
-    does not hold, naming what it holds (with no catalog: the allow-list's rule)."""
+    does not hold, naming what it holds (with no catalog: the allow-list's rule), or whose
+    role is not the field's (a refiner as `model`, a VAE anywhere)."""
     wanted = []
     for line, field, name in named:
         try:
@@ -149,6 +155,16 @@ def check_catalog_names(named: list[tuple[int | None, str, Any]], settings: Sett
             continue
         rule = models.unknown_rule(catalog.summary(store) if held else None)
         raise ValidationError(field, rule, name, line=line)
+    roles: dict[str, str] = {}
+    for line, field, name in wanted:
+        want = FIELD_ROLES.get(field)
+        if want is None:
+            continue
+        if name not in roles:
+            roles[name] = catalog.find(store, name).role
+        if roles[name] != want:
+            raise ValidationError(field, f"must be a {want} model; the catalog's {name} is a "
+                                  f"{roles[name]}", name, line=line)
 
 
 def _sniff(text: str) -> str:

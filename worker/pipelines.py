@@ -30,9 +30,9 @@ from diffusers import (
 )
 
 from farm.errors import ModelUnavailable
-from farm.models import CHECKPOINT_SUFFIXES, ModelSpec
+from farm.models import CHECKPOINT_SUFFIXES, VAES, ModelSpec
 from farm.settings import Settings
-from farm.vram import PROFILES, Profile
+from farm.vram import PROFILES, Profile, catalog_variant
 from farm.worker import recipe, tiny
 from farm.worker.compile import default_backend
 from farm.worker.model import LoadedModel
@@ -50,9 +50,10 @@ from farm.worker.render import (
     warm_buckets,
 )
 
-# the drop-in VAEs the profiles swap in for real SDXL models (Hub ids)
-TAESD_XL = "madebyollin/taesdxl"
-FP16_FIX_VAE = "madebyollin/sdxl-vae-fp16-fix"
+# the drop-in VAEs the profiles swap in for real SDXL models: the store's catalog first
+# (farm/models.py VAES), then these Hub ids
+TAESD_XL = VAES["tiny"].hub_id
+FP16_FIX_VAE = VAES["fp16-fix"].hub_id
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 log = logging.getLogger("farm.worker")
@@ -76,9 +77,13 @@ def load_model(spec: ModelSpec, settings: Settings, device: str,
         torch.set_num_threads(settings.threads)
     on_cuda = device.startswith("cuda")
     dtype = torch.float16 if on_cuda else torch.float32
-    cls = StableDiffusionXLImg2ImgPipeline if spec.role == "refiner" else StableDiffusionXLPipeline
 
     pulled = _pull(spec, settings, profile or PROFILES["resident"])
+    if pulled is not None:
+        # a catalog model is a base or a refiner as its manifest says (read from its own
+        # config when it was pushed), whatever name it was pushed under
+        spec = _with_role(spec, pulled)
+    cls = StableDiffusionXLImg2ImgPipeline if spec.role == "refiner" else StableDiffusionXLPipeline
     if pulled is not None:
         # the store's catalog first: its copy wins over the Hub and the built tiny models
         source = pulled.path
@@ -131,17 +136,15 @@ def load_model(spec: ModelSpec, settings: Settings, device: str,
         raise ModelUnavailable(f"cannot load {spec.name}: unknown model source {spec.source!r}")
 
     profile = profile or PROFILES["resident"]
-    vae_name = _apply_profile(pipe, spec, settings, profile, device, dtype)
+    own_tiny = None if pulled is None else pulled.folder / tiny.TINY_VAE_FOLDER
+    if own_tiny is not None and not own_tiny.is_dir():
+        own_tiny = None
+    vae_name = _apply_profile(pipe, spec, settings, profile, device, dtype, own_tiny)
     pipe.set_progress_bar_config(disable=True)
     if vae_name == "tiny":
         tiny_vae = pipe.vae
-    elif pulled is not None and (pulled.folder / tiny.TINY_VAE_FOLDER).is_dir():
-        # the tiny VAE the model was pushed with, beside it in the machine's cache
-        folder = pulled.folder / tiny.TINY_VAE_FOLDER
-        tiny_vae = _load(spec, lambda: AutoencoderTiny.from_pretrained(folder, dtype=dtype))
-        tiny_vae = tiny_vae.to(device)
     else:
-        tiny_vae = _optional_tiny_vae(spec, settings, device, dtype)
+        tiny_vae = _optional_tiny_vae(spec, settings, device, dtype, own_tiny)
     recipe.apply_at_load(pipe, chosen, (tiny_vae,))
     return LoadedModel(
         name=spec.name, spec=spec, pipe=pipe, device=device, dtype=dtype,
@@ -158,48 +161,94 @@ def load_model(spec: ModelSpec, settings: Settings, device: str,
 
 def _pull(spec: ModelSpec, settings: Settings, profile: Profile) -> Any:
     """The model from the store's catalog (worker/model_cache.py), when the catalog has it;
-    None for a model it does not hold (then the Hub, a built tiny model, or a local path)."""
+    None for a model it does not hold (then the Hub, a built tiny model, or a local path).
+    A bare name gives its newest version of the variant the profile holds in memory."""
     if spec.source == "path":
         return None
+    return _pull_ref(spec.name, settings, catalog_variant(profile),
+                     required=spec.source == "store")
+
+
+def _pull_ref(ref: str, settings: Settings, prefer: str | None, required: bool) -> Any:
+    """`ref` pulled from the store's catalog into the machine's cache, or None when the
+    catalog does not hold it (ModelUnavailable instead when `required`)."""
     from farm import catalog
     from farm.errors import NotFound, StoreUnavailable
     from farm.store import open_store
     from farm.worker.model_cache import ModelCache
 
-    prefer = "fp8" if profile.fp8_weights else "fp16"
     store = open_store(settings)
     try:
-        known = spec.source == "store" or catalog.has_catalog(store)
+        known = required or catalog.has_catalog(store)
     except StoreUnavailable:
         known = True  # no network: the cache may hold it
     if not known:
         return None
     try:
-        pulled = ModelCache(settings, echo=log.warning).pull(store, spec.name, prefer)
+        pulled = ModelCache(settings, echo=log.warning).pull(store, ref, prefer)
     except (NotFound, ModelUnavailable):
-        if spec.source == "store":
+        if required:
             raise
         return None
-    log.warning("model %s: %s (%s, sha256:%s) %s in %.1f s", spec.name, pulled.manifest.ref,
+    log.warning("model %s: %s (%s, sha256:%s) %s in %.1f s", ref, pulled.manifest.ref,
                 pulled.manifest.variant, pulled.manifest.digest[:12],
                 f"pulled {pulled.fetched} blobs ({pulled.fetched_bytes / 1e6:.1f} MB)"
                 if pulled.fetched else "from the machine's cache", pulled.seconds)
     return pulled
 
 
-def _tiny_vae(spec: ModelSpec, settings: Settings, dtype: torch.dtype) -> Any:
+def _with_role(spec: ModelSpec, pulled: Any) -> ModelSpec:
+    """`spec` as the base or refiner its manifest says it is; a VAE is no pipeline."""
+    from dataclasses import replace
+
+    role = pulled.manifest.role
+    if role not in ("base", "refiner"):
+        pulled.release()
+        raise ModelUnavailable(f"cannot load {spec.name}: {pulled.manifest.ref} is a {role} "
+                               "of the catalog, not a base or refiner model")
+    return spec if role == spec.role else replace(spec, role=role)
+
+
+def _catalog_vae(kind: str, settings: Settings, dtype: torch.dtype) -> Any:
+    """The profile's replacement VAE (`kind`: "tiny" or "fp16-fix") from the store's catalog,
+    pulled into the machine's cache; None when the catalog does not hold it."""
+    wanted = VAES[kind]
+    pulled = _pull_ref(wanted.name, settings, "fp16", required=False)
+    if pulled is None:
+        return None
+    try:
+        held = pulled.manifest.components.get("vae")
+        if pulled.manifest.role != "vae" or held != wanted.cls:
+            raise ModelUnavailable(
+                f"catalog model {pulled.manifest.ref} must be a {wanted.cls} VAE (push "
+                f"{wanted.hub_id} as {wanted.name}), got a {held or pulled.manifest.role}")
+        cls = AutoencoderTiny if wanted.cls == "AutoencoderTiny" else AutoencoderKL
+        folder = pulled.folder
+        vae_spec = ModelSpec(wanted.name, "store", wanted.name, "vae", 0, 0, 0)
+        return _load(vae_spec, lambda: cls.from_pretrained(folder, dtype=dtype))
+    finally:
+        pulled.release()
+
+
+def _tiny_vae(spec: ModelSpec, settings: Settings, dtype: torch.dtype,
+              own: Path | None = None) -> Any:
+    """The model's tiny VAE: the one built with a tiny model, or pushed with it (`own`, in the
+    machine's cache); else TAESD-XL from the store's catalog, else from the Hub."""
     if spec.source == "tiny":
-        folder = settings.models_path / spec.ref / tiny.TINY_VAE_FOLDER
+        own = settings.models_path / spec.ref / tiny.TINY_VAE_FOLDER
+    if own is not None:
+        folder = own
         return _load(spec, lambda: AutoencoderTiny.from_pretrained(folder, dtype=dtype))
-    return _load(spec, lambda: AutoencoderTiny.from_pretrained(TAESD_XL, dtype=dtype))
+    return _catalog_vae("tiny", settings, dtype) or \
+        _load(spec, lambda: AutoencoderTiny.from_pretrained(TAESD_XL, dtype=dtype))
 
 
 def _optional_tiny_vae(spec: ModelSpec, settings: Settings, device: str,
-                       dtype: torch.dtype) -> Any:
+                       dtype: torch.dtype, own: Path | None = None) -> Any:
     """The tiny VAE for jobs that ask for it; a worker without one decodes those with its own
     VAE and says so in the sidecar (`vae_used`)."""
     try:
-        return _tiny_vae(spec, settings, dtype).to(device)
+        return _tiny_vae(spec, settings, dtype, own).to(device)
     except ModelUnavailable as exc:
         log.warning("no tiny VAE for %s (%s): jobs asking for it decode with the model's own",
                     spec.name, exc)
@@ -207,16 +256,17 @@ def _optional_tiny_vae(spec: ModelSpec, settings: Settings, device: str,
 
 
 def _apply_profile(pipe: Any, spec: ModelSpec, settings: Settings, profile: Profile,
-                   device: str, dtype: torch.dtype) -> str:
-    """Fetch the VAE the profile wants for this model, apply the profile; returns which VAE
-    the pipeline now decodes with."""
+                   device: str, dtype: torch.dtype, own_tiny: Path | None = None) -> str:
+    """Fetch the VAE the profile wants for this model (the store's catalog first), apply the
+    profile; returns which VAE the pipeline now decodes with."""
     vae, name = None, "default"
     if profile.vae == "tiny":
-        vae, name = _tiny_vae(spec, settings, dtype), "tiny"
+        vae, name = _tiny_vae(spec, settings, dtype, own_tiny), "tiny"
     elif profile.vae == "fp16-fix" and dtype == torch.float16 and spec.source != "tiny":
         # SDXL's own VAE overflows in fp16; the fix is a fine-tune that does not (the tiny
         # models run in fp32 on CPU, where there is nothing to fix)
-        vae = _load(spec, lambda: AutoencoderKL.from_pretrained(FP16_FIX_VAE, dtype=dtype))
+        vae = _catalog_vae("fp16-fix", settings, dtype) or \
+            _load(spec, lambda: AutoencoderKL.from_pretrained(FP16_FIX_VAE, dtype=dtype))
         name = "fp16-fix"
     apply_profile(pipe, profile, device, dtype, vae)
     return name

@@ -1,7 +1,10 @@
 """`farm models push`: a model slimmed, its files uploaded as blobs, its manifest written.
 
-1. Read the source: a Hub id already in the local Hugging Face cache, a diffusers folder, or a
-   single-file `.safetensors` checkpoint. Pickle checkpoints are refused (loading one runs code).
+1. Read the source: a Hub id already in the local Hugging Face cache, a diffusers folder, a
+   single-file `.safetensors` checkpoint, or one VAE's folder (`config.json` of an
+   AutoencoderKL or AutoencoderTiny: the profiles' replacement VAEs, farm/models.py VAES).
+   Pickle checkpoints are refused (loading one runs code). What the model is - a base, a
+   refiner or a VAE - is read from its own config (`role`), whatever name it is pushed under.
 2. Slim it into a staging folder: safetensors only; 32-bit floating tensors to 16 bit; EMA
    weights dropped where a checkpoint carries both; for the fp8 variant, the UNet's weights as
    float8_e4m3fn exactly where diffusers' layerwise casting stores them in fp8 (norms and
@@ -34,6 +37,11 @@ from farm.store import Store
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 EXTRA_COMPONENTS = ("vae_tiny",)
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
+# the weights diffusers loads from a component folder; a Hub VAE repository also carries
+# single-file copies of the same weights (sdxl_vae.safetensors, taesdxl_decoder.safetensors)
+_COMPONENT_WEIGHTS = re.compile(r"^diffusion_pytorch_model(\.fp16)?(-[0-9]+-of-[0-9]+)?"
+                                r"\.safetensors(\.index\.json)?$")
 FILE_THREADS = 4      # files uploaded at once, each in blobs.UPLOAD_THREADS parts at once
 _VARIANT_TAG = re.compile(r"\.fp16(?=[.-])")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -59,10 +67,7 @@ def source_of(source: str) -> tuple[str, Path, str]:
                                   "or a Hub id in the local Hugging Face cache", source)
         return "single-file", path.resolve(), ""
     if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise ValidationError("SOURCE", "must be a diffusers folder (with model_index.json)"
-                                  ", a .safetensors file or a Hub id", source)
-        return "diffusers", path.resolve(), ""
+        return _folder_layout(path, source), path.resolve(), ""
     if _HUB_ID.match(source):
         from huggingface_hub import snapshot_download
 
@@ -72,9 +77,29 @@ def source_of(source: str) -> tuple[str, Path, str]:
             raise UsageError(f"{source} is not in the local Hugging Face cache; download it "
                              f"first (`hf download {source}`) or push a local folder "
                              f"({type(exc).__name__})") from None
-        return "diffusers", folder, folder.name
+        return _folder_layout(folder, source), folder, folder.name
     raise ValidationError("SOURCE", "must be an existing folder or .safetensors file, or a Hub "
                           "id (org/name) in the local Hugging Face cache", source)
+
+
+def _folder_layout(folder: Path, source: str) -> str:
+    """"diffusers" (a pipeline: model_index.json) or "component" (one VAE: config.json)."""
+    if (folder / "model_index.json").is_file():
+        return "diffusers"
+    config = folder / "config.json"
+    if config.is_file() and _json(config).get("_class_name") in VAE_CLASSES:
+        return "component"
+    raise ValidationError("SOURCE", "must be a diffusers folder (with model_index.json), a VAE "
+                          f"folder (config.json of an {' or '.join(VAE_CLASSES)}), a "
+                          ".safetensors file or a Hub id of one", source)
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def push(store: Store, source: str, name: str, variant: str = "fp16",
@@ -89,6 +114,11 @@ def push(store: Store, source: str, name: str, variant: str = "fp16",
         stage = Path(tmp)
         if layout == "diffusers":
             info = _slim_folder(path, stage, variant)
+        elif layout == "component":
+            if variant != "fp16":
+                raise ValidationError("--variant", "must be fp16 for a VAE (fp8 stores a UNet's "
+                                      "weights)", variant)
+            info = _slim_vae(path, stage)
         else:
             info = _slim_file(path, stage, variant)
         files = sorted(p for p in stage.rglob("*") if p.is_file())
@@ -149,56 +179,106 @@ def _slim_folder(folder: Path, stage: Path, variant: str) -> dict[str, Any]:
                        if (folder / extra / "config.json").is_file()})
     info: dict[str, Any] = {"components": components, "dtypes": {}, "bytes_before": {},
                             "bytes_after": {}, "slimming": set(),
-                            "role": "refiner" if "Img2Img" in str(index.get("_class_name"))
-                            else "base"}
+                            "role": _pipeline_role(folder, index)}
     source_digest = hashlib.sha256()
     for component in sorted(components):
-        src, dst = folder / component, stage / component
-        dst.mkdir(parents=True)
-        present = sorted(p for p in src.iterdir() if p.is_file())
-        weights = [p for p in present if p.name.endswith(WEIGHT_SUFFIXES)
-                   or p.name.endswith(".safetensors.index.json")
-                   or ".safetensors.index." in p.name]
-        for other in set(present) - set(weights):
-            shutil.copyfile(other, dst / other.name)
-        safe = [p for p in weights if p.suffix == ".safetensors" or ".index." in p.name]
-        if weights and not safe:
-            raise refuse_pickle(str(weights[0]))
-        fp16 = [p for p in safe if _VARIANT_TAG.search(p.name)]
-        chosen = fp16 or [p for p in safe if not re.search(r"\.(fp16|fp32|bf16|fp8|non_ema|ema)"
-                                                           r"[.-]", p.name)]
-        if fp16:
-            info["slimming"].add("fp16 files chosen over 32-bit ones")
-        if len(safe) < len(weights):
-            info["slimming"].add("pickle weight files left out (safetensors only)")
-        before = after = 0
-        dtypes: set[str] = set()
-        for file in chosen:
-            target = dst / _VARIANT_TAG.sub("", file.name)
-            if file.name.endswith(".json"):  # a sharded file's index: its shard names too
-                data = json.loads(file.read_text())
-                data["weight_map"] = {k: _VARIANT_TAG.sub("", v)
-                                      for k, v in data.get("weight_map", {}).items()}
-                target.write_text(json.dumps(data, indent=2))
-                continue
-            source_digest.update(f"{component}/{file.name}\t{_source_sha(file)}\n".encode())
-            before += file.stat().st_size
-            tensors, changed = _to16(load_file(file))
-            if changed:
-                info["slimming"].add("fp32 tensors stored as fp16")
-            save_file(tensors, target, metadata={"format": "pt"})
-            dtypes.update(_dtypes(tensors))
-            after += target.stat().st_size
-        if variant == "fp8" and component == "unet":
-            after, fp8_dtypes = _unet_to_fp8(dst, components[component])
-            dtypes = set(fp8_dtypes)
-            info["slimming"].add("unet weights stored as float8_e4m3fn (layerwise casting)")
-        info["dtypes"][component] = sorted(dtypes)
-        info["bytes_before"][component] = before
-        info["bytes_after"][component] = after
+        _slim_component(folder / component, stage / component, component,
+                        components[component], variant, info, source_digest)
     info["slimming"] = sorted(info["slimming"])
     info["source_digest"] = "sha256:" + source_digest.hexdigest()
     return info
+
+
+def _pipeline_role(folder: Path, index: dict[str, Any]) -> str:
+    """"refiner" or "base", from the weights' own configs, whatever the folder is called or
+    which pipeline class saved it: SDXL's UNet embeds 6 time ids (sizes and crop) for a base
+    and 5 (sizes and an aesthetic score) for a refiner, beside the second text encoder's
+    projection. Without those configs: a pipeline with no first text encoder is a refiner."""
+    unet = _json(folder / "unet" / "config.json")
+    text2 = _json(folder / "text_encoder_2" / "config.json")
+    per_id = unet.get("addition_time_embed_dim")
+    total = unet.get("projection_class_embeddings_input_dim")
+    projection = text2.get("projection_dim")
+    if isinstance(per_id, int) and isinstance(total, int) and isinstance(projection, int) \
+            and per_id > 0:
+        ids = (total - projection) / per_id
+        if ids in (5, 6):
+            return "refiner" if ids == 5 else "base"
+    first = index.get("text_encoder")
+    return "refiner" if not (isinstance(first, list) and first and first[0]) else "base"
+
+
+def _slim_vae(folder: Path, stage: Path) -> dict[str, Any]:
+    """One VAE's folder (AutoencoderTiny or AutoencoderKL) into `stage`: its config and the
+    weights diffusers loads, in 16 bit."""
+    class_name = str(_json(folder / "config.json")["_class_name"])
+    info: dict[str, Any] = {"components": {"vae": class_name}, "dtypes": {},
+                            "bytes_before": {}, "bytes_after": {}, "slimming": set(),
+                            "role": "vae"}
+    source_digest = hashlib.sha256()
+    _slim_component(folder, stage, "vae", class_name, "fp16", info, source_digest,
+                    loadable_only=True)
+    info["slimming"] = sorted(info["slimming"])
+    info["source_digest"] = "sha256:" + source_digest.hexdigest()
+    return info
+
+
+def _slim_component(src: Path, dst: Path, component: str, class_name: str, variant: str,
+                    info: dict[str, Any], source_digest: Any,
+                    loadable_only: bool = False) -> None:
+    """One component folder into `dst`: its configs, its weights in 16 bit (the fp16 files
+    where it has them), the UNet's in fp8 for that variant; `info` gets its dtypes and bytes."""
+    dst.mkdir(parents=True, exist_ok=True)
+    present = sorted(p for p in src.iterdir() if p.is_file())
+    weights = [p for p in present if p.name.endswith(WEIGHT_SUFFIXES)
+               or p.name.endswith(".safetensors.index.json")
+               or ".safetensors.index." in p.name]
+    if loadable_only:
+        # a VAE repository's own folder: only what from_pretrained reads (not its single-file
+        # copies of the same weights, its README or sample images)
+        kept = [p for p in weights if _COMPONENT_WEIGHTS.match(p.name)
+                or p.suffix in PICKLE_SUFFIXES]
+        if any(p.suffix == ".safetensors" for p in set(weights) - set(kept)):
+            info["slimming"].add("single-file copies of the weights left out")
+        weights = kept
+        present = [p for p in present if p in weights or p.name == "config.json"]
+    for other in set(present) - set(weights):
+        shutil.copyfile(other, dst / other.name)
+    safe = [p for p in weights if p.suffix == ".safetensors" or ".index." in p.name]
+    if weights and not safe:
+        raise refuse_pickle(str(weights[0]))
+    fp16 = [p for p in safe if _VARIANT_TAG.search(p.name)]
+    chosen = fp16 or [p for p in safe if not re.search(r"\.(fp16|fp32|bf16|fp8|non_ema|ema)"
+                                                       r"[.-]", p.name)]
+    if fp16:
+        info["slimming"].add("fp16 files chosen over 32-bit ones")
+    if len(safe) < len(weights):
+        info["slimming"].add("pickle weight files left out (safetensors only)")
+    before = after = 0
+    dtypes: set[str] = set()
+    for file in chosen:
+        target = dst / _VARIANT_TAG.sub("", file.name)
+        if file.name.endswith(".json"):  # a sharded file's index: its shard names too
+            data = json.loads(file.read_text())
+            data["weight_map"] = {k: _VARIANT_TAG.sub("", v)
+                                  for k, v in data.get("weight_map", {}).items()}
+            target.write_text(json.dumps(data, indent=2))
+            continue
+        source_digest.update(f"{component}/{file.name}\t{_source_sha(file)}\n".encode())
+        before += file.stat().st_size
+        tensors, changed = _to16(load_file(file))
+        if changed:
+            info["slimming"].add("fp32 tensors stored as fp16")
+        save_file(tensors, target, metadata={"format": "pt"})
+        dtypes.update(_dtypes(tensors))
+        after += target.stat().st_size
+    if variant == "fp8" and component == "unet":
+        after, fp8_dtypes = _unet_to_fp8(dst, class_name)
+        dtypes = set(fp8_dtypes)
+        info["slimming"].add("unet weights stored as float8_e4m3fn (layerwise casting)")
+    info["dtypes"][component] = sorted(dtypes)
+    info["bytes_before"][component] = before
+    info["bytes_after"][component] = after
 
 
 def _source_sha(path: Path) -> str:

@@ -329,3 +329,152 @@ def test_push_takes_a_hub_id_from_the_local_hugging_face_cache(env: dict[str, st
     removed = run_farm(hub_env, "models", "rm", "tiny-sdxl", "--json")
     assert json.loads(removed.stdout)["removed"] == ["tiny-sdxl@1"]
     assert open_store(_settings(env)).list_keys(keys.MODELS) == []
+
+
+# fp8 against fp16 weights, the same tiny-VAE profile, 128x128, 3 steps, CPU (per RGB channel,
+# 0-255): measured mean 0.11-0.14 and max 2-3 levels over seeds 11-14 (docs/models.md); a mean
+# above 1 level or any value off by more than 16 would be a broken cast, not fp8 rounding.
+FP8_MEAN_BOUND, FP8_MAX_BOUND = 1.0, 16
+
+
+def _image(model: Any, settings: Settings) -> Any:
+    import numpy as np
+
+    spec = JobSpec.from_dict({"prompt": "a red fox", "seed": 11, "steps": 3, "width": 128,
+                              "height": 128}, settings)
+    return np.array(pipelines.render(model, spec)[0]).astype(int)
+
+
+def test_a_6gb_worker_loads_the_fp8_variant_and_casts_16_bit_models_to_fp8(
+        env: dict[str, str], tiny_folder: Path) -> None:
+    from farm import vram
+
+    settings = _settings(env)
+    store = open_store(settings)
+    push(store, str(tiny_folder), "tiny", echo=lambda _: None)
+    fp8 = push(store, str(tiny_folder), "tiny", "fp8", echo=lambda _: None)
+    newest = push(store, str(tiny_folder), "tiny", echo=lambda _: None)  # fp16, tiny@3
+    six, eight = vram.profile_for(6), vram.profile_for(8)
+    assert six.name == "lean-fp8" and eight.name == "lean"  # both decode with the tiny VAE
+
+    # the load plan of a 6 GB worker: a bare name gives the newest fp8 version, held in fp8
+    # (its tiny VAE the one pushed with the model: nothing from the Hub)
+    small = pipelines.load_model(models.resolve("tiny"), settings, "cpu", six)
+    assert small.catalog is not None
+    assert (small.catalog["version"], small.catalog["variant"]) == (2, "fp8")
+    assert small.catalog["manifest"] == fp8.digest
+    assert (small.profile, small.vae_name) == ("lean-fp8", "tiny")
+    linear = next(m for m in small.pipe.unet.modules() if isinstance(m, torch.nn.Linear))
+    assert linear.weight.dtype == torch.float8_e4m3fn
+    # a 16-bit version it is told to load (name@version) is cast to fp8 as it loads: the same
+    # weights in memory, the same pixels
+    cast = pipelines.load_model(models.resolve("tiny@3"), settings, "cpu", six)
+    assert cast.catalog is not None and cast.catalog["manifest"] == newest.digest
+    assert cast.pipe.unet.conv_in.weight.dtype == torch.float8_e4m3fn
+    assert (_image(cast, settings) == _image(small, settings)).all()
+
+    # an 8 GB worker takes the newest fp16 version and keeps it 16-bit (fp32 on a CPU)
+    big = pipelines.load_model(models.resolve("tiny"), settings, "cpu", eight)
+    assert big.catalog is not None
+    assert (big.catalog["version"], big.catalog["variant"]) == (3, "fp16")
+    assert big.pipe.unet.conv_in.weight.dtype == torch.float32
+    diff = abs(_image(small, settings) - _image(big, settings))
+    assert 0 < diff.mean() <= FP8_MEAN_BOUND and diff.max() <= FP8_MAX_BOUND, \
+        (diff.mean(), diff.max())
+
+
+def _vae_repo(tmp_path: Path, tiny_folder: Path, component: str) -> Path:
+    """A VAE's folder as its Hub repository has it: config and weights, plus a README, a
+    single-file copy of the weights and a pickle copy."""
+    import shutil
+
+    repo = tmp_path / f"hub-{component}"
+    shutil.copytree(tiny_folder / component, repo)
+    (repo / "README.md").write_text("a VAE\n")
+    shutil.copyfile(repo / "diffusion_pytorch_model.safetensors", repo / "single.safetensors")
+    (repo / "diffusion_pytorch_model.bin").write_bytes(b"never read")
+    return repo
+
+
+def test_the_replacement_vaes_are_pushed_once_and_loaded_from_the_catalog(
+        env: dict[str, str], tiny_folder: Path, tmp_path: Path) -> None:
+    from diffusers import AutoencoderKL, AutoencoderTiny, StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    from farm import vram
+    from farm.errors import ModelUnavailable
+    from farm.scheduler.parse import parse_batch
+
+    settings = _settings(env)
+    store = open_store(settings)
+    tiny_vae = push(store, str(_vae_repo(tmp_path, tiny_folder, "vae_tiny")),
+                    models.VAES["tiny"].name, echo=lambda _: None)
+    assert (tiny_vae.role, tiny_vae.layout, tiny_vae.components) == \
+        ("vae", "component", {"vae": "AutoencoderTiny"})
+    assert sorted(f.path for f in tiny_vae.files) == ["config.json",
+                                                      "diffusion_pytorch_model.safetensors"]
+    assert "single-file copies of the weights left out" in tiny_vae.slimming
+    fix = push(store, str(_vae_repo(tmp_path, tiny_folder, "vae")),
+               models.VAES["fp16-fix"].name, echo=lambda _: None)
+    assert (fix.ref, fix.role, fix.components) == ("sdxl-vae-fp16-fix@1", "vae",
+                                                   {"vae": "AutoencoderKL"})
+    with pytest.raises(ValidationError, match="--variant must be fp16 for a VAE"):
+        push(store, str(tiny_folder / "vae_tiny"), "taesdxl", "fp8", echo=lambda _: None)
+
+    # a model with no tiny VAE of its own (a local folder) on a tiny-VAE profile takes
+    # TAESD-XL from the catalog (the Hub is off in tests: HF_HUB_OFFLINE=1)
+    local = tmp_path / "local"
+    StableDiffusionXLPipeline.from_pretrained(tiny_folder).save_pretrained(local)
+    assert not (local / "vae_tiny").exists()
+    model = pipelines.load_model(models.resolve(str(local)), settings, "cpu",
+                                 vram.profile_for(6))
+    assert model.vae_name == "tiny" and isinstance(model.pipe.vae, AutoencoderTiny)
+    pushed = load_file(tiny_folder / "vae_tiny" / "diffusion_pytorch_model.safetensors")
+    name, tensor = next(iter(pushed.items()))
+    assert torch.equal(model.pipe.vae.state_dict()[name], tensor.to(torch.float16).float())
+    # the fp16-fix VAE (what 16-bit CUDA workers decode with) comes from the catalog as well
+    fixed = pipelines._catalog_vae("fp16-fix", settings, torch.float32)
+    assert isinstance(fixed, AutoencoderKL)
+
+    # a VAE is no model a job can name
+    with pytest.raises(ValidationError, match="model must be a base model; the catalog's "
+                                              "taesdxl is a vae"):
+        parse_batch('{"prompt": "a", "model": "taesdxl"}\n', "jsonl", {}, settings)
+    # and what sits under a VAE's name must be that VAE
+    push(store, str(tiny_folder / "vae"), "taesdxl", echo=lambda _: None)
+    with pytest.raises(ModelUnavailable, match="must be a AutoencoderTiny VAE"):
+        pipelines._catalog_vae("tiny", settings, torch.float32)
+
+
+def test_a_refiner_pushed_under_a_new_name_plans_and_loads_as_a_refiner(
+        env: dict[str, str], models_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    from farm.scheduler.parse import parse_batch
+    from farm.scheduler.plan import plan
+
+    settings = _settings(env)
+    store = open_store(settings)
+    refiner = tmp_path / "house-refiner"
+    tiny.build_tiny("tiny-sdxl-refiner", models_dir / "tiny-sdxl-refiner")
+    shutil.copytree(models_dir / "tiny-sdxl-refiner", refiner)
+    # saved through the base pipeline's class: the role comes from the weights' configs
+    index = json.loads((refiner / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusionXLPipeline"
+    (refiner / "model_index.json").write_text(json.dumps(index))
+    manifest = push(store, str(refiner), "house-refiner", echo=lambda _: None)
+    assert manifest.role == "refiner"
+
+    (spec,) = parse_batch('{"prompt": "a", "refiner": "house-refiner"}\n', "jsonl", {},
+                          settings)
+    planned = plan(spec, settings)
+    assert planned.refiner_vram_class is not None  # planned with the SDXL refiner's figures
+    with pytest.raises(ValidationError, match="line 1: model must be a base model; the "
+                                              "catalog's house-refiner is a refiner"):
+        parse_batch('{"prompt": "a", "model": "house-refiner"}\n', "jsonl", {}, settings)
+    # a worker serving it loads the refiner's pipeline
+    model = pipelines.load_model(models.resolve("house-refiner"), settings, "cpu")
+    assert model.spec.role == "refiner"
+    assert isinstance(model.pipe, StableDiffusionXLImg2ImgPipeline)
