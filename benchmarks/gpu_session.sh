@@ -14,6 +14,11 @@
 #   sdxl    benchmarks/gpu_sdxl.py: eager vs compiled, compile and cached cold start, fast
 #           preset, peak VRAM (about 5.5 min)
 #   vram    benchmarks/gpu_vram_table.py: peak VRAM per profile and bucket (about 2.5 min)
+#   buckets compiling all nine SDXL buckets (benchmarks/_bucket_probe.py, full-size SDXL base,
+#           inductor): nothing cached, then a new process with the fleet cache's artefacts (the
+#           cold start with all nine buckets); per bucket its compile seconds and seconds per
+#           image against eager (about 7 min; BUCKET_MODE=dynamic, the worker's way, or static)
+# buckets runs alone (PARTS=buckets: its two limits, 300 + 140 s, keep the run under 8 min).
 # Python packages the machine lacks can sit as wheels in .whl/ (installed to /tmp/site first):
 # the fp8 part needs torchao (a release built for the machine's torch).
 set -u
@@ -44,4 +49,23 @@ if [[ $PARTS == *,vram,* ]]; then
     timeout "${VRAM_LIMIT:-150}" python3 -m benchmarks.gpu_vram_table --steps 2 \
         --buckets "${BUCKETS:-1mp,2mp,4mp}" --out "$OUT/vram-measured.json" 2>&1 | quiet \
         | tee "$OUT/vram.log"
+fi
+if [[ $PARTS == *,buckets,* ]]; then
+    # ---- compile every bucket, once per fleet (issue 15) --------------------------------------
+    # 1. a new machine, nothing cached: compile and warm all nine buckets, save the artefacts
+    # 2. another new machine (a fresh process, an empty local inductor cache) with those
+    #    artefacts loaded first, as the fleet compile cache gives them: its cold start
+    # Each probe prints a JSON line after every bucket, so a part cut short keeps its figures.
+    mode=${BUCKET_MODE:-dynamic}
+    artefacts=$(mktemp -d)/buckets.bin
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) timeout "${BUCKETS_COLD_LIMIT:-300}" \
+        python3 -m benchmarks._bucket_probe "$mode" inductor sdxl 1 - "$artefacts" \
+        > "$OUT/buckets-$mode-cold.jsonl" 2> >(quiet > "$OUT/buckets-$mode-cold.log")
+    tail -n 1 "$OUT/buckets-$mode-cold.jsonl"
+    if [[ -s $artefacts ]]; then
+        TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) timeout "${BUCKETS_CACHED_LIMIT:-140}" \
+            python3 -m benchmarks._bucket_probe "$mode" inductor sdxl 1 "$artefacts" - \
+            > "$OUT/buckets-$mode-cached.jsonl" 2> >(quiet > "$OUT/buckets-$mode-cached.log")
+        tail -n 1 "$OUT/buckets-$mode-cached.jsonl"
+    fi
 fi

@@ -6,10 +6,13 @@
        repeated transformer blocks: much faster to compile), `onediff`, or `none`
     3. warm every bucket (worker/pipelines.py warm_buckets): this is where compiling happens,
        for each shape a job can bring (bucket × CFG on/off)
-    4. upload the artefacts when the cache had none (or a corrupt one)
+    4. upload the artefacts when the cache had none (or a corrupt one): everything compiled
+       while warming, so they cover every bucket the worker warms
 
-A compiled UNet is specialised to its shapes (dynamic=False): a shape not warmed would compile
-again mid-job, so jobs must name a bucket, and `recompiles()` lets the worker check each job.
+The UNet is compiled with dynamic height and width (DYNAMIC_SHAPES): one graph serves every
+bucket, and the first bucket warmed compiles it; a UNet batch of 1 (CFG off) is a graph of its
+own, since dynamo specialises size-1 dimensions. Every bucket is still warmed: a guard that
+splits a bucket off compiles there, not mid-job, and `recompiles()` checks each job.
 """
 
 from __future__ import annotations
@@ -31,9 +34,15 @@ log = logging.getLogger("farm.worker")
 
 BACKENDS = COMPILE_BACKENDS
 CACHE_PREFIX = COMPILE_CACHE
-# dynamo keeps this many compiled variants per function before falling back to eager: nine
-# buckets × CFG on/off (the cut-off halves the UNet batch) is 18, and the refiner adds its own
+# dynamo keeps this many compiled variants per function before falling back to eager: with
+# static shapes nine buckets × CFG on/off (the cut-off halves the UNet batch) is 18, and the
+# refiner adds its own
 CACHE_SIZE_LIMIT = 64
+# One graph with symbolic height and width rather than one per bucket: on CPU (tiny-sdxl,
+# regional compile, nine buckets; docs/performance.md, "Compiling every bucket") it compiled
+# the nine buckets in 201 s against 387 s (3 graphs against 16), 32 s against 156 s from the
+# fleet cache, at the same seconds per image within the noise.
+DYNAMIC_SHAPES = True
 
 ONEDIFF_MISSING = (
     "--compile onediff needs OneDiff (onediff and onediffx 1.2.0, with SiliconFlow's oneflow or "
@@ -79,9 +88,10 @@ def wrap(model: Any, backend: str) -> None:
 
     pipe, chosen = model.pipe, tuple(getattr(model, "recipe", ()))
     if backend == "inductor":
-        pipe.unet = torch.compile(pipe.unet, dynamic=False, mode=recipe.compile_mode(chosen))
+        pipe.unet = torch.compile(pipe.unet, dynamic=DYNAMIC_SHAPES,
+                                  mode=recipe.compile_mode(chosen))
     elif backend == "regional":
-        pipe.unet.compile_repeated_blocks(dynamic=False)
+        pipe.unet.compile_repeated_blocks(dynamic=DYNAMIC_SHAPES)
     elif backend == "onediff":
         from onediffx import compile_pipe
 
@@ -113,6 +123,7 @@ def cache_key(model: Any, backend: str, buckets: tuple[tuple[int, int], ...], pr
              "python": platform.python_version(), "device": name, "capability": capability,
              "weights": model.weights_hash, "dtype": str(model.dtype), "backend": backend,
              "buckets": [list(b) for b in buckets], "profile": profile, "model": model.name,
+             "dynamic_shapes": DYNAMIC_SHAPES,
              "recipe": list(getattr(model, "recipe", ()))}
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
     return f"{CACHE_PREFIX}/{model.name}/{digest}"

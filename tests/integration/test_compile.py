@@ -122,3 +122,60 @@ def test_onediff_missing_fails_at_boot_with_one_line(env: dict[str, str]) -> Non
     assert "loading" not in result.stderr  # it failed before loading anything
     # ... and before starting an embedded broker it would have left behind
     assert not (Path(env["FARM_HOME"]) / "run" / "broker.pid").exists()
+
+
+# one worker's compile, in a fresh process with an empty local inductor cache (a new machine):
+# the fleet compile cache's entry for its buckets first, then wrap and warm every bucket, then
+# upload when the entry was missing; prints what it found and what inductor compiled
+_WORKER_COMPILE = """
+import json, sys
+from pathlib import Path
+import torch
+from torch._dynamo.utils import counters
+from farm import models
+from farm.settings import Settings
+from farm.store import open_store
+from farm.worker import compile, pipelines
+
+torch.set_num_threads(1)
+settings = Settings.load(env={"FARM_HOME": sys.argv[1], "FARM_MODELS_DIR": sys.argv[2]},
+                         threads=1)
+buckets = ((64, 64), (64, 96), (96, 64))
+model = pipelines.load_model(models.TINY_BASE, settings, "cpu")
+store = open_store(settings)
+key = compile.cache_key(model, "regional", buckets, "resident", "cpu")
+state = compile.load_cached(store, key)
+compile.wrap(model, "regional")
+pipelines.warm_buckets(model, buckets)
+if state != "hit":
+    compile.save_cached(store, key, compile.CompileReport("regional"))
+print(json.dumps({"cache": state, "graphs": compile.graphs(),
+                  "inductor": {k: int(v) for k, v in counters["inductor"].items()}}))
+"""
+
+
+def test_the_fleet_compile_cache_covers_every_bucket_a_worker_warms(
+        tmp_path: Path, models_dir: Path) -> None:
+    import os
+    import sys
+
+    home = tmp_path / "farm"  # one store (a folder store under FARM_HOME) for both machines
+
+    def new_machine(name: str) -> dict[str, object]:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{name}"),
+               "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+        out = subprocess.run([sys.executable, "-c", _WORKER_COMPILE, str(home),
+                              str(models_dir)], env=env, cwd=ROOT, capture_output=True,
+                             text=True, timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    first = new_machine("a")
+    assert first["cache"] == "miss"
+    compiled = first["inductor"]["fxgraph_cache_miss"]  # type: ignore[index]
+    assert compiled >= 2  # a bucket's CFG-on and CFG-off graphs at least
+    second = new_machine("b")
+    assert second["cache"] == "hit" and second["graphs"] == first["graphs"]
+    # every graph of every bucket came from the fleet cache: inductor generated no code
+    assert second["inductor"].get("fxgraph_cache_miss", 0) == 0, second  # type: ignore
+    assert second["inductor"].get("fxgraph_cache_hit", 0) >= compiled, second  # type: ignore
