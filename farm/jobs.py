@@ -37,6 +37,7 @@ DEEP_CACHE_MAX = 8
 INPUT_ONLY = ("snap",)
 
 _ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,80}$")
+WEIGHTS = re.compile(r"[0-9a-f]{10,64}")
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,11 @@ class JobSpec:
     # the feature cache of the turbo preset: the full UNet every `deep_cache`-th step, its
     # shallow blocks on the rest with the deep features reused (worker/deepcache.py); 0: off
     deep_cache: int = 0
+    # the weights the job must be rendered with: the sha256 over the model's (and the
+    # refiner's) weight files as sidecars record it, or its first 10+ hex digits (`farm replay`
+    # sets them); a worker whose weights differ fails the job before rendering. None: any
+    weights: str | None = None
+    refiner_weights: str | None = None
     snapped_from: str | None = None  # "WxH" the job asked for before --snap moved it to a bucket
 
     _FIELDS: ClassVar[tuple[str, ...]] = ()  # set below: asked for once per field of a job
@@ -139,6 +145,10 @@ class JobSpec:
             raise ValidationError("deep_cache", f"must be 0 (off) or an interval from 2 to "
                                   f"{DEEP_CACHE_MAX} (the full UNet every that many steps)",
                                   deep_cache)
+        weights = _weights(data, "weights")
+        refiner_weights = _weights(data, "refiner_weights")
+        if refiner_weights is not None and refiner is None:
+            raise ValidationError("refiner_weights", "needs a refiner", refiner_weights)
         seed = data.get("seed")
         return cls(
             prompt=_text(data, "prompt", settings.max_prompt_chars, required=True),
@@ -152,7 +162,8 @@ class JobSpec:
             min_vram=_int(data, "min_vram", 0, MAX_VRAM_GB, 0), refiner=refiner, switch=switch,
             split=_choice(data, "split", SPLIT_POLICIES, "auto"), preset=preset,
             cfg_cutoff=cfg_cutoff, vae=_choice(data, "vae", VAES, "default"),
-            deep_cache=deep_cache, snapped_from=snapped_from)
+            deep_cache=deep_cache, weights=weights, refiner_weights=refiner_weights,
+            snapped_from=snapped_from)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -162,6 +173,16 @@ class JobSpec:
         as a job of its own: the seeds wrap past SEED_MAX to 0 and every image seed is one a
         job may ask for (seed 4294967295 with n = 2 gives 4294967295, then 0)."""
         return [(self.seed + k) % (SEED_MAX + 1) for k in range(self.n)]
+
+
+def _weights(data: dict[str, Any], name: str) -> str | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not WEIGHTS.fullmatch(value):
+        raise ValidationError(name, "must be the sha256 of the weights (64 hex digits) or its "
+                              "first 10 or more", value)
+    return value
 
 
 def _choice(data: dict[str, Any], name: str, allowed: tuple[str, ...], default: str) -> str:

@@ -6,6 +6,10 @@ come from the sidecar (every field of the job), or from the PNG's `parameters` c
 holds every setting that is not its default (farm/images.py). A chunk is taken only when
 writing the job read from it gives back exactly the same text, so an image the farm did not
 make (AUTOMATIC1111's, or one edited since) is refused, never half-read.
+
+The job names the weights the image was made with (`weights`, `refiner_weights`: the sidecar's
+sha256, or the PNG's first 10 digits of it); a worker whose weights differ fails it before
+rendering (worker/split.py).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 
 from farm.errors import UsageError, ValidationError
 from farm.images import A1111_SAMPLERS, a1111_parameters, read_parameters
-from farm.jobs import DEFAULT_SWITCH, JobSpec
+from farm.jobs import DEFAULT_SWITCH, WEIGHTS, JobSpec
 from farm.presets import DEFAULT_PRESET
 from farm.settings import Settings
 
@@ -76,14 +80,17 @@ def _from_sidecar(path: Path, data: bytes, settings: Settings) -> Replay:
     if missing:
         raise UsageError(f"{path} is not a farm sidecar: it has no {missing[0]!r}")
     fields = {k: side.get(k) for k in JobSpec.field_names() if k != "snapped_from"}
-    spec = _spec({**fields, "n": 1}, settings)
     model_hash = side["model_hash"]
-    if not isinstance(model_hash, str) or not model_hash:
+    if not isinstance(model_hash, str) or not WEIGHTS.fullmatch(model_hash):
         raise ValidationError("model_hash", "must be the sha256 of the model's weights",
                               model_hash)
     refiner_hash = side.get("refiner_hash")
-    return Replay(path=path, spec=spec, model_hash=model_hash,
-                  refiner_hash=refiner_hash if isinstance(refiner_hash, str) else None)
+    if fields.get("refiner") is None or not isinstance(refiner_hash, str):
+        refiner_hash = None
+    # the job runs on these weights or fails (worker/split.py)
+    spec = _spec({**fields, "n": 1, "weights": model_hash, "refiner_weights": refiner_hash},
+                 settings)
+    return Replay(path=path, spec=spec, model_hash=model_hash, refiner_hash=refiner_hash)
 
 
 def _from_png(path: Path, data: bytes, settings: Settings) -> Replay:
@@ -113,7 +120,9 @@ def _from_png(path: Path, data: bytes, settings: Settings) -> Replay:
         "cfg_cutoff": _float(found.get("CFG cutoff", "0")), "vae": found.get("VAE", "default"),
         "deep_cache": _int(found.get("Deep cache", "0")),
         "preset": found.get("Preset", DEFAULT_PRESET), "split": found.get("Split", "auto"),
-        "min_vram": _int(found.get("Min VRAM", "0"))}
+        "min_vram": _int(found.get("Min VRAM", "0")),
+        # the job runs on weights whose sha256 starts so, or fails (worker/split.py)
+        "weights": found["Model hash"].lower()}
     try:
         spec = _spec(fields, settings)
     except ValidationError as err:

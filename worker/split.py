@@ -47,6 +47,7 @@ def _handoff_key(job: Job) -> str:
 def run_full(run: Run, takeover: str | None) -> Result:
     ctx, job = run.ctx, run.job
     model = ctx.models[job.spec.model]
+    _check_weights(model, job.spec.weights)
     resume = _load_checkpoint(run, model)
     run.start(model, takeover)
     _note_resume(run, resume)
@@ -82,6 +83,7 @@ def run_base(run: Run, takeover: str | None) -> Result:
     ctx, job = run.ctx, run.job
     spec = job.spec
     base = ctx.models[spec.model]
+    _check_weights(base, spec.weights)
     resume = _load_checkpoint(run, base)
     record = run.start(base, takeover)
     _note_resume(run, resume)
@@ -123,6 +125,16 @@ def run_base(run: Run, takeover: str | None) -> Result:
     return Result(job.id, Outcome.LATENTS_READY)
 
 
+def _check_weights(model: Any, want: str | None) -> None:
+    """A job that names its weights (`farm replay`) runs only on those: other weights fail it
+    before the stage starts (the job's fault: no worker of this fleet would do better)."""
+    have = model.weights_hash
+    if want is not None and not have.startswith(want):
+        raise StageFailed(f"the job asks for {model.spec.name} with weights sha256:{want[:12]}; "
+                          f"this worker's are sha256:{have[:12]} (the fleet serves other weights "
+                          "than the job was made with)")
+
+
 def run_refiner(run: Run, takeover: str | None) -> Result:
     job = run.job
     key = _handoff_key(job)
@@ -140,6 +152,8 @@ def run_pair(run: Run, takeover: str | None) -> Result:
     ctx, spec = run.ctx, run.job.spec
     assert spec.refiner is not None  # a job has the pair stage only with a refiner
     base, refiner = ctx.models[spec.model], ctx.models[spec.refiner]
+    _check_weights(base, spec.weights)
+    _check_weights(refiner, spec.refiner_weights)
     run.start(base, takeover)
     t0 = time.perf_counter()
     pictures = ctx.backend.ensemble(base, refiner, spec)
@@ -157,6 +171,7 @@ def _refine(run: Run, latents: list[Any], generator_states: list[Any], *, handed
     ctx, job = run.ctx, run.job
     assert job.spec.refiner is not None  # a job has refiner stages only with a refiner
     refiner = ctx.models[job.spec.refiner]
+    _check_weights(refiner, job.spec.refiner_weights)
     run.start(refiner, takeover)
     inflight = run.follow(Stage.REFINER)  # the drain follows its steps
     t0 = time.perf_counter()

@@ -106,8 +106,9 @@ def test_replay_renders_the_same_bytes_from_the_png_and_from_the_sidecar(
                           "scheduler": "euler_a", "negative_prompt": "fog", "guidance": 6.5},
                          {"prompt": "a harbour", "preset": "quality", "seed": 5, "steps": 10}],
                         size="64x64")
-    # two jobs, then one replay through the CLI and one through Python
-    worker = _worker(farm_env, 4, "tiny-sdxl", "tiny-sdxl-refiner")
+    # two jobs, then one replay through the CLI, one through Python, and one whose sidecar
+    # names other weights than the worker's
+    worker = _worker(farm_env, 5, "tiny-sdxl", "tiny-sdxl-refiner")
     try:
         originals = {(r.job, r.index): r for r in first.iter_results(timeout=300)}
         assert first.status().state == "succeeded"
@@ -125,6 +126,9 @@ def test_replay_renders_the_same_bytes_from_the_png_and_from_the_sidecar(
         from_python = farm.replay(sidecar)
         again = {**{"cli": list(replayed.iter_results(timeout=300))},
                  "python": list(from_python.iter_results(timeout=300))}
+        other = tmp_path / "other-weights.json"
+        other.write_text(json.dumps({**quality.sidecar, "model_hash": "0123456789" * 6 + "abcd"}))
+        refused = farm.replay(other).wait(timeout=300)
     finally:
         _done(worker)
     (cli_image,), (py_image,) = again["cli"], again["python"]
@@ -137,6 +141,12 @@ def test_replay_renders_the_same_bytes_from_the_png_and_from_the_sidecar(
         assert {k: new.sidecar.get(k) for k in keep} == {k: old.sidecar.get(k) for k in keep}
         assert new.sidecar["batch"] != old.sidecar["batch"]
     assert from_python.replayed is not None and from_python.replayed.same_weights(py_image.sidecar)
+    # a replay runs on the weights its image was made with, or fails before rendering
+    assert refused.state == "failed", refused.to_json()
+    (job,) = refused.jobs
+    assert "asks for tiny-sdxl with weights sha256:012345678901; this worker's are " \
+        f"sha256:{quality.sidecar['model_hash'][:12]}" in (job.error or ""), job.error
+    assert not job.images
 
 
 def test_replay_of_what_is_not_the_farms_exits_2_in_one_line_and_submits_nothing(

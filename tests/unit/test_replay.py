@@ -53,9 +53,11 @@ def test_an_image_and_its_sidecar_give_back_its_job_as_a_job_of_one_image(
     k = spec.n - 1
     expected = replace(spec, n=1, seed=spec.image_seeds()[k])
     from_png = read_job(_png(tmp_path / "x.png", spec, k), SETTINGS)
-    assert from_png.spec == expected and from_png.model_hash == HASH[:10]
+    # the replayed job names the weights the image was made with (the PNG: their first 10)
+    assert from_png.spec == replace(expected, weights=HASH[:10])
+    assert from_png.model_hash == HASH[:10]
     from_json = read_job(_sidecar(tmp_path / "x.json", spec, k), SETTINGS)
-    assert from_json.spec == expected and from_json.model_hash == HASH
+    assert from_json.spec == replace(expected, weights=HASH) and from_json.model_hash == HASH
 
 
 def test_a_stored_quality_job_without_a_refiner_replays_without_one(tmp_path: Path) -> None:
@@ -69,9 +71,28 @@ def test_weights_are_compared_by_the_digest_the_image_recorded(tmp_path: Path) -
     spec = JobSpec.from_dict({"prompt": "a"}, SETTINGS)
     png = read_job(_png(tmp_path / "x.png", spec, 0), SETTINGS)
     assert png.same_weights({"model_hash": HASH}) and not png.same_weights({"model_hash": "0f"})
-    side = read_job(_sidecar(tmp_path / "x.json", spec, 0, refiner_hash="r1"), SETTINGS)
-    assert side.same_weights({"model_hash": HASH, "refiner_hash": "r1"})
-    assert not side.same_weights({"model_hash": HASH, "refiner_hash": "r2"})
+    refined = JobSpec.from_dict({"prompt": "a", "preset": "quality"}, SETTINGS)
+    r1, r2 = "1" * 64, "2" * 64
+    side = read_job(_sidecar(tmp_path / "x.json", refined, 0, refiner_hash=r1), SETTINGS)
+    assert side.spec.weights == HASH and side.spec.refiner_weights == r1
+    assert side.same_weights({"model_hash": HASH, "refiner_hash": r1})
+    assert not side.same_weights({"model_hash": HASH, "refiner_hash": r2})
+    # a job without a refiner keeps no refiner weights, whatever its sidecar says
+    plain = read_job(_sidecar(tmp_path / "y.json", spec, 0, refiner_hash=r1), SETTINGS)
+    assert plain.spec.refiner_weights is None
+
+
+@pytest.mark.parametrize(("field", "value", "rule"), [
+    ("weights", "abc", "must be the sha256 of the weights (64 hex digits) or its first 10 or "
+                       "more"),
+    ("weights", "ABCDEF0123", "must be the sha256 of the weights (64 hex digits) or its first "
+                              "10 or more"),
+    ("refiner_weights", "abcdef0123", "needs a refiner"),
+])
+def test_named_weights_follow_their_rule(field: str, value: str, rule: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        JobSpec.from_dict({"prompt": "a", field: value}, SETTINGS)
+    assert err.value.field == field and rule in str(err.value)
 
 
 def _plain_png(path: Path, parameters: str | None = None) -> Path:
