@@ -204,6 +204,20 @@ def find(store: Store, ref: str, prefer_variant: str | None = None) -> ModelMani
                    f"(it holds: {summary(store)})")
 
 
+def roles(store: Store, names: list[str]) -> dict[str, str]:
+    """The role (base, refiner, vae) of each of `names` the catalog holds; a name it does not
+    hold, or a store that cannot be read, is left out (the caller keeps what it knew)."""
+    from farm.errors import FarmError
+
+    found: dict[str, str] = {}
+    for name in names:
+        try:
+            found[name] = find(store, name).role
+        except FarmError:
+            continue
+    return found
+
+
 def next_version(store: Store, name: str) -> int:
     return max((v for n, v in refs(store) if n == name), default=0) + 1
 

@@ -13,7 +13,7 @@ one queue per priority the order is exactly what we write below.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from farm import models
 from farm.jobs import PRIORITY_MAX, PRIORITY_MIN, Job
@@ -64,24 +64,27 @@ def job_queues(job: Job) -> set[str]:
     return names
 
 
-def routes(model_names: Iterable[str]) -> list[str]:
+def routes(model_names: Iterable[str], roles: Mapping[str, str] | None = None) -> list[str]:
     """What a worker serving `model_names` can run: each model, and each base+refiner pair
-    it holds both halves of (split policy "never")."""
+    it holds both halves of (split policy "never"). `roles`: a model's role where its name
+    does not say it (a catalog model: its manifest's, farm/catalog.py `roles`)."""
     names = list(dict.fromkeys(model_names))
-    role = {n: models.resolve(n).role for n in names}  # a local path counts as a base
+    given = roles or {}
+    # a local path counts as a base, and so does a catalog model whose role is not given
+    role = {n: given.get(n) or models.resolve(n).role for n in names}
     bases = [n for n in names if role[n] == "base"]
     refiners = [n for n in names if role[n] == "refiner"]
     return names + [models.pair_name(b, r) for b in bases for r in refiners]
 
 
-def worker_queues(model_names: Iterable[str], own_class: int,
-                  classes: Iterable[int]) -> list[str]:
+def worker_queues(model_names: Iterable[str], own_class: int, classes: Iterable[int],
+                  roles: Mapping[str, str] | None = None) -> list[str]:
     """Every queue a worker of `own_class` serving `model_names` consumes, in the order it
     takes work: its own class first (most urgent priority first), then each smaller class
     in turn. So it helps smaller cards only when its own class has nothing waiting, and no
     routable queue is left without a consumer: each is served by its own class's workers and
     by every bigger one."""
-    names = routes(model_names)
+    names = routes(model_names, roles)
     order = []
     for c in sorted((c for c in classes if c <= own_class), reverse=True):
         for p in PRIORITIES:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from farm import broker, fleet, limits, models, queues, recovery, vram
+from farm import broker, catalog, fleet, limits, models, queues, recovery, vram
 from farm.errors import RetryableError
 from farm.jobs import Job
 from farm.lifecycle import Fault
@@ -131,11 +131,15 @@ class Worker:
         if back:
             self.echo(f"worker {self.name}: put back job {back.get('job')}, which this worker "
                       "name was running when it last stopped")
+        # a catalog model is a base or a refiner as its manifest says, whatever its name: a
+        # refiner pushed as "house-refiner" serves the pair route with a base beside it
+        stored = [s.name for s in self.specs if s.source == "store"]
+        roles = catalog.roles(open_store(self.settings), stored) if stored else {}
         self.info = fleet.WorkerInfo(
             name=self.name, host=socket.gethostname(), pid=os.getpid(), device=device,
             models=[s.name for s in self.specs],
             queues=queues.worker_queues([s.name for s in self.specs], self.vram_class,
-                                        self.settings.vram_classes),
+                                        self.settings.vram_classes, roles),
             vram_class=self.vram_class, profile=profile.name, started_at=time.time(),
             compile={"backend": self.compile_backend, "state": "eager", "seconds": 0.0,
                      "cache": "off", "graphs": 0, "recompiles": 0},

@@ -474,7 +474,16 @@ def test_a_refiner_pushed_under_a_new_name_plans_and_loads_as_a_refiner(
     with pytest.raises(ValidationError, match="line 1: model must be a base model; the "
                                               "catalog's house-refiner is a refiner"):
         parse_batch('{"prompt": "a", "model": "house-refiner"}\n', "jsonl", {}, settings)
-    # a worker serving it loads the refiner's pipeline
+    # a worker serving it beside a base takes the pair's jobs too (split policy "never")
+    from farm import queues
+
+    roles = catalog.roles(store, ["house-refiner", "not-pushed"])
+    assert roles == {"house-refiner": "refiner"}
+    served = queues.routes(["tiny-sdxl", "house-refiner"], roles)
+    assert models.pair_name("tiny-sdxl", "house-refiner") in served
+    assert models.pair_name("tiny-sdxl", "house-refiner") not in queues.routes(
+        ["tiny-sdxl", "house-refiner"])  # by its name alone it would count as a base
+    # and loads the refiner's pipeline
     model = pipelines.load_model(models.resolve("house-refiner"), settings, "cpu")
     assert model.spec.role == "refiner"
     assert isinstance(model.pipe, StableDiffusionXLImg2ImgPipeline)
