@@ -1,7 +1,8 @@
 """Run the benchmarks (or those named on the command line) and save their figures as JSON.
 
-With no names it runs every benchmark but the slow ones (SLOW = True: bench_compile, whose cold
-compiles take minutes on a CPU); `python -m benchmarks compile` runs that one."""
+With no names it runs every benchmark but the slow ones (SLOW = True: compile, compile_buckets
+and cold_start, whose cold compiles take minutes on a CPU); `python -m benchmarks compile` runs
+one of them by name."""
 
 from __future__ import annotations
 
