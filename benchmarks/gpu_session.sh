@@ -17,8 +17,9 @@
 #   buckets compiling all nine SDXL buckets (benchmarks/_bucket_probe.py, full-size SDXL base,
 #           inductor): nothing cached, then a new process with the fleet cache's artefacts (the
 #           cold start with all nine buckets); per bucket its compile seconds and seconds per
-#           image against eager (about 7 min; BUCKET_MODE=dynamic, the worker's way, or static)
-# buckets runs alone (PARTS=buckets: its two limits, 300 + 140 s, keep the run under 8 min).
+#           image against eager (about 7.5 min; BUCKET_MODE=dynamic, the worker's way, or
+#           static; BUCKET_BACKEND=inductor, the CUDA default, or regional)
+# buckets runs alone (PARTS=buckets: its two limits, 320 + 130 s, keep the run under 8 min).
 # Python packages the machine lacks can sit as wheels in .whl/ (installed to /tmp/site first):
 # the fp8 part needs torchao (a release built for the machine's torch).
 set -u
@@ -57,15 +58,17 @@ if [[ $PARTS == *,buckets,* ]]; then
     #    artefacts loaded first, as the fleet compile cache gives them: its cold start
     # Each probe prints a JSON line after every bucket, so a part cut short keeps its figures.
     mode=${BUCKET_MODE:-dynamic}
+    backend=${BUCKET_BACKEND:-inductor}
     artefacts=$(mktemp -d)/buckets.bin
-    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) timeout "${BUCKETS_COLD_LIMIT:-300}" \
-        python3 -m benchmarks._bucket_probe "$mode" inductor sdxl 1 - "$artefacts" \
-        > "$OUT/buckets-$mode-cold.jsonl" 2> >(quiet > "$OUT/buckets-$mode-cold.log")
-    tail -n 1 "$OUT/buckets-$mode-cold.jsonl"
+    name="$OUT/buckets-$mode-$backend"
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) timeout "${BUCKETS_COLD_LIMIT:-320}" \
+        python3 -m benchmarks._bucket_probe "$mode" "$backend" sdxl 1 - "$artefacts" \
+        > "$name-cold.jsonl" 2> >(quiet > "$name-cold.log")
+    tail -n 1 "$name-cold.jsonl"
     if [[ -s $artefacts ]]; then
-        TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) timeout "${BUCKETS_CACHED_LIMIT:-140}" \
-            python3 -m benchmarks._bucket_probe "$mode" inductor sdxl 1 "$artefacts" - \
-            > "$OUT/buckets-$mode-cached.jsonl" 2> >(quiet > "$OUT/buckets-$mode-cached.log")
-        tail -n 1 "$OUT/buckets-$mode-cached.jsonl"
+        TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) timeout "${BUCKETS_CACHED_LIMIT:-130}" \
+            python3 -m benchmarks._bucket_probe "$mode" "$backend" sdxl 1 "$artefacts" - \
+            > "$name-cached.jsonl" 2> >(quiet > "$name-cached.log")
+        tail -n 1 "$name-cached.jsonl"
     fi
 fi
