@@ -69,8 +69,10 @@ def _client(settings: Settings) -> Any:
 @click.option("--urls", is_flag=True,
               help="Print a link to each image that works without credentials (S3), instead.")
 @click.option("--expires", default="1d", show_default=True, help=EXPIRES_HELP)
+@click.option("--sheets/--no-sheets", default=True, show_default=True,
+              help="Make contact sheets (and the thumbnails they are built from).")
 def results(batch: str, out: Path | None, wait: bool, follow: bool, urls: bool,
-            expires: str) -> None:
+            expires: str, sheets: bool) -> None:
     """Download every image with its JSON sidecar, and contact sheets (100 images each).
     Files already here and whole are skipped."""
     from farm.scheduler.results import download
@@ -93,7 +95,7 @@ def results(batch: str, out: Path | None, wait: bool, follow: bool, urls: bool,
         batch_counts(store, client, batch, settings)  # an unknown batch: one line, exit 2
     with progress(store, batch, settings) as tick:
         got = download(store, batch, out or Path(batch), settings, follow=follow, on_image=tick,
-                       client=client)
+                       client=client, sheets=sheets)
     click.echo(f"{len(got.images)} images and sidecars in {got.folder}/ "
                f"({got.fetched} downloaded, {got.skipped} already here)")
     for sheet in got.contact_sheets:

@@ -6,7 +6,8 @@
          succeeded needs no record read: its manifest names them all)
       2. each such image is skipped when the file here is whole (the store's size, and the
          store's tag when it was fetched: `.farm-results`), else it and its sidecar are
-         streamed to disk on a bounded pool of threads, and its thumbnail is made
+         streamed to disk on a bounded pool of threads, and its thumbnail is made (when
+         sheets or a gallery will use it)
       3. with `follow`, look again every `poll_s` until the batch has ended (status says so,
          scheduler/status.py), then once more
       4. contact sheets of at most SHEET_SIZE images each, from the thumbnails (scheduler/sheets.py)
@@ -45,7 +46,7 @@ class Landed:
     key: str          # the image's store key
     path: Path
     sidecar: Path
-    thumb: Path
+    thumb: Path       # made only when the caller asked for thumbnails
     fetched: bool     # False: the file here was already whole
 
 
@@ -98,12 +99,14 @@ class Succeeded:
 
 
 class Fetcher:
-    """Brings images and their sidecars into `folder`, skipping those already whole."""
+    """Brings images and their sidecars into `folder`, skipping those already whole, and makes
+    each one's thumbnail when `thumbs`."""
 
-    def __init__(self, store: Store, batch: str, folder: Path) -> None:
+    def __init__(self, store: Store, batch: str, folder: Path, thumbs: bool = True) -> None:
         self.store = store
         self.batch = batch
         self.folder = folder
+        self.thumbs = thumbs
         folder.mkdir(parents=True, exist_ok=True)
         try:
             self.index: dict[str, str] = json.loads((folder / INDEX).read_text())
@@ -132,7 +135,7 @@ class Fetcher:
             self.index[p.name] = info.tag
             fetched = True
         thumb = thumb_path(self.folder, path)
-        if fetched or not thumb.exists():
+        if self.thumbs and (fetched or not thumb.exists()):
             thumbnail(path, thumb)
         return Landed(key, path, side, thumb, fetched)
 
@@ -184,14 +187,15 @@ def all_images_if_succeeded(store: Store, batch: str, settings: Settings,
 
 def land(store: Store, batch: str, folder: Path, settings: Settings, *, follow: bool = False,
          poll_s: float = 1.0, threads: int = DOWNLOAD_THREADS,
-         ended: Callable[[], bool] | None = None, client: Any = None
+         ended: Callable[[], bool] | None = None, client: Any = None, thumbs: bool = True
          ) -> Iterator[Landed | str]:
     """Yield each image of the batch as it lands here (a Landed), or its key when a succeeded
     job's image is not in the store. With `follow`, keep looking until the batch has ended.
-    `client`: a Redis client for the batch's counters (None: the store answers)."""
+    `client`: a Redis client for the batch's counters (None: the store answers). `thumbs`:
+    make each image's thumbnail too."""
     ended = ended or (lambda: batch_ended(store, batch, settings, client))
     found = Succeeded(store, batch)
-    fetcher = Fetcher(store, batch, folder)
+    fetcher = Fetcher(store, batch, folder, thumbs)
     limit = threads * 4
     known = None if follow else all_images_if_succeeded(store, batch, settings, client)
     try:
@@ -227,10 +231,11 @@ def download(store: Store, batch: str, out: Path, settings: Settings, *, follow:
              sheets: bool = True, ended: Callable[[], bool] | None = None,
              client: Any = None) -> Downloaded:
     """Every image of the batch's succeeded jobs into `out` (see `land`), then its contact
-    sheets. `on_image` hears each image as it lands (a progress bar)."""
+    sheets (and their thumbnails) unless `sheets` is False. `on_image` hears each image as it
+    lands (a progress bar)."""
     got = Downloaded(folder=out)
     for item in land(store, batch, out, settings, follow=follow, poll_s=poll_s,
-                     threads=threads, ended=ended, client=client):
+                     threads=threads, ended=ended, client=client, thumbs=sheets):
         if isinstance(item, str):
             got.missing.append(item)
         else:

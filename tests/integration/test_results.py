@@ -46,6 +46,24 @@ def test_download_skips_whole_files_and_pages_sheets(settings: Settings, tmp_pat
     Image.open(broken).load()
 
 
+def test_results_without_sheets_makes_no_thumbnails(env: dict[str, str], tmp_path: Path
+                                                    ) -> None:
+    settings = Settings.load(env=env)
+    fill(open_store(settings), settings, "b-bare", 3, n=2, size=64)
+    out = tmp_path / "bare"
+    res = run_farm(env, "results", "b-bare", "-o", str(out), "--no-sheets")
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        f"{job_id('b-bare', i)}-{k}.png" for i in range(3) for k in range(2)]
+    assert len(list(out.glob("*.json"))) == 6
+    assert not (out / "thumbs").exists() and "contact sheet" not in res.stdout
+    # the same folder with sheets: nothing downloaded again, the thumbnails made for the sheet
+    res = run_farm(env, "results", "b-bare", "-o", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "(0 downloaded, 6 already here)" in res.stdout
+    assert len(list((out / "thumbs").glob("*.jpg"))) == 6 and (out / "contact-sheet.png").exists()
+
+
 def test_follow_downloads_each_image_as_its_job_succeeds(settings: Settings,
                                                          tmp_path: Path) -> None:
     store = open_store(settings)
