@@ -114,7 +114,7 @@ def test_measured_table_replaces_seeded_rows(tmp_path: Path) -> None:
          "bucket": "1mp", "peak_gb": 3.9, "source": "measured: H200"}]}))
     settings = Settings.load(env={"FARM_VRAM_TABLE": str(measured)})
     spec = JobSpec.from_dict({"prompt": "a", "model": "sdxl-base"}, settings)
-    # 3.9 GB no longer fits a 4 GB card with headroom: the 6 GB class (lean-fp8) does
+    # 3.9 GB does not fit a 4 GB card with headroom: the 6 GB class (lean-fp8) does
     assert placement(spec, settings).vram_class == 6
     table = vram.load_table(measured)
     assert table.sources[("sdxl-base", "base", "sequential-offload", "1mp")] == "measured: H200"
