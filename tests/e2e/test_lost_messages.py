@@ -178,7 +178,15 @@ def test_a_worker_killed_between_a_final_record_and_its_note_leaves_record_and_t
         _finish(settings, result, crew, limit=120)
         assert marker.exists(), crew.tails()   # the fault did happen
         assert any(status == 1 for _, status in crew.exits), crew.exits
-        total, counts = tally.counts(client, result.batch) or (0, {})
-        assert total == 4 and counts["succeeded"] == 4, counts
+        # every record is final before the victim's message comes back: wait for the worker
+        # that takes it again to note the job
+        deadline = time.monotonic() + 120
+        while True:
+            total, counts = tally.counts(client, result.batch) or (0, {})
+            if counts.get("succeeded") == 4 or time.monotonic() > deadline:
+                break
+            crew.supervise()
+            time.sleep(0.1)
+        assert total == 4 and counts["succeeded"] == 4, (counts, crew.tails())
         assert sum(counts.values()) == 4, counts
         assert not client.smembers(recovery.OPEN + result.batch)
