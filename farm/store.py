@@ -449,10 +449,10 @@ class S3Store:
 
 
 class _LightGets:
-    """Bulk downloads on a plain urllib3 pool through presigned URLs: per GET, about a third of
-    the client CPU of boto3's get_object, which parses and validates every response through its
-    full model (python -m benchmarks results: with 16 threads at S3's latency a download of
-    small images is bound by the client's CPU, not the network). The signing is still botocore's
+    """Bulk downloads on a plain urllib3 pool through presigned URLs: per GET, about 30 % less
+    client CPU than boto3's get_object, which parses and validates every response through its
+    full model (docs/results.md: with 16 threads at S3's latency a download of small images is
+    bound by the client's CPU, not the network). The signing is still botocore's
     (credentials, region, endpoint and addressing style as every other request). It is a fast
     path only: anything but a whole 200 answer (a missing key, a refusal, a throttle, a dropped
     connection) returns None, and the caller repeats the GET through boto3, with its retries
