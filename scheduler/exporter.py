@@ -85,7 +85,13 @@ class FarmCollector:
         """(live workers, depth by queue, active batches, open jobs, stages running: None when
         this Redis user may not read kombu's `unacked` hash)."""
         workers = fleet.live_workers(self.client)                                   # 1
-        names = list(dict.fromkeys([*self.served, *(q for w in workers for q in w.queues)]))
+        # the queues of the models asked for, those live workers consume, and any other queue
+        # with stages waiting (a list exists only while it holds some): a catalog pair, say,
+        # whose workers have all stopped
+        waiting = [k.decode() if isinstance(k, bytes) else k for k in self.client.scan_iter(
+            match=f"{queues.QUEUE_PREFIX}.*", count=1000, _type="list")]
+        names = list(dict.fromkeys([*self.served, *(q for w in workers for q in w.queues),
+                                    *sorted(n for n in waiting if queues.parse_queue(n))]))
         with self.client.pipeline(transaction=False) as pipe:                       # 2
             for name in names:
                 pipe.llen(name)

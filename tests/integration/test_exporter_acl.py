@@ -13,7 +13,7 @@ import pytest
 import redis
 from prometheus_client import generate_latest
 
-from farm import fleet, queues, recovery
+from farm import fleet, models, queues, recovery
 from farm.jobs import JobSpec
 from farm.scheduler import exporter
 from farm.scheduler.submit import submit
@@ -60,3 +60,24 @@ def test_a_user_with_only_the_exporters_commands_and_keys_reads_everything(
     assert total(shown, "farm_batches", state="active") == 1
     assert total(shown, "farm_jobs_open") == 3
     assert total(shown, "farm_stages_running") == 1
+
+
+def test_a_queue_no_model_or_worker_names_is_reported_while_it_holds_stages(
+        env: dict[str, str], redis_url: str, exporter_client: Any) -> None:
+    # a catalog base and refiner's pair queue: its name comes from no built-in model, and the
+    # workers that consumed it have stopped; a queue of no farm shape is not reported
+    settings = Settings.load(env={**env, "FARM_BROKER_URL": redis_url})
+    admin = redis.Redis.from_url(redis_url)
+    pair = queues.queue_name(models.pair_name("house-base", "house-refiner"), 24, 5)
+    admin.rpush(pair, "m1", "m2")
+    admin.rpush("farm.not-a-queue", "x")
+    admin.set(queues.queue_name("house-other", 24, 5), "a string, not a list")
+    shown = parse(generate_latest(exporter.registry(exporter_client, settings,
+                                                    ["tiny-sdxl"])).decode())
+    slug = queues.parse_queue(pair)
+    assert slug is not None
+    assert total(shown, "farm_queue_depth", model=slug[0], vram_class="24", priority="5") == 2
+    assert total(shown, "farm_queue_depth") == 2
+    admin.delete(pair)   # drained: the list is gone, and so is the queue from the scrape
+    scraped = generate_latest(exporter.registry(exporter_client, settings, ["tiny-sdxl"]))
+    assert f'model="{slug[0]}"' not in scraped.decode()
