@@ -2,9 +2,10 @@
 
 Celery on Redis gives a dead worker's unacknowledged message back only after the visibility
 timeout (an hour, so it stays above the longest stage). The farm does better: while a worker
-runs a stage it records the message's delivery tag in `farm:inflight:<worker>`. Every worker
+runs a stage it records the message's delivery tag in `farm:inflight:<worker>` (and those of
+the jobs it renders with it in one call, worker/batching.py). Every worker
 sweeps now and then (one at a time, under a lock): an in-flight record whose worker's heartbeat
-key has expired belongs to a dead worker, so its message is moved from kombu's `unacked` hash
+key has expired belongs to a dead worker, so each message it names moves from `unacked`
 straight back onto its queue, where the next free worker takes it. That takes the heartbeat TTL
 plus one sweep (about half a minute with the defaults) instead of an hour; Flamenco's
 one-minute worker timeout is the same idea.
@@ -53,13 +54,26 @@ UNACKED, UNACKED_INDEX = "unacked", "unacked_index"
 
 
 def set_inflight(client: Any, worker: str, tag: str, queue: str, job: str | None,
-                 stage: str | None) -> None:
-    """Record the message a worker runs. The record outlives the stage (its message is acked
-    just after the stage ends) until the worker's next stage replaces it or the worker stops:
-    a record naming an acked message is harmless, and so no sweep can take the message for an
-    orphan between the stage's end and its ack."""
+                 stage: str | None, held: list[dict[str, Any]] | None = None) -> None:
+    """Record the message a worker runs, and (`held`: {"tag", "queue", "job"} each) the messages
+    of the jobs it renders with it in one pipeline call (worker/batching.py). The record outlives
+    the stage (its messages are acked just after the stage ends) until the worker's next stage
+    replaces it or the worker stops: a record naming an acked message is harmless, and so no
+    sweep can take a message for an orphan between the stage's end and its ack."""
     client.set(INFLIGHT + worker, json.dumps({"tag": tag, "queue": queue, "job": job,
-                                              "stage": stage, "since": time.time()}))
+                                              "stage": stage, "since": time.time(),
+                                              "held": held or []}))
+
+
+def messages(info: dict[str, Any]) -> list[tuple[str, str]]:
+    """(tag, queue) of every message an in-flight record names: the one it runs first."""
+    out = [(info["tag"], info["queue"])]
+    for other in info.get("held") or []:
+        try:
+            out.append((other["tag"], other["queue"]))
+        except (KeyError, TypeError):
+            continue
+    return out
 
 
 def holds(client: Any, worker: str, job: str) -> bool:
@@ -71,7 +85,9 @@ def holds(client: Any, worker: str, job: str) -> bool:
     if not alive or raw is None:
         return False
     try:
-        return bool(json.loads(raw).get("job") == job)
+        info = json.loads(raw)
+        return bool(info.get("job") == job
+                    or any(h.get("job") == job for h in info.get("held") or []))
     except (ValueError, AttributeError):
         return False
 
@@ -117,9 +133,9 @@ def recover_own(client: Any, worker: str) -> dict[str, Any] | None:
     if raw is None:
         return None
     info = json.loads(raw)
-    restored = restore(client, info["tag"], info["queue"])
+    restored = [restore(client, tag, queue) for tag, queue in messages(info)]
     clear_inflight(client, worker)
-    return info if restored else None
+    return info if any(restored) else None
 
 
 def sweep(client: Any, lock_seconds: float, orphan_seconds: float | None = None
@@ -129,7 +145,7 @@ def sweep(client: Any, lock_seconds: float, orphan_seconds: float | None = None
     if not client.set(SWEEP_LOCK, "1", nx=True, px=max(1, int(lock_seconds * 1000))):
         return []
     recovered = []
-    claimed = set()
+    claimed: set[str] = set()
     for key in client.scan_iter(match=INFLIGHT + "*", count=500):
         name = key.decode() if isinstance(key, bytes) else key
         worker = name[len(INFLIGHT):]
@@ -138,13 +154,14 @@ def sweep(client: Any, lock_seconds: float, orphan_seconds: float | None = None
             continue
         info = json.loads(raw)
         if client.exists(worker_key(worker)):
-            claimed.add(info["tag"])
+            claimed.update(tag for tag, _ in messages(info))
             continue
-        if restore(client, info["tag"], info["queue"]):
+        back = sum(restore(client, tag, queue) for tag, queue in messages(info))
+        if back:
             info["worker"] = worker
             recovered.append(info)
-            log.warning("worker %s stopped beating while running %s (%s); its stage is "
-                        "queued again", worker, info.get("job"), info.get("stage"))
+            log.warning("worker %s stopped beating while running %s (%s); %d message(s) "
+                        "queued again", worker, info.get("job"), info.get("stage"), back)
         client.delete(name)
     if orphan_seconds is not None:
         recovered += restore_orphans(client, orphan_seconds, claimed)

@@ -117,3 +117,32 @@ def test_the_cancel_listener_knows_flags_set_before_it_started_without_asking_ag
     while not listener.heard("b-late"):
         assert time.monotonic() < deadline, "the broadcast never arrived"
         time.sleep(0.01)
+
+
+def test_an_inflight_record_claims_every_message_of_a_shared_call_and_brings_all_back(
+        redis_url: str) -> None:
+    """A worker rendering several jobs in one call (worker/batching.py) holds their messages:
+    alive, none of them is an orphan however long it waits; dead, the sweep puts back all."""
+    from farm.fleet import worker_key
+
+    client = redis.Redis.from_url(redis_url)
+    taken_at = time.time() - 3600
+    for tag, job in (("t-lead", "a"), ("t-b", "b"), ("t-c", "c")):
+        client.hset(recovery.UNACKED, tag, _unacked_payload(job))
+        client.zadd(recovery.UNACKED_INDEX, {tag: taken_at})
+    recovery.set_inflight(client, "w1", "t-lead", "farm.q", "a", "full",
+                          held=[{"tag": "t-b", "queue": "farm.q", "job": "b"},
+                                {"tag": "t-c", "queue": "farm.q", "job": "c"}])
+    client.set(worker_key("w1"), "{}")
+    assert recovery.holds(client, "w1", "a") and recovery.holds(client, "w1", "c")
+    assert recovery.sweep(client, 0.001, orphan_seconds=1) == []
+    assert client.llen("farm.q") == 0 and client.hlen(recovery.UNACKED) == 3
+
+    client.delete(worker_key("w1"), recovery.SWEEP_LOCK)   # its heartbeat expired
+    back = recovery.sweep(client, 0.001, orphan_seconds=1)
+    assert [b["worker"] for b in back] == ["w1"], back
+    assert client.llen("farm.q") == 3 and client.hlen(recovery.UNACKED) == 0
+    jobs = sorted(recovery.message_job(json.loads(raw)) or "" for raw in
+                  client.lrange("farm.q", 0, -1))
+    assert jobs == ["a", "b", "c"]
+    assert client.get(recovery.INFLIGHT + "w1") is None
