@@ -93,6 +93,9 @@ class WorkerContext:
     # Redis (before a stage), `canceled_now` a local set fed by a broadcast (after each step)
     canceled: Callable[..., bool] = _never
     canceled_now: Callable[..., bool] = _never
+    # the flags in Redis, always asked (the end of a shared pipeline call, worker/batching.py:
+    # a cancel its broadcast has not brought yet still ends the job canceled)
+    canceled_flag: Callable[..., bool] = _never
     # holds(worker, job): that worker is alive and running that job; alive(worker,
     # incarnation): that worker beats, as that process (a restart under the same name is not)
     holds: Callable[[str, str], bool] = _never

@@ -46,11 +46,7 @@ def _handoff_key(job: Job) -> str:
 
 def run_full(run: Run, takeover: str | None) -> Result:
     ctx, job = run.ctx, run.job
-    model = ctx.models[job.spec.model]
-    _check_weights(model, job.spec.weights)
-    resume = _load_checkpoint(run, model)
-    run.start(model, takeover)
-    _note_resume(run, resume)
+    model, resume = begin_full(run, takeover)
     inflight = _follow(run, resume)
     t0 = time.perf_counter()
     try:
@@ -64,6 +60,17 @@ def run_full(run: Run, takeover: str | None) -> Result:
     result = finish(run, model, pictures, render_s)
     _drop_checkpoint(run)
     return result
+
+
+def begin_full(run: Run, takeover: str | None) -> tuple[Any, dict[int, Any] | None]:
+    """A full stage's start: its weights checked, its checkpoint read (a handed-back stage),
+    the attempt started. Returns the model and the images to resume (None: from the start)."""
+    model = run.ctx.models[run.job.spec.model]
+    _check_weights(model, run.job.spec.weights)
+    resume = _load_checkpoint(run, model)
+    run.start(model, takeover)
+    _note_resume(run, resume)
+    return model, resume
 
 
 def base_done(ctx: WorkerContext, job: Job, record: JobRecord) -> Result | None:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from farm import lifecycle
 from farm.errors import ConfigError, IntegrityError, NotFound, ValidationError
@@ -30,8 +31,10 @@ from farm.worker.context import JobCanceled, Outcome, Result, Run, StageEnded, W
 from farm.worker.faults import classify, describe
 
 log = logging.getLogger("farm.worker")
+T = TypeVar("T")
 
-__all__ = ["Outcome", "Result", "WorkerContext", "resolve", "run_job", "run_message"]
+__all__ = ["Outcome", "Result", "WorkerContext", "admit", "guarded", "resolve", "run_job",
+           "run_message"]
 
 
 def resolve(ctx: WorkerContext, raw: Any) -> Job | Result:
@@ -64,7 +67,22 @@ def run_message(ctx: WorkerContext, raw: Any) -> Result:
 
 
 def run_job(ctx: WorkerContext, job: Job) -> Result:
-    # 2. the record decides whether there is anything left to do
+    admitted = admit(ctx, job)
+    if isinstance(admitted, Result):
+        return admitted
+    job, held, takeover = admitted
+    # 3. start (in the body, once its inputs are checked): one compare-and-set; a delivery that
+    # lost the race to another worker stops there. 4. run it.
+    body = {Stage.FULL: split.run_full, Stage.BASE: split.run_base,
+            Stage.REFINER: split.run_refiner, Stage.PAIR: split.run_pair}[job.stage]
+    run = Run(ctx, job, held)
+    return guarded(run, lambda: body(run, takeover))
+
+
+def admit(ctx: WorkerContext, job: Job) -> tuple[Job, Held, str | None] | Result:
+    """2. The record decides whether there is anything left to do: the job (re-planned as its
+    record says), the record held, and what its start takes over (see _admit); or the Result
+    that ends the message here (rejected, a duplicate, canceled, put back)."""
     held = lifecycle.read(ctx.store, job.batch, job.id)
     job = job.replanned(held.record.replanned)
     if ctx.vram_class and job.stage_class > ctx.vram_class:
@@ -86,14 +104,16 @@ def run_job(ctx: WorkerContext, job: Job) -> Result:
     admitted = _admit(ctx, job, held)
     if isinstance(admitted, Result):
         return admitted
+    return job, held, admitted
 
-    # 3. start (in the body, once its inputs are checked): one compare-and-set; a delivery that
-    # lost the race to another worker stops there. 4. run it.
-    body = {Stage.FULL: split.run_full, Stage.BASE: split.run_base,
-            Stage.REFINER: split.run_refiner, Stage.PAIR: split.run_pair}[job.stage]
-    run = Run(ctx, job, held)
+
+def guarded(run: Run, body: Callable[[], T]) -> T | Result:
+    """Run (part of) a stage body and route how it ends: a superseded attempt keeps nothing,
+    a dead-lettered start is failed, a cancel is recorded, every other failure is classified
+    and routed (worker/attempt.py)."""
+    ctx, job = run.ctx, run.job
     try:
-        return body(run, admitted)
+        return body()
     except Superseded as exc:
         log.warning("job %s: %s; this attempt's result is discarded", job.id, exc)
         return Result(job.id, Outcome.SUPERSEDED, str(exc))
