@@ -45,6 +45,7 @@ from farm.worker.render import (
     make_scheduler,
     refine,
     render,
+    render_batch,
     vae_used,
     warm,
     warm_buckets,
@@ -404,5 +405,5 @@ def pixels_digest(images: list[PIL.Image.Image]) -> str:
 
 __all__ = ["SCHEDULERS", "LoadedModel", "load_model", "apply_profile", "denoise_base", "refine",
            "warm_buckets",
-           "ensemble", "render", "warm", "resolve_device",
+           "ensemble", "render", "render_batch", "warm", "resolve_device",
            "make_scheduler", "vae_used", "weight_files", "weights_hash", "pixels_digest"]

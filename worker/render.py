@@ -166,6 +166,63 @@ def render(model: LoadedModel, spec: jobs.JobSpec, *,
     return images
 
 
+def render_batch(model: LoadedModel, specs: list[jobs.JobSpec], *,
+                 callback: StepCallback | None = None) -> list[list[PIL.Image.Image]]:
+    """Render several jobs in one pipeline call (the worker's throughput mode,
+    worker/batching.py): their prompts as one list, one generator per image seeded with its
+    image seed. The jobs share everything else the call takes (worker/batching.py batch_key):
+    the model, size, steps, sampler, guidance, CFG cut-off and VAE; negative prompts are all
+    given or all empty; none has the deep feature cache (those render alone). Returns each job's spec.n images, in the order of `specs`.
+
+    Batched kernels round differently than a batch of one, so on CPU an image rendered here is
+    close to, not bit-identical with, the same image rendered alone (benchmarks/bench_recipe.py:
+    about 89 dB PSNR). `callback` runs once per step of the whole call."""
+    if model.spec.role != "base":
+        raise ValueError(f"{model.name} is a refiner: it refines latents, it cannot render a job")
+    first = specs[0]
+    _set_sampler_and_vae(model, first)
+    cutoff = _BatchCFGCutoff(cutoff_step_ratio=first.cfg_cutoff) if first.cfg_cutoff > 0 \
+        else None
+    extra = _callbacks(callback, cutoff)
+    prompts, negatives, generators = [], [], []
+    for spec in specs:
+        for seed in spec.image_seeds():
+            prompts.append(spec.prompt)
+            negatives.append(spec.negative_prompt)
+            generators.append(torch.Generator("cpu").manual_seed(seed))
+    result = model.pipe(
+        prompt=prompts,
+        # None, not empty strings: SDXL base then uses zero negative embeddings
+        negative_prompt=negatives if all(negatives) else None,
+        width=first.width, height=first.height,
+        num_inference_steps=first.steps, guidance_scale=first.guidance,
+        num_images_per_prompt=1, generator=generators, output_type="pil", **extra,
+    )
+    images = list(result.images)
+    out, at = [], 0
+    for spec in specs:
+        out.append(images[at:at + spec.n])
+        at += spec.n
+    return out
+
+
+class _BatchCFGCutoff(SDXLCFGCutoffCallback):  # type: ignore[misc]
+    """diffusers' CFG cut-off keeps the last row of each conditioning tensor, right for a batch
+    of one only; with guidance on the rows are [negatives, prompts], so this keeps the second
+    half: every image's own prompt."""
+
+    def callback_fn(self, pipeline: Any, step_index: int, timestep: Any,
+                    callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+        cutoff_step = int(pipeline.num_timesteps * self.config["cutoff_step_ratio"])
+        if step_index != cutoff_step or not pipeline.do_classifier_free_guidance:
+            return callback_kwargs
+        for name in self.tensor_inputs:
+            rows = callback_kwargs[name]
+            callback_kwargs[name] = rows[rows.shape[0] // 2:]
+        pipeline._guidance_scale = 0.0
+        return callback_kwargs
+
+
 def denoise_base(model: LoadedModel, spec: jobs.JobSpec, seed: int, *,
                  callback: StepCallback | None = None, resume: Continue | None = None,
                  track: Callable[[torch.Generator, int], None] | None = None

@@ -1,7 +1,7 @@
 """A stand-in backend for load tests: no diffusion; for load tests only.
 
 It has the interface the worker uses from `worker/pipelines.py` (`load_model`, `warm`, `render`,
-and `ensemble` for a base + refiner pair on one worker), so `Worker(...,
+`render_batch` for the throughput mode, and `ensemble` for a base + refiner pair on one worker), so `Worker(...,
 backend=farm.worker.standin)` runs the real control plane - queue, message checks, job records, step
 callbacks, PNG encoding, create-once image writes - while the "render" costs next to nothing.
 That isolates what the farm itself spends per job from what the GPU spends.
@@ -101,6 +101,22 @@ class StandIn:
             images.append(PIL.Image.new("RGB", (spec.width, spec.height), seed_colour(seed)))
         return images
 
+    def render_batch(self, model: StandInModel, specs: list[JobSpec], *,
+                     callback: StepCallback | None = None) -> list[list[PIL.Image.Image]]:
+        """Several jobs in one "call" (the worker's throughput mode): each job's images as
+        render() makes them; `render_seconds` is spent once per image, as in render().
+        `callback` runs once per step of the whole call, then `on_step` for every job."""
+        steps = specs[0].steps
+        if self.render_seconds:
+            time.sleep(self.render_seconds * sum(spec.n for spec in specs))
+        for step in range(steps):
+            if callback is not None:
+                callback(None, step, None, {})
+            for spec in specs:
+                self.on_step(spec, step)
+        return [[PIL.Image.new("RGB", (spec.width, spec.height), seed_colour(seed))
+                 for seed in spec.image_seeds()] for spec in specs]
+
     def on_step(self, spec: JobSpec, step: int) -> None:
         """Nothing: a render step of the stand-in costs nothing."""
 
@@ -142,6 +158,11 @@ def render(model: StandInModel, spec: JobSpec, *, callback: StepCallback | None 
     return _default.render(model, spec, callback=callback, resume=resume, track=track)
 
 
+def render_batch(model: StandInModel, specs: list[JobSpec], *,
+                 callback: StepCallback | None = None) -> list[list[PIL.Image.Image]]:
+    return _default.render_batch(model, specs, callback=callback)
+
+
 def ensemble(base: StandInModel, refiner: StandInModel, spec: JobSpec) -> list[PIL.Image.Image]:
     return _default.ensemble(base, refiner, spec)
 
@@ -159,4 +180,4 @@ def refine(model: StandInModel, spec: JobSpec, latents: Any, generator: Any, *,
 
 
 __all__ = ["StandIn", "StandInModel", "denoise_base", "ensemble", "load_model", "refine",
-           "render", "seed_colour", "warm"]
+           "render", "render_batch", "seed_colour", "warm"]
