@@ -339,10 +339,13 @@ def batches(as_json: bool, limit: int) -> None:
 @click.option("--metrics-port", type=int, default=None, metavar="PORT",
               help="Serve Prometheus metrics on this port (FARM_METRICS_PORT; 0: any free "
                    "port; default: none). Each worker on a machine needs its own.")
+@click.option("--batch-jobs", type=int, default=None, metavar="N",
+              help="Throughput mode: render up to N queued jobs that share model, size, steps "
+                   "and sampler in one pipeline call (FARM_BATCH_JOBS; default 1: each alone).")
 def worker(models_: tuple[str, ...], device: str | None, max_jobs: int | None,
            name: str | None, vram: str | None, profile: str | None,
            compile_: str | None, recipe: str | None, stop_grace: float | None,
-           metrics_port: int | None) -> None:
+           metrics_port: int | None, batch_jobs: int | None) -> None:
     """Run one worker in the foreground: load and warm its pipelines, then take jobs."""
     import logging
 
@@ -352,7 +355,8 @@ def worker(models_: tuple[str, ...], device: str | None, max_jobs: int | None,
     from farm.worker.runtime import Worker
 
     settings = Settings.load(device=device, vram=vram, profile=profile, compile=compile_,
-                             recipe=recipe, stop_grace=stop_grace, metrics_port=metrics_port)
+                             recipe=recipe, stop_grace=stop_grace, metrics_port=metrics_port,
+                             batch_jobs=batch_jobs)
     w = Worker(settings, list(models_), device=settings.device, name=name, max_jobs=max_jobs,
                echo=lambda m: click.echo(m, err=True))
     sys.exit(w.run())

@@ -54,6 +54,9 @@ def celery_app(settings: Settings, name: str = "farm", *, worker: bool = False) 
         # Ack after the stage ran, so a killed worker's stage is delivered again...
         task_acks_late=True,
         # ...and take one message at a time, so a busy worker holds nothing others could run.
+        # The throughput mode (FARM_BATCH_JOBS) takes its extra messages itself, only when it
+        # renders them: the solo pool runs a task inside kombu's delivery callback, so prefetch
+        # never delivers a second message while one runs (worker/batching.py).
         worker_prefetch_multiplier=1,
         worker_disable_prefetch=True,
         task_create_missing_queues=True,

@@ -46,6 +46,11 @@ class Settings:
     device: str = "auto"
     # torch intra-op threads per worker; 0: one on CPU (see worker/runtime.py), torch's on CUDA
     threads: int = 0
+    # throughput mode: a worker renders up to this many queued jobs of one queue that share
+    # every pipeline input but prompt and seed (same model, size, steps, sampler, guidance,
+    # VAE) in one pipeline call (worker/batching.py); each keeps its own message, record and
+    # images. 1: off, every job alone (pixels then never depend on what else was queued)
+    batch_jobs: int = 1
 
     # -- VRAM classes (farm/vram.py)
     # the classes a farm routes to, in GB; every process of a farm must agree on them
@@ -181,7 +186,7 @@ class Settings:
                                   f"got {self.profile!r}")
         for name in ("max_steps", "max_pixels", "max_side", "max_images_per_job",
                      "max_prompt_chars", "max_jobs_per_batch", "visibility_timeout",
-                     "max_attempts"):
+                     "max_attempts", "batch_jobs"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:

@@ -2,7 +2,9 @@
 
     1. resolve the device and the models it serves
     2. load every pipeline and warm it (heartbeat says "starting" meanwhile)
-    3. report ready, then consume its queues with Celery's solo pool, one job at a time
+    3. report ready, then consume its queues with Celery's solo pool, one job at a time (with
+       FARM_BATCH_JOBS > 1, one pipeline call for the queued jobs that can share it:
+       worker/batching.py)
     4. after --max-jobs jobs, or on SIGTERM/SIGINT, finish the current job and exit
     5. quarantined (FARM_QUARANTINE_AFTER worker faults in a row, on different jobs): stop
        taking work, show it in `farm workers` with the last error, then exit non-zero
@@ -26,7 +28,7 @@ from farm.jobs import Job
 from farm.lifecycle import Fault
 from farm.settings import Settings
 from farm.store import open_store
-from farm.worker import allocator, compile
+from farm.worker import allocator, batching, compile
 from farm.worker.drain import Drain
 from farm.worker.finisher import Finisher
 from farm.worker.metrics import REQUEUED, WorkerMetrics
@@ -62,10 +64,12 @@ def resolve_class(settings: Settings, device: str) -> int:
     return max(settings.vram_classes)
 
 
-def _hard_limit(job: Job) -> float:
-    """The running stage's hard limit (farm/limits.py)."""
+def _hard_limit(job: Job, together: list[batching.Taken] | None = None) -> float:
+    """The running stage's hard limit (farm/limits.py); with companions, for all the images of
+    the shared call."""
     spec = job.spec
-    return limits.stage_seconds(spec.steps, spec.width, spec.height, spec.n)
+    images = spec.n + sum(t.job.spec.n for t in together or [])
+    return limits.stage_seconds(spec.steps, spec.width, spec.height, images)
 
 
 def default_name(device: str) -> str:
@@ -99,6 +103,8 @@ class Worker:
         self.quarantined_at: float | None = None
         self.metrics = WorkerMetrics()   # served on settings.metrics_port (worker/metrics.py)
         self.finisher: Finisher | None = None   # built in setup: the batches' tallies and ends
+        # takes the queued jobs that share a pipeline call (FARM_BATCH_JOBS > 1), built in setup
+        self.taker: batching.Taker | None = None
 
     # -- 1-2: setup, once ---------------------------------------------------------------------
 
@@ -161,12 +167,15 @@ class Worker:
         self.app = broker.celery_app(self.settings, worker=True)
         self.listener = recovery.CancelListener(broker.redis_client(self.settings))
         self.finisher = Finisher(store, self.redis, self.settings)
+        if self.settings.batch_jobs > 1:
+            self.taker = batching.Taker(self.app, self.redis)
         self.ctx = WorkerContext(
             settings=self.settings, store=store, models=loaded, backend=pipelines,
             name=self.name, versions=package_versions(), threads=self.settings.threads,
             vram_class=self.vram_class, enqueue=self._enqueue,
             canceled=self.listener.canceled,
             canceled_now=self.listener.heard,
+            canceled_flag=lambda *ids: recovery.is_canceled(self.redis, *ids),
             holds=lambda worker, job: recovery.holds(self.redis, worker, job),
             alive=lambda worker, incarnation: fleet.alive(self.redis, worker, incarnation),
             others_serve=self._others_serve, tally=self.finisher.noted,
@@ -255,8 +264,12 @@ class Worker:
             if isinstance(job, Result):
                 result = job
             else:
-                self.deadline = self.progress + _hard_limit(job)
-                result = run_job(self.ctx, job)
+                together = self._take_companions(job, tag, queue, stage)
+                self.deadline = self.progress + _hard_limit(job, together)
+                if together:
+                    result = self._run_together(job, together, began)
+                else:
+                    result = run_job(self.ctx, job)
         except RetryableError:
             # the message goes back on its queue (the task's Reject): this worker holds it no
             # longer, so no duplicate check may take it for running here
@@ -268,28 +281,82 @@ class Worker:
             self.done += 1
             self.info.current_job = None
             self.info.state = fleet.WorkerState.READY
-        # a stage done counts, whether it finished the job or handed it to a refiner
-        if result.outcome in (Outcome.SUCCEEDED, Outcome.LATENTS_READY):
-            self.info.jobs_done += 1
-        elif result.outcome in (Outcome.FAILED, Outcome.REJECTED, Outcome.CANCELED,
-                                Outcome.RETRYING):
-            self.info.jobs_failed += 1
-        self._note_fault(result)
-        self._count_stage(job, stage, result.outcome.value, result.fault, began)
+        self._ended(job, stage, result, began)
         if self.compile_backend != "none" and compile.graphs() > graphs:
             # a shape no bucket warmed: it compiled mid-job (and will be fast next time)
             self.info.compile["recompiles"] += compile.graphs() - graphs
             self.metrics.recompiled(compile.graphs() - graphs)
             log.warning("job %s compiled %d new graph(s) mid-job", result.job,
                         compile.graphs() - graphs)
-        self.echo(f"worker {self.name}: job {result.job or '(none)'} {result.outcome.value}"
-                  + (f": {result.error}" if result.error else ""))
         if self.max_jobs and self.done >= self.max_jobs:
             self.request_stop()
         if self.info.state != fleet.WorkerState.READY:
             # draining or quarantined: say so at once. Otherwise the heartbeat thread
             # publishes the job counts with its next beat: no Redis command per job here
             self._beat()
+
+    def _ended(self, job: Job | Result | None, stage: Any, result: Result, began: float, *,
+               streak: bool = True) -> None:
+        """A message's end, in the worker's counts, its fault streak (`streak`), metrics and
+        log."""
+        assert self.info is not None
+        # a stage done counts, whether it finished the job or handed it to a refiner
+        if result.outcome in (Outcome.SUCCEEDED, Outcome.LATENTS_READY):
+            self.info.jobs_done += 1
+        elif result.outcome in (Outcome.FAILED, Outcome.REJECTED, Outcome.CANCELED,
+                                Outcome.RETRYING):
+            self.info.jobs_failed += 1
+        if streak:
+            self._note_fault(result)
+        self._count_stage(job, stage, result.outcome.value, result.fault, began)
+        self.echo(f"worker {self.name}: job {result.job or '(none)'} {result.outcome.value}"
+                  + (f": {result.error}" if result.error else ""))
+
+    # -- the throughput mode (worker/batching.py) -------------------------------------------
+
+    def _take_companions(self, job: Job, tag: str | None, queue: str | None,
+                         stage: Any) -> list[batching.Taken]:
+        """The queued jobs that render with `job` in one call: none unless FARM_BATCH_JOBS > 1
+        (and never more than --max-jobs leaves room for). Every message taken is in the
+        in-flight record before anything renders."""
+        if self.taker is None or not tag or not queue:
+            return []
+        key = batching.batch_key(job)
+        if key is None:
+            return []
+        room = self.settings.batch_jobs - 1
+        if self.max_jobs:
+            room = min(room, self.max_jobs - self.done - 1)
+        if room <= 0:
+            return []
+        assert self.ctx is not None
+        together = self.taker.take(self.ctx, queue, key, room)
+        if together:
+            recovery.set_inflight(self.redis, self.name or "", tag, queue, job.id, stage,
+                                  held=[t.held() for t in together])
+        return together
+
+    def _run_together(self, job: Job, together: list[batching.Taken], began: float) -> Result:
+        """Render the lead job and its companions in one call; end each companion (its counts,
+        and its message acked or put back); return the lead's end (or raise its
+        RetryableError: the task hands its message back)."""
+        assert self.ctx is not None and self.taker is not None
+        ends = batching.run_together(self.ctx, [job] + [t.job for t in together])
+        for taken, end in zip(together, ends[1:], strict=True):
+            self.done += 1
+            if isinstance(end, RetryableError):
+                log.error("handing job %s back to its queue: %s", taken.job.id, end)
+                self.taker.put_back(taken.message, taken.queue)
+                self._count_stage(taken.job, taken.job.stage, REQUEUED, None, began)
+                continue
+            self.taker.ack(taken)
+            # one shared call is one run of the device: the lead's end alone feeds the fault
+            # streak, so a fault of the call does not quarantine the worker N times over
+            self._ended(taken.job, taken.job.stage, end, began, streak=False)
+        lead = ends[0]
+        if isinstance(lead, RetryableError):
+            raise lead
+        return lead
 
     def _count_stage(self, job: Job | Result | None, stage: Any, outcome: str, fault: Any,
                      began: float) -> None:
@@ -436,6 +503,8 @@ class Worker:
             self._stop.set()
             if self.finisher is not None:
                 self.finisher.wait()   # a batch's end this worker is telling (summary, webhook)
+            if self.taker is not None:
+                self.taker.close()     # every message it took was acked or put back
             if self.ready_file is not None:
                 self.ready_file.unlink(missing_ok=True)
             try:
