@@ -11,6 +11,14 @@ The VAE compile is measured with the UNet eager, so its ratio is the decoder's s
 Batched: one pipeline call for B jobs of the same bucket and steps (their own prompts and
 seeds), images per second against the same B jobs one by one, and the PSNR of each batched
 image against the same job rendered alone.
+
+Batched in the worker, end to end (`worker_throughput`): a real `farm worker --device cpu`
+process (tiny-sdxl, one thread) with FARM_BATCH_JOBS=1, then another with FARM_BATCH_JOBS=4,
+each given the same queued jobs, all queued before it starts (a warm-up batch, then the
+measured ones). A batch's time runs from its first job's start to its last job's end, as the
+job records have them; images/s of each and their ratio.
+
+    python -c "from benchmarks.bench_recipe import worker_throughput; worker_throughput()"
 """
 
 from __future__ import annotations
@@ -25,9 +33,11 @@ import numpy as np
 import PIL.Image
 import torch
 
+from benchmarks._farm import LocalFarm
 from benchmarks._stats import machine_busy, summary, table
 from farm import models
 from farm.jobs import JobSpec
+from farm.scheduler.submit import submit
 from farm.settings import Settings
 from farm.worker import pipelines, recipe
 from farm.worker.model import LoadedModel
@@ -114,6 +124,7 @@ def run() -> dict[str, Any]:
         rows.append([name, f"{s['median'] * 1000:.0f}", f"{s['median'] / ref_s:.2f}",
                      f"{figures[name]['psnr_db_vs_eager']:.1f}"])
     batched = _batch_throughput(load["eager"], settings)
+    worker = worker_throughput()
     for b, f in batched.items():
         rows.append([f"batch of {b} (images/s vs one by one)", f"{f['batch_s'] * 1000 / b:.0f}",
                      f"{f['speedup']:.2f}x", f"{f['min_psnr_db_vs_alone']:.1f}"])
@@ -121,7 +132,8 @@ def run() -> dict[str, Any]:
           f"interleaved rounds; machine at start: {busy}")
     print(table(["variant", "ms/image", "ratio", "PSNR dB"], rows))
     print(f"compile-vae: compiling the tiny VAE decoder took {vae_compile_s:.1f} s")
-    return {"variants": figures, "batched": batched, "vae_compile_s": vae_compile_s,
+    return {"variants": figures, "batched": batched, "worker_batched": worker,
+            "vae_compile_s": vae_compile_s,
             "machine_at_start": busy, "size": SIZE, "steps": STEPS, "rounds": ROUNDS,
             "torch": torch.__version__}
 
@@ -150,6 +162,51 @@ def _batch_throughput(model: LoadedModel, settings: Settings) -> dict[int, dict[
                   "images_per_s_one_by_one": b / one_s, "images_per_s_batched": b / many_s,
                   "min_psnr_db_vs_alone": min(psnr(x, y) for x, y
                                               in zip(together, alone, strict=True))}
+    return out
+
+
+def worker_throughput(jobs: int = 16, batches: int = 3, batch_jobs: int = 4
+                      ) -> dict[str, Any]:
+    """Images/s of a worker process with FARM_BATCH_JOBS=1 and =`batch_jobs` on the same queued
+    jobs: a warm-up batch of `batch_jobs` jobs, then `batches` measured batches of `jobs`."""
+    busy = machine_busy()
+    out: dict[str, Any] = {"jobs_per_batch": jobs, "batches": batches, "size": SIZE,
+                           "steps": STEPS, "machine_at_start": busy}
+    with LocalFarm("batching") as farm:
+        for n in (1, batch_jobs):
+            name = f"batch-jobs-{n}"
+            measured = []
+            for b in range(batches + 1):
+                count = batch_jobs if b == 0 else jobs
+                specs = [JobSpec.from_dict({"prompt": PROMPTS[i % len(PROMPTS)] + f" {b}",
+                                            "seed": 100 * b + i, "steps": STEPS,
+                                            "width": SIZE, "height": SIZE}, farm.settings)
+                         for i in range(count)]
+                submitted = submit(farm.settings, specs, source=f"bench-{name}")
+                if b:
+                    measured.append(submitted)
+            # every job queued before the worker starts: what it can take together is all there
+            farm.env["FARM_BATCH_JOBS"] = str(n)
+            farm.start_workers([name], kind="farm")
+            farm.wait_ready([name])
+            farm.wait_batches([name], [m.batch for m in measured], jobs * batches,
+                              timeout=1200)
+            farm.stop_workers([name])
+            spans = []
+            for m in measured:
+                times = farm.job_times(m.batch, [j.id for j in m.jobs])
+                spans.append(max(t["finished_at"] for t in times)
+                             - min(t["started_at"] for t in times))
+            s = summary(spans)
+            out[f"batch_jobs_{n}"] = {"batch_s": s, "images_per_s": jobs / s["median"]}
+    one, many = out["batch_jobs_1"], out[f"batch_jobs_{batch_jobs}"]
+    out["ratio"] = many["images_per_s"] / one["images_per_s"]
+    print(f"worker process, tiny-sdxl {SIZE}x{SIZE}, {STEPS} steps, CPU, 1 thread, {batches} "
+          f"batches of {jobs} queued jobs; machine at start: {busy}")
+    print(table(["FARM_BATCH_JOBS", "s per batch (median)", "images/s"],
+                [[str(n), f"{out[f'batch_jobs_{n}']['batch_s']['median']:.2f}",
+                  f"{out[f'batch_jobs_{n}']['images_per_s']:.2f}"] for n in (1, batch_jobs)]))
+    print(f"images/s, FARM_BATCH_JOBS={batch_jobs} / FARM_BATCH_JOBS=1: {out['ratio']:.2f}x")
     return out
 
 
