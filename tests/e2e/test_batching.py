@@ -5,16 +5,14 @@ every message it took, so nothing depends on timing."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from farm import broker, queues, recovery
+from farm import queues, recovery
 from farm.jobs import JobSpec
 from farm.keys import image_key, sidecar_of
 from farm.lifecycle import JobState, read_record
@@ -22,24 +20,8 @@ from farm.scheduler.status import batch_status
 from farm.scheduler.submit import Submitted, submit
 from farm.settings import Settings
 from farm.store import get_json, open_store
-from tests.e2e.test_poison import FAST_BEATS, StandInFleet, sigterm_cleans_up
-
-
-@contextlib.contextmanager
-def _farm(env: dict[str, str], tmp_path: Path, gate: Path
-          ) -> Iterator[tuple[Settings, Any, StandInFleet]]:
-    env = {**env, **FAST_BEATS, "FARM_BATCH_JOBS": "3"}
-    settings = Settings.load(env=env)
-    crew = StandInFleet(env, tmp_path / "logs", "--gate", str(gate))
-    with sigterm_cleans_up():
-        try:
-            broker.ensure_broker(settings)
-            yield settings, broker.redis_client(settings), crew
-        finally:
-            try:
-                crew.stop()
-            finally:
-                broker.stop_broker(settings)
+from tests.e2e.test_lost_messages import _farm
+from tests.e2e.test_poison import StandInFleet
 
 
 def _submit(settings: Settings, n: int) -> Submitted:
@@ -71,7 +53,8 @@ def _finished(settings: Settings, result: Submitted, crew: StandInFleet) -> None
 def test_a_job_canceled_while_its_batch_renders_ends_canceled_without_images(
         env: dict[str, str], tmp_path: Path) -> None:
     gate = tmp_path / "gate"
-    with _farm(env, tmp_path, gate) as (settings, client, crew):
+    with _farm({**env, "FARM_BATCH_JOBS": "3"}, tmp_path, "--gate", str(gate)) as (
+            settings, client, crew):
         result = _submit(settings, 3)
         # queued before the worker starts: it surely takes all three
         assert client.llen(queues.stage_queue(result.jobs[0])) == 3
@@ -112,7 +95,8 @@ def test_a_job_canceled_while_its_batch_renders_ends_canceled_without_images(
 def test_a_worker_killed_mid_batch_loses_none_of_its_messages(
         env: dict[str, str], tmp_path: Path) -> None:
     gate = tmp_path / "gate"
-    with _farm(env, tmp_path, gate) as (settings, client, crew):
+    with _farm({**env, "FARM_BATCH_JOBS": "3"}, tmp_path, "--gate", str(gate)) as (
+            settings, client, crew):
         result = _submit(settings, 3)
         queue = queues.stage_queue(result.jobs[0])
         assert client.llen(queue) == 3

@@ -78,12 +78,13 @@ def _finish(settings: Settings, result: Submitted, crew: StandInFleet, limit: fl
 
 
 @contextlib.contextmanager
-def _farm(env: dict[str, str], tmp_path: Path) -> Iterator[tuple[Settings, Any, StandInFleet]]:
-    """The embedded broker with fast heartbeats, and a supervisor for stand-in workers; both
-    stopped at the end whatever happens."""
+def _farm(env: dict[str, str], tmp_path: Path, *worker_args: str
+          ) -> Iterator[tuple[Settings, Any, StandInFleet]]:
+    """The embedded broker with fast heartbeats, and a supervisor for stand-in workers (each
+    started with `worker_args` for tests/faults.py); both stopped at the end whatever happens."""
     env = {**env, **FAST_BEATS}
     settings = Settings.load(env=env)
-    crew = StandInFleet(env, tmp_path / "logs")
+    crew = StandInFleet(env, tmp_path / "logs", *worker_args)
     with sigterm_cleans_up():
         try:
             broker.ensure_broker(settings)
