@@ -273,19 +273,35 @@ class ModelCache:
     # -- 4. the folder from_pretrained reads ----------------------------------------------------
 
     def _link(self, manifest: catalog.ModelManifest, folder: Path) -> None:
-        """The model's folder of links to its blobs, made beside it and moved in whole."""
-        if folder.is_dir() and all((folder / f.path).exists() for f in manifest.files):
+        """The model's folder of links to its blobs, made beside it and moved in whole. A
+        folder that is there is only ever replaced when a link in it is broken (an evicted
+        blob): another worker on this machine may be loading from it."""
+        if _complete(manifest, folder):
             return
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
         for f in manifest.files:
             link = tmp / f.path
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(self.root / "blobs" / f.sha256)
-        shutil.rmtree(folder, ignore_errors=True)
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another worker made it first
-            shutil.rmtree(tmp, ignore_errors=True)
+        for _ in range(3):
+            try:
+                os.rename(tmp, folder)
+                return
+            except OSError:  # a folder is there: another worker's, made meanwhile?
+                if _complete(manifest, folder):
+                    break
+            # broken links: set it aside whole (a rename), then move ours in
+            old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".old-"))
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(folder, old / "model")
+            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _complete(manifest, folder):
+            raise OSError(f"could not make the model folder {folder}")
+
+
+def _complete(manifest: catalog.ModelManifest, folder: Path) -> bool:
+    return folder.is_dir() and all((folder / f.path).exists() for f in manifest.files)
 
 
 def _touch(path: Path) -> None:

@@ -227,6 +227,40 @@ def test_two_workers_pulling_one_model_download_it_once(
     assert results["a"].folder == results["b"].folder
 
 
+def test_a_folder_another_worker_made_meanwhile_is_left_alone(
+        env: dict[str, str], tiny_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two workers both find no folder; one moves its folder in first. The second must keep
+    it (the first may be loading from it), not replace it."""
+    from farm.worker import model_cache
+
+    settings = _settings(env)
+    store = open_store(settings)
+    push(store, str(tiny_folder), "tiny", echo=lambda _: None)
+    first = ModelCache(settings, echo=lambda _: None).pull(store, "tiny")
+    inode = first.folder.stat().st_ino
+    real, looks = model_cache._complete, []
+
+    def not_yet_at_first(manifest: Any, folder: Path) -> bool:
+        looks.append(folder)
+        return len(looks) > 1 and real(manifest, folder)  # the second worker's first look
+
+    monkeypatch.setattr(model_cache, "_complete", not_yet_at_first)
+    second = ModelCache(settings, echo=lambda _: None).pull(store, "tiny")
+    assert len(looks) >= 2 and second.folder == first.folder
+    assert first.folder.stat().st_ino == inode  # the same folder, never removed
+    assert not list(first.folder.parent.glob(".tmp-*"))
+    # a folder with a broken link (its blob evicted) is replaced
+    monkeypatch.setattr(model_cache, "_complete", real)
+    first.release()
+    second.release()
+    victim = next(p for p in first.folder.rglob("*") if p.is_symlink())
+    victim.unlink()
+    victim.symlink_to(first.folder / "no-such-blob")
+    third = ModelCache(settings, echo=lambda _: None).pull(store, "tiny")
+    assert real(third.manifest, third.folder) and third.folder.stat().st_ino != inode
+    third.release()
+
+
 def test_pickle_checkpoints_are_refused(env: dict[str, str], tmp_path: Path,
                                         tiny_folder: Path) -> None:
     store = open_store(_settings(env))
