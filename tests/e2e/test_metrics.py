@@ -122,6 +122,12 @@ def test_worker_metrics_add_up_to_the_batch(farm: Any) -> None:
     # the exporter sees the same fleet: two ready workers of their class, both consuming the
     # batch's queue, nothing waiting, no job open
     cls = info[0]["vram_class"]
+    # a worker's heartbeat publishes its state once an interval (no Redis write per job): wait
+    # for the beat after the last job before reading the fleet as the exporter does
+    client = broker.redis_client(settings)
+    wait("both workers' heartbeats saying ready", lambda: sum(
+        w.state == fleet.WorkerState.READY for w in fleet.live_workers(client)) == 2,
+        logs=workers)
     shown = parse(run_farm(workers.env, "metrics", "show", "--model", "tiny-sdxl").stdout)
     assert total(shown, "farm_workers", vram_class=cls, state="ready") == 2
     assert total(shown, "farm_workers") == 2
