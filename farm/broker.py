@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import signal
 import subprocess
@@ -102,6 +103,17 @@ def tls_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
+@functools.cache
+def _driver() -> dict[str, Any]:
+    """The client's name and version for CLIENT SETINFO, looked up once per process: redis-py
+    otherwise reads its package metadata for every client it makes (about a millisecond)."""
+    try:
+        from redis.driver_info import DriverInfo
+    except ImportError:  # redis-py before 7.1 names itself without the lookup
+        return {}
+    return {"driver_info": DriverInfo()}
+
+
 def redis_client(settings: Settings) -> Any:
     """A redis-py client for the farm's own keys (heartbeats, stats)."""
     import redis
@@ -110,15 +122,17 @@ def redis_client(settings: Settings) -> Any:
     check_url(url)
     if url.startswith("redis+socket://"):
         return redis.Redis(unix_socket_path=url[len("redis+socket://"):],
-                           socket_connect_timeout=5, socket_timeout=30)
+                           socket_connect_timeout=5, socket_timeout=30, **_driver())
     tls = tls_options(settings)
     if tls:
         tls = {**tls, "ssl_cert_reqs": "required"}
-    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, **tls)
+    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, **tls,
+                                **_driver())
 
 
-def wait_for_broker(settings: Settings, timeout: float | None = None) -> None:
-    """PING until the broker answers, or raise BrokerUnavailable after `timeout` seconds."""
+def wait_for_broker(settings: Settings, timeout: float | None = None) -> Any:
+    """PING until the broker answers, or raise BrokerUnavailable after `timeout` seconds.
+    Returns the client that got the answer (redis_client's), for the caller to go on with."""
     import redis
 
     timeout = settings.broker_connect_timeout if timeout is None else timeout
@@ -128,7 +142,7 @@ def wait_for_broker(settings: Settings, timeout: float | None = None) -> None:
     while True:
         try:
             client.ping()
-            return
+            return client
         except redis.AuthenticationError as exc:
             raise ConfigError(f"the broker refused the credentials in FARM_BROKER_URL: {exc}") \
                 from None
@@ -181,7 +195,8 @@ def embedded_running(settings: Settings) -> bool:
     if not sock.exists():
         return False
     try:
-        return bool(redis.Redis(unix_socket_path=str(sock), socket_timeout=2).ping())
+        return bool(redis.Redis(unix_socket_path=str(sock), socket_timeout=2,
+                                **_driver()).ping())
     except (redis.RedisError, OSError):
         return False
 
