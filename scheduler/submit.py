@@ -93,9 +93,8 @@ def submit(settings: Settings, specs: list[JobSpec], *, source: str = "-",
         batch_id = key_batch_id(idempotency_key)
     # 1. the broker must answer before anything is written
     broker.ensure_broker(settings)
-    broker.wait_for_broker(settings)
+    client = broker.wait_for_broker(settings)
     store = store or open_store(settings)
-    client = broker.redis_client(settings)
     fleet.check_shared(client, settings)  # planned with the classes and buckets workers use
     if batch_id is not None and not is_id(batch_id):
         raise UsageError(f"--batch-id must be lowercase letters, digits and dashes (at most 81), "
@@ -147,12 +146,7 @@ def submit(settings: Settings, specs: list[JobSpec], *, source: str = "-",
             version = write_submit(store, submit_record, version)
         _start_tally(client, batch, len(manifest.jobs), records)
         recovery.open_jobs(client, batch, [job.id for job in todo])
-        with app.producer_or_acquire() as producer:
-            for job in todo:
-                app.send_task(queues.RENDER_TASK, args=[job.encode()],
-                              queue=queues.stage_queue(job), producer=producer, retry=True,
-                              retry_policy={"max_retries": 3, "interval_start": 0.2,
-                                            "interval_step": 0.5, "interval_max": 2})
+        send(app, todo)
         recovery.activate(client, batch)
         # the broker's own note of the batch: if it is ever missing while jobs wait, the broker
         # lost its data (farm status says so; farm resubmit queues them again)
@@ -172,6 +166,32 @@ def submit(settings: Settings, specs: list[JobSpec], *, source: str = "-",
     finally:
         app.close()
     return Submitted(batch=batch, jobs=manifest.jobs, sent=len(todo), continued=continued)
+
+
+def send(app: Any, jobs: list[Job], attempts: int = 3) -> None:
+    """One message per job, all in one round trip (kombu's publish batch: a pipeline of
+    LPUSHes). A broker error may leave some of them delivered and some not: the whole lot
+    goes again, up to `attempts` times in all, which is safe because a second message of a
+    job does nothing (workers skip a job that is running or has ended)."""
+    import redis
+    from kombu.exceptions import BatchPublishError, OperationalError
+
+    delay = 0.2
+    for attempt in range(attempts):
+        try:
+            with app.producer_or_acquire() as producer, producer.batch():
+                for job in jobs:
+                    app.send_task(queues.RENDER_TASK, args=[job.encode()],
+                                  queue=queues.stage_queue(job), producer=producer)
+            return
+        except (BatchPublishError, OperationalError, redis.ConnectionError,
+                redis.TimeoutError, OSError) as exc:
+            if attempt + 1 == attempts:
+                raise
+            log.warning("sending %d message(s) failed (%s); sending them again in %.1f s",
+                        len(jobs), exc, delay)
+            time.sleep(delay)
+            delay *= 2
 
 
 def _start_tally(client: Any, batch: str, total: int, records: dict[str, JobRecord]) -> None:
@@ -221,21 +241,17 @@ def resubmit(settings: Settings, batch: str, store: Store | None = None) -> list
     the stage it stands at (for a broker that lost its data: status says when). Idempotent: a
     second message of a job does nothing."""
     broker.ensure_broker(settings)
-    broker.wait_for_broker(settings)
+    client = broker.wait_for_broker(settings)
     store = store or open_store(settings)
     manifest = read_manifest(store, batch, settings)
     records = read_all(store, batch, [j.id for j in manifest.jobs])
-    client = broker.redis_client(settings)
     again = [job for job in (_next_stage(j, records.get(j.id), client) for j in manifest.jobs)
              if job is not None]
     app = broker.celery_app(settings)
     try:
         _start_tally(client, batch, len(manifest.jobs), records)
         recovery.open_jobs(client, batch, [job.id for job in again])
-        with app.producer_or_acquire() as producer:
-            for job in again:
-                app.send_task(queues.RENDER_TASK, args=[job.encode()],
-                              queue=queues.stage_queue(job), producer=producer)
+        send(app, again)
         client.set(batch_marker(batch), len(manifest.jobs), ex=BATCH_MARKER_SECONDS)
         recovery.activate(client, batch)
     finally:

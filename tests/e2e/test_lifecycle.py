@@ -267,6 +267,7 @@ def test_a_killed_submit_is_finished_by_the_same_submit_with_its_batch_id(
 def test_an_aborted_batch_renders_nothing_until_submitted_again(
         farm: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from celery import Celery
+    from kombu import Producer
 
     from farm.errors import BrokerUnavailable
 
@@ -280,13 +281,19 @@ def test_an_aborted_batch_renders_nothing_until_submitted_again(
         sent.append(1)
         return real(self, *args, **kwargs)
 
+    batch = Producer.batch
+
+    def flushing(self: Any, max_size: int = 1) -> Any:
+        return batch(self, 1)  # each message flushed on its own: a broken send leaves some
+
     with monkeypatch.context() as patched:
         patched.setattr(Celery, "send_task", flaky)
+        patched.setattr(Producer, "batch", flushing)
         with pytest.raises(BrokerUnavailable, match="nothing was submitted"):
             submit(settings, jobs, batch_id="aborted-batch")
     client = broker.redis_client(settings)
     queue = queues.queue_name("tiny-sdxl", 4, 5)
-    assert client.llen(queue) == 3  # three messages got through
+    assert client.llen(queue) == 3  # three messages got through (the retries got none)
     workers.start("w-1", "--max-jobs", "3")
     assert workers.procs["w-1"].wait(timeout=120) == 0
     assert workers.log("w-1").count("was aborted") == 3

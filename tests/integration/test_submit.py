@@ -157,18 +157,43 @@ def test_enqueue_breaking_part_way_marks_the_batch_aborted(
 
     def flaky(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) >= 2:  # the first message goes, then the broker stays away
             raise ConnectionError("broker went away")
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(Celery, "send_task", flaky)
     with pytest.raises(BrokerUnavailable, match="nothing was submitted"):
         submit(settings, _specs(settings, 5, 5, 5))
+    assert len(calls) == 4  # three attempts: the first breaks at its second job
     store = open_store(settings)
     (batch,) = store.list_dirs("batches")
     status = batch_status(store, batch, settings)
     assert status.state == "aborted"
     assert status.submit is not None and "broker went away" in (status.submit.reason or "")
+
+
+def test_a_send_that_breaks_once_is_sent_again_whole_and_only_once(
+        redis_url: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from celery import Celery
+
+    settings = Settings.load(env={**env, "FARM_BROKER_URL": redis_url})
+    real = Celery.send_task
+    calls = []
+
+    def flaky(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 3:  # the third job of the first attempt
+            raise ConnectionError("broker went away")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Celery, "send_task", flaky)
+    done = submit(settings, _specs(settings, 5, 5, 5))
+    assert len(calls) == 6  # the whole lot again
+    client = broker.redis_client(settings)
+    # the broken attempt's messages were held in the publish batch and never flushed
+    assert len(_waiting(client)) == 3
+    store = open_store(settings)
+    assert batch_status(store, done.batch, settings).state != "aborted"
 
 
 def test_an_idempotency_key_makes_a_retried_submit_continue_the_same_batch(
