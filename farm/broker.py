@@ -25,10 +25,12 @@ from farm.errors import BrokerUnavailable, ConfigError
 from farm.settings import Settings
 
 
-def celery_app(settings: Settings, name: str = "farm", *, worker: bool = False) -> Any:
+def celery_app(settings: Settings, name: str = "farm", *, worker: bool = False,
+               in_flight: str | None = None) -> Any:
     """A Celery app on the reliability baseline of DESIGN.md §6. `worker`: a worker's, whose
     late-ack bookkeeping goes through farm/transport.py (two commands a delivery and an ack,
-    not four)."""
+    not four); `in_flight`: the worker's name, whose in-flight record (farm/recovery.py) each
+    delivery writes in the same round trip."""
     from celery import Celery
 
     url = settings.effective_broker_url
@@ -72,6 +74,7 @@ def celery_app(settings: Settings, name: str = "farm", *, worker: bool = False) 
             "priority_steps": queues.PRIORITY_STEPS,
             # a worker serving several queues takes them in the order it lists them
             "queue_order_strategy": "priority",
+            **({"farm_worker": in_flight} if worker and in_flight else {}),
         },
         broker_use_ssl=tls_options(settings) or None,
         worker_hijack_root_logger=False,

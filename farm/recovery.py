@@ -60,9 +60,14 @@ def set_inflight(client: Any, worker: str, tag: str, queue: str, job: str | None
     the stage (its messages are acked just after the stage ends) until the worker's next stage
     replaces it or the worker stops: a record naming an acked message is harmless, and so no
     sweep can take a message for an orphan between the stage's end and its ack."""
-    client.set(INFLIGHT + worker, json.dumps({"tag": tag, "queue": queue, "job": job,
-                                              "stage": stage, "since": time.time(),
-                                              "held": held or []}))
+    client.set(INFLIGHT + worker, claim(tag, queue, job, stage, held))
+
+
+def claim(tag: str, queue: str, job: str | None, stage: str | None,
+          held: list[dict[str, Any]] | None = None) -> str:
+    """An in-flight record (`farm:inflight:<worker>`'s value)."""
+    return json.dumps({"tag": tag, "queue": queue, "job": job, "stage": stage,
+                       "since": time.time(), "held": held or []})
 
 
 def messages(info: dict[str, Any]) -> list[tuple[str, str]]:
@@ -202,11 +207,19 @@ def message_job(payload: dict[str, Any]) -> str | None:
         body = payload["body"]
         if payload.get("properties", {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
-        args = json.loads(body)[0]
-        job = args[0].get("id")
-        return job if isinstance(job, str) else None
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+    except (KeyError, TypeError, ValueError, AttributeError):
         return None
+    return body_job(body)[0]
+
+
+def body_job(body: bytes | str) -> tuple[str | None, str | None]:
+    """(job id, stage) a render message's decoded body names; None for what it lacks."""
+    try:
+        message = json.loads(body)[0][0]
+        job, stage = message.get("id"), message.get("stage")
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+        return None, None
+    return (job if isinstance(job, str) else None), (stage if isinstance(stage, str) else None)
 
 
 # -- reconciling: jobs whose message vanished (killed between BRPOP and the unacked write) ----

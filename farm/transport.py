@@ -8,10 +8,13 @@ round trip without MULTI/EXEC (two commands), in an order that makes a half-appl
 Redis runs a connection's commands in the order they arrive, so a worker killed mid-send leaves
 at most a prefix of them applied.
 
-    deliver   ZADD unacked_index, then HSET unacked. A lone ZADD names no message: kombu's
+    deliver   ZADD unacked_index, then HSET unacked, then (a worker's channel) SET the
+              worker's in-flight record naming the message (farm/recovery.py): one round
+              trip where the record would cost another. A lone ZADD names no message: kombu's
               restore and farm/recovery.py skip it (and drop it); the message it stood for
               was already taken by BRPOP and is found by reconciling (farm/recovery.py
-              missing_jobs), as after kombu#305.
+              missing_jobs), as after kombu#305. An `unacked` entry without its record is
+              an orphan the sweep puts back (farm/recovery.py restore_orphans).
     ack       HDEL unacked, then ZREM unacked_index. A lone HDEL leaves the same harmless
               index entry; the message is gone, as an ack means.
 
@@ -34,6 +37,8 @@ from typing import Any
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
 
+from farm import recovery
+
 
 class QoS(kombu_redis.QoS):
     @contextmanager
@@ -47,10 +52,15 @@ class QoS(kombu_redis.QoS):
     def append(self, message: Any, delivery_tag: str) -> None:
         delivery = message.delivery_info
         entry = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        worker = self.channel.farm_worker
         with self.pipe_or_acquire() as pipe:
             pipe.zadd(self.unacked_index_key, {delivery_tag: time()}) \
-                .hset(self.unacked_key, delivery_tag, entry) \
-                .execute()
+                .hset(self.unacked_key, delivery_tag, entry)
+            if worker:
+                job, stage = recovery.body_job(message.body)
+                pipe.set(recovery.INFLIGHT + worker,
+                         recovery.claim(delivery_tag, delivery["routing_key"], job, stage))
+            pipe.execute()
         # kombu's in-process note of the delivery (virtual.QoS), as its own append makes
         super(kombu_redis.QoS, self).append(message, delivery_tag)
 
@@ -62,6 +72,11 @@ class QoS(kombu_redis.QoS):
 
 class Channel(kombu_redis.Channel):
     QoS = QoS
+    # the worker whose in-flight record each delivery writes (transport option "farm_worker");
+    # None: no record (the throughput mode's own taking, which writes one for all it holds)
+    farm_worker: str | None = None
+    from_transport_options = (*kombu_redis.Channel.from_transport_options,  # type: ignore[assignment]
+                              "farm_worker")
     _sync_client: Any = None
 
     def _create_client(self, asynchronous: bool = False) -> Any:

@@ -88,6 +88,9 @@ class Taker:
     def _channel(self) -> Any:
         if self._connection is None:
             self._connection = self.app.connection_for_read()
+            # what it takes goes in the worker's in-flight record all together, beside the
+            # lead (Worker._take_companions), not one by one in place of the lead
+            self._connection.default_channel.farm_worker = None
         return self._connection.default_channel
 
     def take(self, ctx: WorkerContext, queue: str, key: str, limit: int) -> list[Taken]:

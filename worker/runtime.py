@@ -164,7 +164,7 @@ class Worker:
                       f"(weights {model.weights_hash[:12]})")
             self._compile_and_warm(model, spec, device, profile.name, store)
             loaded[spec.name] = model
-        self.app = broker.celery_app(self.settings, worker=True)
+        self.app = broker.celery_app(self.settings, worker=True, in_flight=self.name)
         self.listener = recovery.CancelListener(broker.redis_client(self.settings))
         self.finisher = Finisher(store, self.redis, self.settings)
         if self.settings.batch_jobs > 1:
@@ -248,11 +248,10 @@ class Worker:
         stage = message.get("stage") if isinstance(message, dict) else None
         # the heartbeat thread publishes "busy" within an interval: no extra write per job
         self.info.state, self.info.current_job = fleet.WorkerState.BUSY, job_id
-        if tag and queue:
-            # should this process die, the sweep puts the message back from this record; it
-            # stays after the stage (the message is acked just after it ends) until the next
-            # stage replaces it, so no sweep ever takes the message for an orphan meanwhile
-            recovery.set_inflight(self.redis, self.name or "", tag, queue, job_id, stage)
+        # the message is in this worker's in-flight record, written with its delivery
+        # (farm/transport.py): should this process die, the sweep puts it back from there. The
+        # record stays after the stage (the message is acked just after it ends) until the
+        # next delivery replaces it, so no sweep ever takes the message for an orphan meanwhile
         graphs = compile.graphs() if self.compile_backend != "none" else 0
         self.progress = time.monotonic()
         self.deadline = self.progress + limits.FLOOR_SECONDS

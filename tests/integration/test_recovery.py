@@ -9,7 +9,7 @@ import time
 
 import redis
 
-from farm import recovery
+from farm import fleet, recovery
 
 
 def _unacked_payload(job: str) -> str:
@@ -98,6 +98,40 @@ def test_the_workers_transport_notes_a_delivery_and_an_ack_in_two_commands_each(
     for name in ("hdel", "zrem"):
         assert moved(taken, acked, name) == 5, name
     assert moved(before, acked, "multi") == moved(before, acked, "exec") == 0
+
+
+def test_a_workers_delivery_writes_its_inflight_record_in_the_same_round_trip(
+        redis_url: str, env: dict[str, str]) -> None:
+    from farm import broker
+    from farm.settings import Settings
+
+    settings = Settings.load(env={**env, "FARM_BROKER_URL": redis_url})
+    client = redis.Redis.from_url(redis_url)
+    producer = broker.celery_app(settings)
+    for i in range(2):
+        producer.send_task("farm.test", args=[{"id": f"b-{i}", "stage": "base"}], queue="farm.q")
+    conn = broker.celery_app(settings, worker=True, in_flight="w-9").connection_for_read()
+    channel = conn.default_channel
+    before = _calls(client)
+    first = channel.basic_get("farm.q", no_ack=False)
+    after = _calls(client)
+    info = json.loads(client.get(recovery.INFLIGHT + "w-9"))
+    assert (info["tag"], info["queue"], info["job"], info["stage"]) == \
+        (first.delivery_tag, "farm.q", "b-0", "base")
+    for name in ("zadd", "hset", "set"):   # the delivery's notes and the record
+        assert after.get(name, 0) - before.get(name, 0) == 1, name
+    assert recovery.holds(client, "w-9", "b-0") is False   # no heartbeat: not alive
+    client.set(fleet.worker_key("w-9"), "{}")
+    assert recovery.holds(client, "w-9", "b-0")
+    second = channel.basic_get("farm.q", no_ack=False)      # the next delivery replaces it
+    assert json.loads(client.get(recovery.INFLIGHT + "w-9"))["tag"] == second.delivery_tag
+    # a channel without a worker name (the throughput mode's taker) writes no record
+    channel.farm_worker = None
+    client.delete(recovery.INFLIGHT + "w-9")
+    producer.send_task("farm.test", args=[{"id": "b-2"}], queue="farm.q")
+    channel.basic_get("farm.q", no_ack=False)
+    assert client.get(recovery.INFLIGHT + "w-9") is None
+    conn.release()
 
 
 def test_the_cancel_listener_knows_flags_set_before_it_started_without_asking_again(
