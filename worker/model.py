@@ -18,7 +18,7 @@ class LoadedModel:
     pipe: Any                         # StableDiffusionXL(Img2Img)Pipeline
     device: str
     dtype: torch.dtype
-    weights_hash: str                 # sha256 over the weight files, see weights_hash()
+    weights_hash: str                 # sha256 over the weight files: worker/weights.py
     load_seconds: float
     # the scheduler config the model shipped with: every job's scheduler is built from this,
     # never from the previous job's, so switching samplers back and forth cannot drift
