@@ -8,6 +8,8 @@ import json
 import re
 from pathlib import Path
 
+from farm import blobs
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 
 
@@ -54,8 +56,4 @@ def file_sha256(path: Path) -> str:
     target = path.resolve()
     if path.is_symlink() and re.fullmatch(r"[0-9a-f]{64}", target.name):
         return target.name
-    digest = hashlib.sha256()
-    with open(target, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return blobs.file_sha256(target)
