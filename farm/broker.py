@@ -25,28 +25,23 @@ from farm.errors import BrokerUnavailable, ConfigError
 from farm.settings import Settings
 
 
-def celery_app(settings: Settings, name: str = "farm", *, worker: bool = False,
-               in_flight: str | None = None) -> Any:
-    """A Celery app on the reliability baseline of DESIGN.md §6. `worker`: a worker's, whose
-    late-ack bookkeeping goes through farm/transport.py (two commands a delivery and an ack,
-    not four); `in_flight`: the worker's name, whose in-flight record (farm/recovery.py) each
-    delivery writes in the same round trip."""
+def celery_app(settings: Settings, name: str = "farm", *, in_flight: str | None = None) -> Any:
+    """A Celery app on the reliability baseline of DESIGN.md §6, over farm/transport.py (a
+    publish batch's messages in one LPUSH per queue; a delivery's bookkeeping in fewer
+    commands). `in_flight`: a worker's name, whose in-flight record (farm/recovery.py) each
+    delivery writes."""
     from celery import Celery
 
     url = settings.effective_broker_url
     check_url(url)
-    transport = None
-    if worker:
-        from farm import transport as farm_transport
+    from farm import transport as farm_transport
 
-        if url.startswith(("redis+socket://", "unix://")):
-            url, transport = "socket://" + url.split("://", 1)[1], \
-                farm_transport.SOCKET_TRANSPORT
-        else:
-            transport = farm_transport.TRANSPORT
+    if url.startswith(("redis+socket://", "unix://")):
+        url, transport = "socket://" + url.split("://", 1)[1], farm_transport.SOCKET_TRANSPORT
+    else:
+        transport = farm_transport.TRANSPORT
     app = Celery(name, broker=url, set_as_current=False)
-    if transport is not None:
-        app.conf.broker_transport = transport
+    app.conf.broker_transport = transport
     app.conf.update(
         # JSON only: a pickle message would be code execution for anyone who reaches Redis.
         task_serializer="json",
@@ -74,7 +69,7 @@ def celery_app(settings: Settings, name: str = "farm", *, worker: bool = False,
             "priority_steps": queues.PRIORITY_STEPS,
             # a worker serving several queues takes them in the order it lists them
             "queue_order_strategy": "priority",
-            **({"farm_worker": in_flight} if worker and in_flight else {}),
+            **({"farm_worker": in_flight} if in_flight else {}),
         },
         broker_use_ssl=tls_options(settings) or None,
         worker_hijack_root_logger=False,

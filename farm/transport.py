@@ -1,5 +1,10 @@
-"""The workers' kombu transport: kombu's Redis transport with its late-ack bookkeeping written in
-fewer commands.
+"""The farm's kombu transport: kombu's Redis transport with a publish batch's messages sent in
+one LPUSH per queue, and its late-ack bookkeeping written in fewer commands.
+
+A publish batch (`producer.batch()`, scheduler/submit.py) buffers one LPUSH per message in a
+pipeline; here the LPUSHes onto one list go out as one LPUSH of all their values, in the same
+order (LPUSH k a b is LPUSH k a, then LPUSH k b), so a batch of a thousand jobs costs the
+server one command per queue it uses, not a thousand.
 
 kombu notes every message it delivers in two keys, `unacked_index` (a sorted set: tag → when)
 and `unacked` (a hash: tag → the message), and removes both on ack; each pair goes out as a
@@ -23,7 +28,7 @@ moves a message and must never duplicate or drop it.
 
 The channel also keeps one redis-py client for those notes instead of making one per call.
 
-Celery picks the class by name (`broker.celery_app(..., worker=True)`): `Transport` for
+Celery picks the class by name (`broker.celery_app`): `Transport` for
 redis:// and rediss:// URLs, `SocketTransport` for the embedded broker's unix socket.
 """
 
@@ -70,6 +75,43 @@ class QoS(kombu_redis.QoS):
                     .zrem(self.unacked_index_key, delivery_tag)
 
 
+class _Coalescing:
+    """A pipeline that gathers the LPUSHes onto each list and queues them as one LPUSH per list
+    when anything else is queued or the pipeline runs (kombu's publish batch adds PEXPIRE and
+    PUBLISH too: those go after the pushes before them, as they were added)."""
+
+    def __init__(self, pipe: Any) -> None:
+        self._pipe = pipe
+        self._values: dict[str, list[Any]] = {}
+
+    def lpush(self, key: str, value: Any) -> _Coalescing:
+        self._values.setdefault(key, []).append(value)
+        return self
+
+    def _push(self) -> None:
+        for key, values in self._values.items():
+            self._pipe.lpush(key, *values)
+        self._values = {}
+
+    def execute(self) -> Any:
+        self._push()
+        return self._pipe.execute()
+
+    def reset(self) -> None:
+        self._values = {}
+        self._pipe.reset()
+
+    def __getattr__(self, name: str) -> Any:
+        self._push()
+        return getattr(self._pipe, name)
+
+
+class PublishBatch(kombu_redis.PublishBatch):
+    def __init__(self, channel: Any, max_size: int) -> None:
+        super().__init__(channel, max_size)
+        self.pipeline = _Coalescing(self.pipeline)
+
+
 class Channel(kombu_redis.Channel):
     QoS = QoS
     # the worker whose in-flight record each delivery writes (transport option "farm_worker");
@@ -78,6 +120,9 @@ class Channel(kombu_redis.Channel):
     from_transport_options = (*kombu_redis.Channel.from_transport_options,  # type: ignore[assignment]
                               "farm_worker")
     _sync_client: Any = None
+
+    def create_publish_batch(self, max_size: int) -> PublishBatch:
+        return PublishBatch(self, max_size)
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         """kombu makes a new redis-py client for every ack and delivery note (each builds

@@ -164,7 +164,7 @@ class Worker:
                       f"(weights {model.weights_hash[:12]})")
             self._compile_and_warm(model, spec, device, profile.name, store)
             loaded[spec.name] = model
-        self.app = broker.celery_app(self.settings, worker=True, in_flight=self.name)
+        self.app = broker.celery_app(self.settings, in_flight=self.name)
         self.listener = recovery.CancelListener(broker.redis_client(self.settings))
         self.finisher = Finisher(store, self.redis, self.settings)
         if self.settings.batch_jobs > 1:

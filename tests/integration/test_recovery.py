@@ -74,7 +74,7 @@ def test_the_workers_transport_notes_a_delivery_and_an_ack_in_two_commands_each(
     producer = broker.celery_app(settings)
     for i in range(5):
         producer.send_task("farm.test", args=[{"id": f"b-{i}"}], queue="farm.q")
-    conn = broker.celery_app(settings, worker=True).connection_for_read()
+    conn = broker.celery_app(settings).connection_for_read()
     channel = conn.default_channel
     assert type(channel).__module__ == "farm.transport"
     before = _calls(client)
@@ -110,7 +110,7 @@ def test_a_workers_delivery_writes_its_inflight_record_in_the_same_round_trip(
     producer = broker.celery_app(settings)
     for i in range(2):
         producer.send_task("farm.test", args=[{"id": f"b-{i}", "stage": "base"}], queue="farm.q")
-    conn = broker.celery_app(settings, worker=True, in_flight="w-9").connection_for_read()
+    conn = broker.celery_app(settings, in_flight="w-9").connection_for_read()
     channel = conn.default_channel
     before = _calls(client)
     first = channel.basic_get("farm.q", no_ack=False)

@@ -196,6 +196,21 @@ def test_a_send_that_breaks_once_is_sent_again_whole_and_only_once(
     assert batch_status(store, done.batch, settings).state != "aborted"
 
 
+def test_a_batch_goes_to_each_queue_in_one_lpush_in_submit_order(
+        redis_url: str, env: dict[str, str]) -> None:
+    settings = Settings.load(env={**env, "FARM_BROKER_URL": redis_url})
+    client = broker.redis_client(settings)
+
+    def lpushes() -> int:
+        return int(client.info("commandstats").get("cmdstat_lpush", {}).get("calls", 0))
+
+    before = lpushes()
+    done = submit(settings, _specs(settings, *[5, 9] * 6))   # two queues, interleaved
+    assert lpushes() - before == 2
+    ids = [j.id for j in done.jobs]
+    assert [m["id"] for m in _waiting(client)] == ids[1::2] + ids[::2]
+
+
 def test_an_idempotency_key_makes_a_retried_submit_continue_the_same_batch(
         redis_url: str, env: dict[str, str]) -> None:
     settings = Settings.load(env={**env, "FARM_BROKER_URL": redis_url})
