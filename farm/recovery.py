@@ -1,30 +1,35 @@
 """Recovering the stage of a worker that died, from its missing heartbeat; and cancel flags.
 
 Celery on Redis gives a dead worker's unacknowledged message back only after the visibility
-timeout (an hour, so it stays above the longest stage). The farm does better: while a worker
-runs a stage it records the message's delivery tag in `farm:inflight:<worker>` (and those of
-the jobs it renders with it in one call, worker/batching.py). Every worker
-sweeps now and then (one at a time, under a lock): an in-flight record whose worker's heartbeat
-key has expired belongs to a dead worker, so each message it names moves from `unacked`
-straight back onto its queue, where the next free worker takes it. That takes the heartbeat TTL
-plus one sweep (about half a minute with the defaults) instead of an hour; Flamenco's
-one-minute worker timeout is the same idea.
+timeout (an hour, so it stays above the longest stage). The farm does better. A worker keeps
+the message it runs in its in-flight record, `farm:inflight:<worker>` (tag, queue, job, stage
+and the message itself, written by its kombu channel as it takes the message, farm/transport.py,
+and deleted by the ack): one key that says both what the worker holds and how to give it back,
+in place of kombu's `unacked` hash and index. Every worker sweeps now and then (one at a time,
+under a lock): an in-flight record whose worker's heartbeat key has expired belongs to a dead
+worker, so its message goes straight back onto its queue, where the next free worker takes
+it. That takes the heartbeat TTL plus one sweep (about half a minute with the defaults)
+instead of an hour; Flamenco's one-minute worker timeout is the same idea. A put-back and a
+late ack of a worker wrongly presumed dead never both happen: the put-back moves the message
+and deletes the record in one transaction that the record's change aborts (WATCH).
 
-Two gaps remain between kombu taking a message and the worker recording it, and a `kill -9`
-can land in either; both are closed here:
+Messages kombu notes its own way stay in `unacked`: the companions the throughput mode takes
+(worker/batching.py), which the record names under `held`, and the deliveries of any channel
+without a worker name. For them two gaps remain, and a `kill -9` can land in either; both are
+closed here:
 
-- after kombu's `unacked` write, before the in-flight record: the message sits in `unacked`
-  with no record naming it. The sweep restores such orphans once they are older than the
-  heartbeat TTL (`restore_orphans`).
-- after BRPOP took the message, before kombu's `unacked` write (kombu#305): the message is
-  nowhere in Redis. Submit notes every job of a batch in `farm:open:<batch>`; the tally note
-  of a job's final record removes it (farm/tally.py, in the same command). Reconciling (`missing_jobs`) finds a job that is open while its
-  batch's queues are empty and no unacknowledged message carries it; missing for a heartbeat
-  TTL, the worker runs it again from the batch's manifest. A second delivery is harmless:
-  workers skip a job that has ended, and discard a superseded attempt.
+- after kombu's `unacked` write, before the in-flight record names it: the sweep restores such
+  orphans once they are older than the heartbeat TTL (`restore_orphans`).
+- after BRPOP took a message, before anything noted it (kombu#305; for a worker's own
+  deliveries this is the one gap): the message is nowhere in Redis. Submit notes every job of a
+  batch in `farm:open:<batch>`; the tally note of a job's final record removes it
+  (farm/tally.py, in the same command). Reconciling (`missing_jobs`) finds a job that is open
+  while its batch's queues are empty and no in-flight record or unacknowledged message carries
+  it; missing for a heartbeat TTL, the worker runs it again from the batch's manifest. A second
+  delivery is harmless: workers skip a job that has ended, and discard a superseded attempt.
 
-A message put back gets a fresh delivery tag: kombu keys `unacked` by tag, and a late ack from
-a worker wrongly presumed dead must not remove the entry of the worker now holding it.
+A message put back gets a fresh delivery tag: a late ack from a worker wrongly presumed dead
+must not remove the note of the worker now holding it.
 """
 
 from __future__ import annotations
@@ -54,20 +59,59 @@ UNACKED, UNACKED_INDEX = "unacked", "unacked_index"
 
 
 def set_inflight(client: Any, worker: str, tag: str, queue: str, job: str | None,
-                 stage: str | None, held: list[dict[str, Any]] | None = None) -> None:
-    """Record the message a worker runs, and (`held`: {"tag", "queue", "job"} each) the messages
-    of the jobs it renders with it in one pipeline call (worker/batching.py). The record outlives
-    the stage (its messages are acked just after the stage ends) until the worker's next stage
-    replaces it or the worker stops: a record naming an acked message is harmless, and so no
-    sweep can take a message for an orphan between the stage's end and its ack."""
-    client.set(INFLIGHT + worker, claim(tag, queue, job, stage, held))
+                 stage: str | None, held: list[dict[str, Any]] | None = None,
+                 entry: list[Any] | None = None) -> None:
+    """Write a worker's in-flight record (farm/transport.py writes it as a delivery's note)."""
+    client.set(INFLIGHT + worker, claim(tag, queue, job, stage, held, entry))
 
 
 def claim(tag: str, queue: str, job: str | None, stage: str | None,
-          held: list[dict[str, Any]] | None = None) -> str:
-    """An in-flight record (`farm:inflight:<worker>`'s value)."""
-    return json.dumps({"tag": tag, "queue": queue, "job": job, "stage": stage,
-                       "since": time.time(), "held": held or []})
+          held: list[dict[str, Any]] | None = None, entry: list[Any] | None = None) -> str:
+    """An in-flight record (`farm:inflight:<worker>`'s value): the message `tag` it runs, on
+    `queue`; `entry`, the message as kombu keeps it ([payload, exchange, routing key]), when the
+    record holds it (otherwise it is in kombu's `unacked`); `held` ({"tag", "queue", "job"}
+    each), the messages in `unacked` of the jobs it renders with it in one pipeline call."""
+    record = {"tag": tag, "queue": queue, "job": job, "stage": stage, "since": time.time(),
+              "held": held or []}
+    if entry is not None:
+        record["entry"] = entry
+    return json.dumps(record)
+
+
+def add_held(client: Any, worker: str, held: list[dict[str, Any]]) -> None:
+    """Name in `worker`'s in-flight record the messages it took to render with the one the
+    record holds (worker/batching.py), before anything renders. Only the worker writes its own
+    record while it lives."""
+    raw = client.get(INFLIGHT + worker)
+    if raw is None:
+        raise RuntimeError(f"worker {worker} has no in-flight record to add companions to")
+    record = json.loads(raw)
+    record["held"] = held
+    client.set(INFLIGHT + worker, json.dumps(record))
+
+
+def inflight_records(client: Any) -> dict[str, dict[str, Any]]:
+    """Every worker's in-flight record, by worker name."""
+    names = [k.decode() if isinstance(k, bytes) else k
+             for k in client.scan_iter(match=INFLIGHT + "*", count=1000)]
+    records = {}
+    for i in range(0, len(names), 500):
+        chunk = names[i:i + 500]
+        for name, raw in zip(chunk, client.mget(chunk), strict=True):
+            if raw is None:
+                continue
+            try:
+                records[name[len(INFLIGHT):]] = json.loads(raw)
+            except ValueError:
+                continue
+    return records
+
+
+def record_jobs(info: dict[str, Any]) -> set[str]:
+    """The jobs an in-flight record's messages carry."""
+    jobs = {info.get("job")}
+    jobs.update(h.get("job") for h in info.get("held") or [] if isinstance(h, dict))
+    return {j for j in jobs if isinstance(j, str)}
 
 
 def messages(info: dict[str, Any]) -> list[tuple[str, str]]:
@@ -97,13 +141,22 @@ def holds(client: Any, worker: str, job: str) -> bool:
         return False
 
 
-def clear_inflight(client: Any, worker: str) -> None:
-    client.delete(INFLIGHT + worker)
+def _redelivery(payload: dict[str, Any]) -> str:
+    """A message payload to queue again: marked redelivered, under a fresh tag (a late ack of
+    the old one must not touch the new holder's note)."""
+    try:
+        payload["headers"]["redelivered"] = True
+        payload["properties"]["delivery_info"]["redelivered"] = True
+        payload["properties"]["delivery_tag"] = str(uuid.uuid4())
+    except (KeyError, TypeError):
+        pass
+    return json.dumps(payload)
 
 
 def restore(client: Any, tag: str, queue: str) -> bool:
-    """Move one unacknowledged message back onto its queue (the end BRPOP takes first).
-    False when it is no longer unacknowledged (acked meanwhile, or restored by kombu)."""
+    """Move one unacknowledged message (kombu's `unacked`) back onto its queue (the end BRPOP
+    takes first). False when it is no longer unacknowledged (acked meanwhile, or restored by
+    kombu)."""
     import redis
 
     with client.pipeline() as pipe:
@@ -115,32 +168,56 @@ def restore(client: Any, tag: str, queue: str) -> bool:
                     pipe.unwatch()
                     return False
                 payload = json.loads(raw)[0]
-                try:
-                    payload["headers"]["redelivered"] = True
-                    payload["properties"]["delivery_info"]["redelivered"] = True
-                    # a fresh tag: a late ack of the old one must not touch the new holder's
-                    payload["properties"]["delivery_tag"] = str(uuid.uuid4())
-                except (KeyError, TypeError):
-                    pass
                 pipe.multi()
                 pipe.zrem(UNACKED_INDEX, tag)
                 pipe.hdel(UNACKED, tag)
-                pipe.rpush(queue, json.dumps(payload))
+                pipe.rpush(queue, _redelivery(payload))
                 pipe.execute()
                 return True
             except redis.WatchError:
                 continue
 
 
+def restore_record(client: Any, worker: str, tag: str | None = None,
+                   leftmost: bool = False) -> tuple[dict[str, Any] | None, int]:
+    """Give back every message `worker`'s in-flight record names and delete the record: the
+    one it holds moves onto its queue (the end BRPOP takes first; `leftmost`: the other end)
+    in the same transaction as the delete, so an ack (which deletes the record) and this never
+    both happen; the companions it names go back from `unacked`. `tag`: only while the record
+    still holds that message. Returns (the record, or None when there was none to act on; how
+    many messages went back)."""
+    import redis
+
+    key = INFLIGHT + worker
+    with client.pipeline() as pipe:
+        while True:
+            try:
+                pipe.watch(key)
+                raw = pipe.get(key)
+                info = json.loads(raw) if raw is not None else None
+                if info is None or (tag is not None and info.get("tag") != tag):
+                    pipe.unwatch()
+                    return None, 0
+                entry = info.get("entry")
+                pipe.multi()
+                pipe.delete(key)
+                if entry:
+                    (pipe.lpush if leftmost else pipe.rpush)(info["queue"],
+                                                             _redelivery(entry[0]))
+                pipe.execute()
+                break
+            except redis.WatchError:
+                continue
+    back = 1 if entry else int(restore(client, info["tag"], info["queue"]))
+    for other_tag, queue in messages(info)[1:]:
+        back += restore(client, other_tag, queue)
+    return info, back
+
+
 def recover_own(client: Any, worker: str) -> dict[str, Any] | None:
     """At start-up: a stage this worker name held when it last died goes back on its queue."""
-    raw = client.get(INFLIGHT + worker)
-    if raw is None:
-        return None
-    info = json.loads(raw)
-    restored = [restore(client, tag, queue) for tag, queue in messages(info)]
-    clear_inflight(client, worker)
-    return info if any(restored) else None
+    info, back = restore_record(client, worker)
+    return info if back else None
 
 
 def sweep(client: Any, lock_seconds: float, orphan_seconds: float | None = None
@@ -151,23 +228,22 @@ def sweep(client: Any, lock_seconds: float, orphan_seconds: float | None = None
         return []
     recovered = []
     claimed: set[str] = set()
-    for key in client.scan_iter(match=INFLIGHT + "*", count=500):
-        name = key.decode() if isinstance(key, bytes) else key
-        worker = name[len(INFLIGHT):]
-        raw = client.get(name)
-        if raw is None:
-            continue
-        info = json.loads(raw)
-        if client.exists(worker_key(worker)):
+    records = inflight_records(client)
+    with client.pipeline(transaction=False) as pipe:
+        for worker in records:
+            pipe.exists(worker_key(worker))
+        alive = pipe.execute()
+    for (worker, info), beating in zip(records.items(), alive, strict=True):
+        if beating:
             claimed.update(tag for tag, _ in messages(info))
             continue
-        back = sum(restore(client, tag, queue) for tag, queue in messages(info))
-        if back:
-            info["worker"] = worker
-            recovered.append(info)
+        gone, back = restore_record(client, worker)
+        if gone is not None and back:
+            gone["worker"] = worker
+            gone.pop("entry", None)
+            recovered.append(gone)
             log.warning("worker %s stopped beating while running %s (%s); %d message(s) "
-                        "queued again", worker, info.get("job"), info.get("stage"), back)
-        client.delete(name)
+                        "queued again", worker, gone.get("job"), gone.get("stage"), back)
     if orphan_seconds is not None:
         recovered += restore_orphans(client, orphan_seconds, claimed)
     return recovered
@@ -259,7 +335,7 @@ def active_batches(client: Any) -> list[str]:
 def missing_jobs(client: Any, batch: str, queue_names: Iterable[str], grace: float
                  ) -> list[str]:
     """Open jobs of `batch` whose message has been nowhere for `grace` seconds: not waiting
-    (only asked once the batch's queues are empty), not unacknowledged. A batch with no open job
+    (only asked once the batch's queues are empty), in no in-flight record, not in `unacked`. A batch with no open job
     is done: it leaves the active set."""
     if not client.scard(OPEN + batch):
         with client.pipeline() as pipe:
@@ -273,7 +349,7 @@ def missing_jobs(client: Any, batch: str, queue_names: Iterable[str], grace: flo
         if any(pipe.execute()):
             return []   # messages are waiting: any open job may be among them
     open_ids = {j.decode() if isinstance(j, bytes) else j for j in client.smembers(OPEN + batch)}
-    held = set()
+    held: set[str | None] = set().union(*map(record_jobs, inflight_records(client).values()))
     for raw in client.hvals(UNACKED):
         try:
             held.add(message_job(json.loads(raw)[0]))

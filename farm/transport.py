@@ -8,23 +8,33 @@ server one command per queue it uses, not a thousand.
 
 kombu notes every message it delivers in two keys, `unacked_index` (a sorted set: tag → when)
 and `unacked` (a hash: tag → the message), and removes both on ack; each pair goes out as a
-MULTI/EXEC transaction, four commands where two do the work. Here each pair is one pipelined
-round trip without MULTI/EXEC (two commands), in an order that makes a half-applied pair safe:
-Redis runs a connection's commands in the order they arrive, so a worker killed mid-send leaves
-at most a prefix of them applied.
+MULTI/EXEC transaction, four commands where two do the work.
 
-    deliver   ZADD unacked_index, then HSET unacked, then (a worker's channel) SET the
-              worker's in-flight record naming the message (farm/recovery.py): one round
-              trip where the record would cost another. A lone ZADD names no message: kombu's
+A worker's channel (transport option `farm_worker`: its name) notes a delivery in one command
+instead: SET `farm:inflight:<worker>`, the worker's in-flight record (farm/recovery.py), with
+the message in it; the ack deletes the record (DEL). Two commands a message, where kombu's notes
+and the record took five. The record is what the sweep gives back when the worker stops
+beating, and what a reject with requeue (a retryable fault) or kombu's restore at shutdown
+moves back onto the queue (`restore_by_tag`: the record's message, in one transaction with the
+record's delete). One record holds one message: the solo pool takes the next message only
+after acking the last, and a delivery that finds the record still holding an unacked one
+(which the farm's settings never make) is noted kombu's way.
+
+Any other channel (the throughput mode's taker, worker/batching.py) keeps kombu's notes, each
+pair in one pipelined round trip without MULTI/EXEC, in an order that makes a half-applied
+pair safe (Redis runs a connection's commands in the order they arrive, so a process killed
+mid-send leaves at most a prefix of them applied):
+
+    deliver   ZADD unacked_index, then HSET unacked. A lone ZADD names no message: kombu's
               restore and farm/recovery.py skip it (and drop it); the message it stood for
               was already taken by BRPOP and is found by reconciling (farm/recovery.py
-              missing_jobs), as after kombu#305. An `unacked` entry without its record is
-              an orphan the sweep puts back (farm/recovery.py restore_orphans).
+              missing_jobs), as after kombu#305. An `unacked` entry no in-flight record
+              names is an orphan the sweep puts back (farm/recovery.py restore_orphans).
     ack       HDEL unacked, then ZREM unacked_index. A lone HDEL leaves the same harmless
               index entry; the message is gone, as an ack means.
 
-A put-back (`restore_by_tag`, reject with requeue) keeps kombu's WATCH/MULTI transaction: it
-moves a message and must never duplicate or drop it.
+A put-back of a message in `unacked` (`restore_by_tag`) keeps kombu's WATCH/MULTI transaction:
+it moves a message and must never duplicate or drop it.
 
 The channel also keeps one redis-py client for those notes instead of making one per call.
 
@@ -46,6 +56,9 @@ from farm import recovery
 
 
 class QoS(kombu_redis.QoS):
+    # the tag of the message this worker's in-flight record holds, until its ack or put-back
+    _recorded: str | None = None
+
     @contextmanager
     def pipe_or_acquire(self, pipe: Any = None, client: Any = None) -> Iterator[Any]:
         if pipe:
@@ -56,23 +69,38 @@ class QoS(kombu_redis.QoS):
 
     def append(self, message: Any, delivery_tag: str) -> None:
         delivery = message.delivery_info
-        entry = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        entry = [message._raw, delivery["exchange"], delivery["routing_key"]]
         worker = self.channel.farm_worker
-        with self.pipe_or_acquire() as pipe:
-            pipe.zadd(self.unacked_index_key, {delivery_tag: time()}) \
-                .hset(self.unacked_key, delivery_tag, entry)
-            if worker:
+        with self.channel.conn_or_acquire() as client:
+            if worker and self._recorded is None:
                 job, stage = recovery.body_job(message.body)
-                pipe.set(recovery.INFLIGHT + worker,
-                         recovery.claim(delivery_tag, delivery["routing_key"], job, stage))
-            pipe.execute()
+                client.set(recovery.INFLIGHT + worker,
+                           recovery.claim(delivery_tag, delivery["routing_key"], job, stage,
+                                          entry=entry))
+                self._recorded = delivery_tag
+            else:
+                client.pipeline(transaction=False) \
+                    .zadd(self.unacked_index_key, {delivery_tag: time()}) \
+                    .hset(self.unacked_key, delivery_tag, dumps(entry)) \
+                    .execute()
         # kombu's in-process note of the delivery (virtual.QoS), as its own append makes
         super(kombu_redis.QoS, self).append(message, delivery_tag)
 
     def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
         with self.pipe_or_acquire(pipe) as p:
+            if delivery_tag == self._recorded:
+                self._recorded = None
+                return p.delete(recovery.INFLIGHT + self.channel.farm_worker)
             return p.hdel(self.unacked_key, delivery_tag) \
                     .zrem(self.unacked_index_key, delivery_tag)
+
+    def restore_by_tag(self, tag: str, client: Any = None, leftmost: bool = False) -> None:
+        if tag != self._recorded:
+            return super().restore_by_tag(tag, client=client, leftmost=leftmost)
+        self._recorded = None
+        with self.channel.conn_or_acquire(client) as conn:
+            recovery.restore_record(conn, self.channel.farm_worker, tag, leftmost=leftmost)
+        return None
 
 
 class _Coalescing:
@@ -123,6 +151,11 @@ class Channel(kombu_redis.Channel):
 
     def create_publish_batch(self, max_size: int) -> PublishBatch:
         return PublishBatch(self, max_size)
+
+    def _restore(self, message: Any, leftmost: bool = False) -> None:
+        if message.delivery_tag == self.qos._recorded:
+            return self.qos.restore_by_tag(message.delivery_tag, leftmost=leftmost)
+        return super()._restore(message, leftmost)
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         """kombu makes a new redis-py client for every ack and delivery note (each builds

@@ -104,6 +104,9 @@ class FarmCollector:
                 raise value
         if isinstance(running, Exception):
             running = None
+        else:   # a worker's own message is in its in-flight record, companions in `unacked`
+            running += sum(1 for _ in self.client.scan_iter(match=f"{recovery.INFLIGHT}*",
+                                                            count=1000))
         open_jobs = 0
         if batches:
             with self.client.pipeline(transaction=False) as pipe:                   # 3
@@ -149,7 +152,7 @@ class FarmCollector:
         jobs.add_metric([], open_jobs)
         yield jobs
         taken = GaugeMetricFamily("farm_stages_running", "Stage messages workers have taken and "
-                                  "not yet acknowledged (kombu's unacked hash).")
+                                  "not yet acknowledged (in-flight records and kombu's unacked hash).")
         if running is not None:
             taken.add_metric([], running)
         yield taken

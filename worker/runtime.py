@@ -270,9 +270,8 @@ class Worker:
                 else:
                     result = run_job(self.ctx, job)
         except RetryableError:
-            # the message goes back on its queue (the task's Reject): this worker holds it no
-            # longer, so no duplicate check may take it for running here
-            recovery.clear_inflight(self.redis, self.name or "")
+            # the message goes back on its queue (the task's Reject): the transport moves it
+            # out of the in-flight record, so no duplicate check takes it for running here
             self._count_stage(job, stage, REQUEUED, None, began)
             raise
         finally:
@@ -331,8 +330,7 @@ class Worker:
         assert self.ctx is not None
         together = self.taker.take(self.ctx, queue, key, room)
         if together:
-            recovery.set_inflight(self.redis, self.name or "", tag, queue, job.id, stage,
-                                  held=[t.held() for t in together])
+            recovery.add_held(self.redis, self.name or "", [t.held() for t in together])
         return together
 
     def _run_together(self, job: Job, together: list[batching.Taken], began: float) -> Result:
@@ -496,6 +494,9 @@ class Worker:
                     break
                 self.echo(f"worker {self.name}: the consumer stopped unexpectedly (exit "
                           f"{consumer.exitcode}); consuming again")
+                # a message its in-flight record still holds goes back first: the next
+                # consumer's first delivery writes a record of its own
+                recovery.recover_own(self.redis, self.name or "")
             if self.quarantined_at is not None:
                 exitcode = self._stay_quarantined()
         finally:
@@ -508,8 +509,10 @@ class Worker:
                 self.ready_file.unlink(missing_ok=True)
             try:
                 fleet.remove(self.redis, self.name or "")
-                recovery.clear_inflight(self.redis, self.name or "")  # its stage was acked
-            except Exception:  # noqa: BLE001 - the broker may be gone; the key expires anyway
+                # an acked stage deleted its record; one still held (a consumer that gave up
+                # mid-stage) goes back on its queue
+                recovery.recover_own(self.redis, self.name or "")
+            except Exception:  # noqa: BLE001 - the broker may be gone; a sweep puts it back
                 pass
             self.echo(f"worker {self.name}: stopped after {self.done} jobs")
         return exitcode

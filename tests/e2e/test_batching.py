@@ -41,6 +41,18 @@ def _held(client: Any, worker: str, count: int, crew: StandInFleet) -> dict[str,
         time.sleep(0.05)
 
 
+def _all_acked(client: Any) -> None:
+    """Wait until no message is unacknowledged: no in-flight record holds one, none is in
+    kombu's `unacked`."""
+    def records() -> list[bytes]:
+        return list(client.scan_iter(match=recovery.INFLIGHT + "*"))
+
+    deadline = time.monotonic() + 10
+    while client.hlen(recovery.UNACKED) or records():
+        assert time.monotonic() < deadline, (client.hkeys(recovery.UNACKED), records())
+        time.sleep(0.05)
+
+
 def _finished(settings: Settings, result: Submitted, crew: StandInFleet) -> None:
     store = open_store(settings)
     deadline = time.monotonic() + 60
@@ -80,10 +92,7 @@ def test_a_job_canceled_while_its_batch_renders_ends_canceled_without_images(
         assert not [k for k in store.list_keys(f"batches/{victim.batch}/images/")
                     if f"/{victim.id}-" in k]
         # every message acked: none left unacknowledged or queued
-        deadline = time.monotonic() + 10
-        while client.hlen(recovery.UNACKED):
-            assert time.monotonic() < deadline, client.hkeys(recovery.UNACKED)
-            time.sleep(0.05)
+        _all_acked(client)
         assert client.llen(queues.stage_queue(lead)) == 0
         logs = crew.tails(200)
         for job in (lead, other):
@@ -102,8 +111,10 @@ def test_a_worker_killed_mid_batch_loses_none_of_its_messages(
         assert client.llen(queue) == 3
         name = crew.start("doomed")
         _held(client, name, 2, crew)
-        # the dead worker holds all three: none queued, all unacknowledged
-        assert client.llen(queue) == 0 and client.hlen(recovery.UNACKED) == 3
+        # the dead worker holds all three: none queued, the lead in its in-flight record and
+        # the two companions unacknowledged
+        assert client.llen(queue) == 0 and client.hlen(recovery.UNACKED) == 2
+        assert client.exists(recovery.INFLIGHT + name)
         proc = crew.procs.pop(name)
         os.killpg(proc.pid, signal.SIGKILL)   # mid-batch: it waits on the gate
         proc.wait()
@@ -124,8 +135,5 @@ def test_a_worker_killed_mid_batch_loses_none_of_its_messages(
         # the dead worker's in-flight record brought back every message it held, at once
         assert f"worker {name} stopped beating" in logs and "3 message(s) queued again" in logs, \
             logs
-        deadline = time.monotonic() + 10
-        while client.hlen(recovery.UNACKED):
-            assert time.monotonic() < deadline, client.hkeys(recovery.UNACKED)
-            time.sleep(0.05)
+        _all_acked(client)
         assert client.llen(queue) == 0

@@ -82,7 +82,7 @@ def _victim(client: Any, store: Store, crew: StandInFleet, rng: random.Random,
                 & set(crew.procs))
     rng.shuffle(up)
     for name in up:
-        # the in-flight record outlives its stage: the job is held only while it runs there
+        # the job its in-flight record names, while the record still says it runs there
         job = json.loads(client.get(recovery.INFLIGHT + name) or "{}").get("job")
         record = read_record(store, job.rsplit("-", 1)[0], job) if job else None
         if record is None or record.state != JobState.RUNNING or record.worker != name:

@@ -124,8 +124,8 @@ def test_an_unacked_message_no_worker_claims_is_put_back(
     with _farm(env, tmp_path) as (settings, client, crew):
         result = _submit(settings, 2)
         queue = queues.stage_queue(result.jobs[0])
-        # kombu takes a message for a consumer (writing `unacked`), and the consumer dies
-        # before its worker writes an in-flight record
+        # a channel that notes kombu's way (the throughput mode's taker) takes a message
+        # (writing `unacked`), and its process dies before the in-flight record names it
         old_tag = _take_and_die({**env, **FAST_BEATS}, queue)
         assert client.hexists(recovery.UNACKED, old_tag)
         orphan = recovery.message_job(json.loads(client.hget(recovery.UNACKED, old_tag))[0])

@@ -174,7 +174,8 @@ def test_every_role_does_its_work_and_is_refused_the_rest(server: Server, env: d
         deadline = time.monotonic() + 600
         store = open_store(settings)
         while (batch_status(store, kept, settings).state != "succeeded"
-               or sum(server.admin.llen(n) for n in lists) or server.admin.hlen("unacked")):
+               or sum(server.admin.llen(n) for n in lists) or server.admin.hlen("unacked")
+               or server.admin.keys("farm:inflight:*")):
             assert worker.poll() is None, worker.stdout.read() if worker.stdout else ""
             assert time.monotonic() < deadline, "the worker did not work off the queues"
             time.sleep(0.5)
@@ -188,7 +189,8 @@ def test_every_role_does_its_work_and_is_refused_the_rest(server: Server, env: d
         out = worker.communicate(timeout=120)[0]
     assert worker.returncode == 0, out[-3000:]
     calls = server.calls()
-    for command in ("brpop", "hset", "hdel", "subscribe", "evalsha"):
+    # take (BRPOP), note and ack (SET and DEL of its in-flight record), cancels, the tally
+    for command in ("brpop", "set", "del", "subscribe", "evalsha"):
         assert calls.get(command), f"the worker never sent {command.upper()}: {calls}"
 
     # the CLI again: watch the batch to its end, download it, resubmit (nothing left)

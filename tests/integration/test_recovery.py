@@ -30,13 +30,15 @@ def test_missing_jobs_waits_for_drained_queues_and_the_grace(redis_url: str) -> 
     assert recovery.missing_jobs(client, "b1", ["farm.q"], grace=0) == []  # may be in the queue
     client.delete("farm.q")
 
-    client.hset(recovery.UNACKED, "tag-1", _unacked_payload("b1-1"))   # b1-1 is running
+    # b1-1 is running: its worker's in-flight record holds its message
+    recovery.set_inflight(client, "w-1", "tag-1", "farm.q", "b1-1", "full",
+                          entry=json.loads(_unacked_payload("b1-1")))
     # first sighting: nothing is missing yet, however short the grace
     assert recovery.missing_jobs(client, "b1", ["farm.q"], grace=0) == []
     assert recovery.missing_jobs(client, "b1", ["farm.q"], grace=0) == ["b1-0", "b1-2"]
     assert recovery.missing_jobs(client, "b1", ["farm.q"], grace=60) == []
 
-    # b1-0 turns up (unacked: a worker took it just in time): its sighting is forgotten
+    # b1-0 turns up (unacked: a companion taken just in time): its sighting is forgotten
     client.hset(recovery.UNACKED, "tag-0", _unacked_payload("b1-0"))
     time.sleep(0.05)
     assert recovery.missing_jobs(client, "b1", ["farm.q"], grace=0.01) == ["b1-2"]
@@ -64,7 +66,11 @@ def _calls(client: redis.Redis) -> dict[str, int]:
             for k, v in client.info("commandstats").items()}
 
 
-def test_the_workers_transport_notes_a_delivery_and_an_ack_in_two_commands_each(
+def _moved(a: dict[str, int], b: dict[str, int], name: str) -> int:
+    return b.get(name, 0) - a.get(name, 0)
+
+
+def test_a_channel_without_a_worker_name_keeps_kombus_notes_in_two_commands_each(
         redis_url: str, env: dict[str, str]) -> None:
     from farm import broker
     from farm.settings import Settings
@@ -89,18 +95,15 @@ def test_the_workers_transport_notes_a_delivery_and_an_ack_in_two_commands_each(
     acked = _calls(client)
     conn.release()
     assert client.hlen(recovery.UNACKED) == 0 and client.zcard(recovery.UNACKED_INDEX) == 0
-
-    def moved(a: dict[str, int], b: dict[str, int], name: str) -> int:
-        return b.get(name, 0) - a.get(name, 0)
-
     for name in ("zadd", "hset"):
-        assert moved(before, taken, name) == 5, name
+        assert _moved(before, taken, name) == 5, name
     for name in ("hdel", "zrem"):
-        assert moved(taken, acked, name) == 5, name
-    assert moved(before, acked, "multi") == moved(before, acked, "exec") == 0
+        assert _moved(taken, acked, name) == 5, name
+    assert _moved(before, acked, "multi") == _moved(before, acked, "exec") == 0
+    assert client.keys(recovery.INFLIGHT + "*") == []
 
 
-def test_a_workers_delivery_writes_its_inflight_record_in_the_same_round_trip(
+def test_a_workers_delivery_is_one_set_of_its_inflight_record_and_its_ack_one_del(
         redis_url: str, env: dict[str, str]) -> None:
     from farm import broker
     from farm.settings import Settings
@@ -108,7 +111,7 @@ def test_a_workers_delivery_writes_its_inflight_record_in_the_same_round_trip(
     settings = Settings.load(env={**env, "FARM_BROKER_URL": redis_url})
     client = redis.Redis.from_url(redis_url)
     producer = broker.celery_app(settings)
-    for i in range(2):
+    for i in range(3):
         producer.send_task("farm.test", args=[{"id": f"b-{i}", "stage": "base"}], queue="farm.q")
     conn = broker.celery_app(settings, in_flight="w-9").connection_for_read()
     channel = conn.default_channel
@@ -118,19 +121,66 @@ def test_a_workers_delivery_writes_its_inflight_record_in_the_same_round_trip(
     info = json.loads(client.get(recovery.INFLIGHT + "w-9"))
     assert (info["tag"], info["queue"], info["job"], info["stage"]) == \
         (first.delivery_tag, "farm.q", "b-0", "base")
-    for name in ("zadd", "hset", "set"):   # the delivery's notes and the record
-        assert after.get(name, 0) - before.get(name, 0) == 1, name
+    assert recovery.message_job(info["entry"][0]) == "b-0"   # the message itself
+    assert (_moved(before, after, "set"), _moved(before, after, "zadd"),
+            _moved(before, after, "hset")) == (1, 0, 0)
+    assert client.hlen(recovery.UNACKED) == 0
     assert recovery.holds(client, "w-9", "b-0") is False   # no heartbeat: not alive
     client.set(fleet.worker_key("w-9"), "{}")
     assert recovery.holds(client, "w-9", "b-0")
-    second = channel.basic_get("farm.q", no_ack=False)      # the next delivery replaces it
+    first.ack()
+    acked = _calls(client)
+    assert _moved(after, acked, "del") == 1 and client.get(recovery.INFLIGHT + "w-9") is None
+    assert not recovery.holds(client, "w-9", "b-0")
+
+    # a reject with requeue (a retryable fault) moves the message from the record to its queue
+    second = channel.basic_get("farm.q", no_ack=False)
     assert json.loads(client.get(recovery.INFLIGHT + "w-9"))["tag"] == second.delivery_tag
+    second.reject(requeue=True)
+    assert client.get(recovery.INFLIGHT + "w-9") is None
+    again = [recovery.message_job(json.loads(raw)) for raw in client.lrange("farm.q", 0, -1)]
+    assert sorted(again) == ["b-1", "b-2"]
+
+    # a delivery while the record still holds an unacked message is noted kombu's way
+    third = channel.basic_get("farm.q", no_ack=False)
+    fourth = channel.basic_get("farm.q", no_ack=False)
+    assert json.loads(client.get(recovery.INFLIGHT + "w-9"))["tag"] == third.delivery_tag
+    assert [t.decode() for t in client.hkeys(recovery.UNACKED)] == [fourth.delivery_tag]
+    fourth.ack()
+    third.ack()
+    assert client.hlen(recovery.UNACKED) == 0 and client.get(recovery.INFLIGHT + "w-9") is None
+
     # a channel without a worker name (the throughput mode's taker) writes no record
     channel.farm_worker = None
-    client.delete(recovery.INFLIGHT + "w-9")
-    producer.send_task("farm.test", args=[{"id": "b-2"}], queue="farm.q")
+    producer.send_task("farm.test", args=[{"id": "b-3"}], queue="farm.q")
     channel.basic_get("farm.q", no_ack=False)
     assert client.get(recovery.INFLIGHT + "w-9") is None
+    conn.release()
+
+
+def test_a_dead_workers_record_gives_its_message_back_once_however_late_its_ack(
+        redis_url: str, env: dict[str, str]) -> None:
+    from farm import broker
+    from farm.settings import Settings
+
+    settings = Settings.load(env={**env, "FARM_BROKER_URL": redis_url})
+    client = redis.Redis.from_url(redis_url)
+    broker.celery_app(settings).send_task("farm.test", args=[{"id": "b-0", "stage": "base"}],
+                                          queue="farm.q")
+    conn = broker.celery_app(settings, in_flight="w-8").connection_for_read()
+    held = conn.default_channel.basic_get("farm.q", no_ack=False)
+    assert client.llen("farm.q") == 0
+    back = recovery.sweep(client, 0.001)   # no heartbeat: presumed dead
+    assert [(b["worker"], b["job"]) for b in back] == [("w-8", "b-0")]
+    (raw,) = client.lrange("farm.q", 0, -1)
+    payload = json.loads(raw)
+    assert recovery.message_job(payload) == "b-0" and payload["headers"]["redelivered"]
+    assert payload["properties"]["delivery_tag"] != held.delivery_tag   # a fresh tag
+    # the worker was only slow: its late ack finds no record of its own and removes nothing
+    held.ack()
+    assert client.llen("farm.q") == 1
+    client.delete(recovery.SWEEP_LOCK)
+    assert recovery.sweep(client, 0.001) == []   # given back once
     conn.release()
 
 
@@ -161,16 +211,19 @@ def test_an_inflight_record_claims_every_message_of_a_shared_call_and_brings_all
 
     client = redis.Redis.from_url(redis_url)
     taken_at = time.time() - 3600
-    for tag, job in (("t-lead", "a"), ("t-b", "b"), ("t-c", "c")):
+    # the lead's message in the record (as the worker's channel writes it), the companions
+    # in kombu's `unacked` (as the taker's channel notes them)
+    recovery.set_inflight(client, "w1", "t-lead", "farm.q", "a", "full",
+                          entry=json.loads(_unacked_payload("a")))
+    for tag, job in (("t-b", "b"), ("t-c", "c")):
         client.hset(recovery.UNACKED, tag, _unacked_payload(job))
         client.zadd(recovery.UNACKED_INDEX, {tag: taken_at})
-    recovery.set_inflight(client, "w1", "t-lead", "farm.q", "a", "full",
-                          held=[{"tag": "t-b", "queue": "farm.q", "job": "b"},
-                                {"tag": "t-c", "queue": "farm.q", "job": "c"}])
+    recovery.add_held(client, "w1", [{"tag": "t-b", "queue": "farm.q", "job": "b"},
+                                     {"tag": "t-c", "queue": "farm.q", "job": "c"}])
     client.set(worker_key("w1"), "{}")
     assert recovery.holds(client, "w1", "a") and recovery.holds(client, "w1", "c")
     assert recovery.sweep(client, 0.001, orphan_seconds=1) == []
-    assert client.llen("farm.q") == 0 and client.hlen(recovery.UNACKED) == 3
+    assert client.llen("farm.q") == 0 and client.hlen(recovery.UNACKED) == 2
 
     client.delete(worker_key("w1"), recovery.SWEEP_LOCK)   # its heartbeat expired
     back = recovery.sweep(client, 0.001, orphan_seconds=1)
