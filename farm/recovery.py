@@ -22,10 +22,10 @@ closed here:
   orphans once they are older than the heartbeat TTL (`restore_orphans`).
 - after BRPOP took a message, before anything noted it (kombu#305; for a worker's own
   deliveries this is the one gap): the message is nowhere in Redis. Submit notes every job of a
-  batch in `farm:open:<batch>`; the tally note of a job's final record removes it
-  (farm/tally.py, in the same command). Reconciling (`missing_jobs`) finds a job that is open
-  while its batch's queues are empty and no in-flight record or unacknowledged message carries
-  it; missing for a heartbeat TTL, the worker runs it again from the batch's manifest. A second
+  batch in `farm:open:<batch>`. Reconciling (`missing_jobs`) takes out of it the jobs the
+  batch's tally counts final (farm/tally.py), and finds a job that is still open while its
+  batch's queues are empty and no in-flight record or unacknowledged message carries it;
+  missing for a heartbeat TTL, the worker runs it again from the batch's manifest. A second
   delivery is harmless: workers skip a job that has ended, and discard a superseded attempt.
 
 A message put back gets a fresh delivery tag: a late ack from a worker wrongly presumed dead
@@ -42,6 +42,7 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
+from farm import tally
 from farm.fleet import worker_key
 
 log = logging.getLogger("farm.recovery")
@@ -323,7 +324,12 @@ def job_ended(client: Any, batch: str, job: str) -> None:
 
 
 def ended(client: Any, batch: str) -> bool:
-    """Every job of the (active) batch has ended: none is open."""
+    """Every job of the (active) batch has ended: its tally counts them all final, or (a batch
+    without a tally) none is left in its open set."""
+    counted = tally.counts(client, batch)
+    if counted is not None:
+        total, by_state = counted
+        return tally.final_count(by_state) >= total
     return not client.scard(OPEN + batch)
 
 
@@ -337,7 +343,7 @@ def missing_jobs(client: Any, batch: str, queue_names: Iterable[str], grace: flo
     """Open jobs of `batch` whose message has been nowhere for `grace` seconds: not waiting
     (only asked once the batch's queues are empty), in no in-flight record, not in `unacked`. A batch with no open job
     is done: it leaves the active set."""
-    if not client.scard(OPEN + batch):
+    if ended(client, batch):
         with client.pipeline() as pipe:
             pipe.srem(ACTIVE_BATCHES, batch)
             pipe.delete(OPEN + batch, MISSING + batch)
@@ -349,6 +355,10 @@ def missing_jobs(client: Any, batch: str, queue_names: Iterable[str], grace: flo
         if any(pipe.execute()):
             return []   # messages are waiting: any open job may be among them
     open_ids = {j.decode() if isinstance(j, bytes) else j for j in client.smembers(OPEN + batch)}
+    closed = sorted(tally.final_jobs(client, batch, open_ids))
+    for i in range(0, len(closed), 1000):
+        client.srem(OPEN + batch, *closed[i:i + 1000])
+    open_ids -= set(closed)
     held: set[str | None] = set().union(*map(record_jobs, inflight_records(client).values()))
     for raw in client.hvals(UNACKED):
         try:

@@ -17,10 +17,10 @@ record (a second delivery of its message): a process that died between its store
 its note is repaired by the next one that sees the record. When the batch ends, `reset` writes
 the counts of a full recount (farm/summary.py), which repairs anything else.
 
-A note of a final record also takes the job out of the batch's open set (farm/recovery.py
-`OPEN`, what reconciling looks for), in the same command: the job's end costs its worker one
-Redis command, and a note that never ran leaves the job open until reconciling reads its final
-record and notes it again.
+Reconciling (farm/recovery.py) takes the jobs the tally counts final out of the batch's open
+set when it looks for lost messages, so a job's end costs its worker one Redis command (the
+note), and a note that never ran leaves the job open until reconciling reads its final record
+and notes it again.
 
 No tally (Redis lost its data, or a batch from before the tally): `counts` says None and status
 counts from the records.
@@ -28,27 +28,24 @@ counts from the records.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from farm.lifecycle import FINAL_STATES, JobRecord, JobState
-from farm.recovery import OPEN
 
 PREFIX = "farm:tally:"
 TOTAL = "#total"
 TALLY_SECONDS = 30 * 24 * 3600   # as long as the batch's other notes in Redis
 STATES = tuple(JobState)
 
-# KEYS[1] the tally, KEYS[2] the batch's open set; ARGV: job, seq, state. Returns {changed,
-# final jobs, total}, or nil when the batch has no tally. Inside: at most one SREM (a final
-# state), one read and at most one write of the tally; INFO commandstats counts each of them.
+# KEYS[1] the tally; ARGV: job, seq, state. Returns {changed, final jobs, total}, or nil when
+# the batch has no tally. Inside: one read and at most one write of the tally; INFO
+# commandstats counts each of them.
 _NOTE = """
 local states = {'queued', 'running', 'latents_ready', 'refining', 'succeeded', 'failed',
                 'canceled'}
 local new = ARGV[3]
-if new == 'succeeded' or new == 'failed' or new == 'canceled' then
-  redis.call('SREM', KEYS[2], ARGV[1])
-end
 local fields = {'#total', ARGV[1]}
 for i, s in ipairs(states) do fields[i + 2] = '#' .. s end
 local got = redis.call('HMGET', KEYS[1], unpack(fields))
@@ -75,7 +72,7 @@ return {changed, count['succeeded'] + count['failed'] + count['canceled'], tonum
 """
 
 assert all(f"'{s.value}'" in _NOTE for s in JobState), "the note script must know every state"
-assert all(f"new == '{s.value}'" in _NOTE for s in FINAL_STATES), "and every final one"
+assert all(f"count['{s.value}']" in _NOTE for s in FINAL_STATES), "and count every final one"
 
 # KEYS[1] the tally; ARGV: ttl, then field, value pairs. Writes them only when no tally exists.
 _START = """
@@ -143,9 +140,8 @@ class Tally:
         self._note = client.register_script(_NOTE)
 
     def note(self, record: JobRecord) -> Noted | None:
-        """Count `record` (idempotent, order-free), and a final one leaves the open set; None
-        when its batch has no tally."""
-        got = self._note(keys=[tally_key(record.batch), OPEN + record.batch],
+        """Count `record` (idempotent, order-free); None when its batch has no tally."""
+        got = self._note(keys=[tally_key(record.batch)],
                          args=[record.job, record.seq, record.state.value])
         if got is None:
             return None
@@ -180,3 +176,17 @@ def job_states(client: Any, batch: str) -> dict[str, JobState] | None:
 
 def final_count(by_state: dict[str, int]) -> int:
     return sum(by_state.get(s.value, 0) for s in FINAL_STATES)
+
+
+def final_jobs(client: Any, batch: str, jobs: Iterable[str]) -> set[str]:
+    """Which of `jobs` the tally counts in a final state (one HMGET per thousand)."""
+    ids = list(jobs)
+    finals = {s.value for s in FINAL_STATES}
+    out = set()
+    for i in range(0, len(ids), 1000):
+        chunk = ids[i:i + 1000]
+        for job, value in zip(chunk, client.hmget(tally_key(batch), chunk), strict=True):
+            text = value.decode() if isinstance(value, bytes) else value
+            if text and text.split(":", 1)[1] in finals:
+                out.add(job)
+    return out

@@ -28,7 +28,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 
-from farm import fleet, models, queues, recovery
+from farm import fleet, models, queues, recovery, tally
+from farm.lifecycle import FINAL_STATES
 from farm.settings import Settings
 
 log = logging.getLogger("farm.exporter")
@@ -36,10 +37,10 @@ log = logging.getLogger("farm.exporter")
 # the port `farm metrics serve` listens on unless told otherwise (workers: 9460, deploy/)
 DEFAULT_PORT = 9461
 # every Redis command a scrape sends, besides the connection's own (AUTH, HELLO, CLIENT SETINFO)
-EXPORTER_COMMANDS = ("scan", "mget", "llen", "scard", "smembers", "hlen")
+EXPORTER_COMMANDS = ("scan", "mget", "llen", "scard", "smembers", "hlen", "hmget")
 # every key it reads (glob patterns, as an ACL writes them); all read-only
 EXPORTER_KEYS = (f"{queues.QUEUE_PREFIX}.*", f"{fleet.KEY_PREFIX}*", recovery.ACTIVE_BATCHES,
-                 f"{recovery.OPEN}*", recovery.UNACKED)
+                 f"{recovery.OPEN}*", f"{tally.PREFIX}*", recovery.UNACKED)
 
 
 def served_queues(settings: Settings, model_names: Sequence[str]) -> list[str]:
@@ -109,11 +110,17 @@ class FarmCollector:
                                                             count=1000))
         open_jobs = 0
         if batches:
+            # each batch's jobs less those its tally counts final; without a tally, its open set
+            counters = [tally.TOTAL, *("#" + s.value for s in FINAL_STATES)]
             with self.client.pipeline(transaction=False) as pipe:                   # 3
-                for batch in batches:
-                    pipe.scard(recovery.OPEN + (batch.decode() if isinstance(batch, bytes)
-                                                else batch))
-                open_jobs = sum(pipe.execute())
+                for raw in batches:
+                    batch = raw.decode() if isinstance(raw, bytes) else raw
+                    pipe.hmget(tally.tally_key(batch), counters)
+                    pipe.scard(recovery.OPEN + batch)
+                got = pipe.execute()
+            for (total, *final), members in zip(got[::2], got[1::2], strict=True):
+                open_jobs += members if total is None else \
+                    max(0, int(total) - sum(int(n or 0) for n in final))
         return workers, dict(zip(names, depths, strict=True)), active, open_jobs, running
 
     def families(self, workers: list[fleet.WorkerInfo], depths: dict[str, int], active: int,

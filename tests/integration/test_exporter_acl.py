@@ -13,7 +13,7 @@ import pytest
 import redis
 from prometheus_client import generate_latest
 
-from farm import fleet, models, queues, recovery
+from farm import fleet, lifecycle, models, queues, recovery, tally
 from farm.jobs import JobSpec
 from farm.scheduler import exporter
 from farm.scheduler.submit import submit
@@ -47,7 +47,11 @@ def test_a_user_with_only_the_exporters_commands_and_keys_reads_everything(
     fleet.publish(admin, fleet.WorkerInfo(
         name="w-1", host="h", pid=1, device="cpu", models=["tiny-sdxl"], queues=[queue],
         vram_class=80, state=fleet.WorkerState.BUSY, last_seen=time.time()), ttl=60)
-    admin.hset(recovery.UNACKED, "tag-1", "{}")
+    admin.hset(recovery.UNACKED, "tag-1", "{}")     # a companion (worker/batching.py)
+    recovery.set_inflight(admin, "w-1", "tag-2", queue, batch.jobs[2].id, "full")
+    record = lifecycle.JobRecord(job=batch.jobs[0].id, batch=batch.batch, seq=3,
+                                 state=lifecycle.JobState.SUCCEEDED)
+    assert tally.Tally(admin).note(record) is not None
 
     with pytest.raises(redis.exceptions.NoPermissionError):
         exporter_client.lpush(queue, "x")  # read-only
@@ -58,8 +62,8 @@ def test_a_user_with_only_the_exporters_commands_and_keys_reads_everything(
     assert total(shown, "farm_queue_consumers") == 1   # the one queue the worker lists
     assert total(shown, "farm_workers", vram_class="80", state="busy") == 1
     assert total(shown, "farm_batches", state="active") == 1
-    assert total(shown, "farm_jobs_open") == 3
-    assert total(shown, "farm_stages_running") == 1
+    assert total(shown, "farm_jobs_open") == 2            # the tally counts one final
+    assert total(shown, "farm_stages_running") == 2       # a record's and a companion's
 
 
 def test_a_queue_no_model_or_worker_names_is_reported_while_it_holds_stages(

@@ -288,30 +288,46 @@ def test_a_summary_recounts_the_records_when_the_tally_missed_a_job_and_repairs_
     assert tally.job_states(client, "b-recount") == {a: JobState.CANCELED, b: JobState.FAILED}
 
 
-def test_a_final_note_closes_the_job_and_a_note_that_never_ran_leaves_it_for_reconciling(
+def test_reconciling_closes_the_jobs_the_tally_counts_final_and_a_note_that_never_ran_waits(
         settings: Settings, client: Any) -> None:
     from farm import recovery
+
+    def open_set() -> set[str]:
+        return {j.decode() for j in client.smembers(recovery.OPEN + "b-open")}
+
+    def missing() -> list[str]:   # a round of reconciling (the batch's queues are empty)
+        return recovery.missing_jobs(client, "b-open", [], grace=0)
 
     store = open_store(settings)
     manifest = _batch(settings, client, "b-open", 3)
     a, b, c = (j.id for j in manifest.jobs)
     recovery.open_jobs(client, "b-open", [a, b, c])
+    recovery.activate(client, "b-open")
     counter = tally.Tally(client)
     _move(store, counter, "b-open", a, JobState.RUNNING)
-    assert client.sismember(recovery.OPEN + "b-open", a)   # running: still open
     _move(store, counter, "b-open", a, JobState.SUCCEEDED)
+    assert open_set() == {a, b, c}   # the note is the job's one command: the set waits
     _move(store, counter, "b-open", b, JobState.RUNNING)
     failed = _move(store, counter, "b-open", b, JobState.FAILED, then=False)  # died first
-    open_now = {j.decode() for j in client.smembers(recovery.OPEN + "b-open")}
-    assert open_now == {b, c}
-    assert tally.counts(client, "b-open") == (3, {**_zero(), "queued": 1, "running": 1,
-                                                  "succeeded": 1})
+    assert missing() == []           # first sighting
+    assert open_set() == {b, c}      # a is final in the tally: closed
+    assert missing() == [b, c]       # b's note never ran: it stays open, found nowhere
+    assert not recovery.ended(client, "b-open")
     # whoever reads the final record again (a second delivery, reconciling) notes it
     assert counter.note(failed) == tally.Noted(changed=True, final=2, total=3)
-    assert {j.decode() for j in client.smembers(recovery.OPEN + "b-open")} == {c}
-    assert tally.counts(client, "b-open") == (3, {**_zero(), "queued": 1, "failed": 1,
-                                                  "succeeded": 1})
-    # a batch without a tally (Redis lost it) still has its job closed
-    client.delete(tally.tally_key("b-open"))
+    assert missing() == [c]
+    assert open_set() == {c}
     _move(store, counter, "b-open", c, JobState.CANCELED)
-    assert not client.smembers(recovery.OPEN + "b-open")
+    assert recovery.ended(client, "b-open")
+    assert missing() == []           # ended: the batch leaves the set reconciling reads
+    assert recovery.active_batches(client) == [] and not open_set()
+
+
+def test_a_batch_without_a_tally_ends_when_its_open_set_is_empty(client: Any) -> None:
+    from farm import recovery
+
+    recovery.open_jobs(client, "b-bare", ["b-bare-0", "b-bare-1"])
+    recovery.job_ended(client, "b-bare", "b-bare-0")
+    assert not recovery.ended(client, "b-bare")
+    recovery.job_ended(client, "b-bare", "b-bare-1")
+    assert recovery.ended(client, "b-bare")
