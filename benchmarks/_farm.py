@@ -36,13 +36,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def code_version() -> str:
-    """The commit measured, with "-dirty" when the working tree had changes."""
+    """The commit measured, with "-dirty" when the working tree had changes other than the
+    benchmarks' own results (a run after another rewrites them)."""
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=10)
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                  ".", ":(exclude)benchmarks/results"], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=10).stdout.strip()
     except OSError:
         return "unknown"
-    return out.stdout.strip() or "unknown"
+    return (head + ("-dirty" if changed else "")) if head else "unknown"
 
 
 class BenchError(RuntimeError):
