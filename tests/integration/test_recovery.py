@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from typing import Any
 
 import redis
 
@@ -66,21 +67,28 @@ def _calls(client: redis.Redis) -> dict[str, int]:
             for k, v in client.info("commandstats").items()}
 
 
+def _queued(redis_url: str, env: dict[str, str], jobs: list[dict[str, str]],
+            in_flight: str | None = None) -> tuple[redis.Redis, Any, Any]:
+    """(a client, a producer app, a consumer connection) on the farm's transport, with a
+    message per job waiting on farm.q; `in_flight`: the consumer's worker name."""
+    from farm import broker
+    from farm.settings import Settings
+
+    settings = Settings.load(env={**env, "FARM_BROKER_URL": redis_url})
+    producer = broker.celery_app(settings)
+    for job in jobs:
+        producer.send_task("farm.test", args=[job], queue="farm.q")
+    conn = broker.celery_app(settings, in_flight=in_flight).connection_for_read()
+    return redis.Redis.from_url(redis_url), producer, conn
+
+
 def _moved(a: dict[str, int], b: dict[str, int], name: str) -> int:
     return b.get(name, 0) - a.get(name, 0)
 
 
 def test_a_channel_without_a_worker_name_keeps_kombus_notes_in_two_commands_each(
         redis_url: str, env: dict[str, str]) -> None:
-    from farm import broker
-    from farm.settings import Settings
-
-    settings = Settings.load(env={**env, "FARM_BROKER_URL": redis_url})
-    client = redis.Redis.from_url(redis_url)
-    producer = broker.celery_app(settings)
-    for i in range(5):
-        producer.send_task("farm.test", args=[{"id": f"b-{i}"}], queue="farm.q")
-    conn = broker.celery_app(settings).connection_for_read()
+    client, _, conn = _queued(redis_url, env, [{"id": f"b-{i}"} for i in range(5)])
     channel = conn.default_channel
     assert type(channel).__module__ == "farm.transport"
     before = _calls(client)
@@ -105,15 +113,8 @@ def test_a_channel_without_a_worker_name_keeps_kombus_notes_in_two_commands_each
 
 def test_a_workers_delivery_is_one_set_of_its_inflight_record_and_its_ack_one_del(
         redis_url: str, env: dict[str, str]) -> None:
-    from farm import broker
-    from farm.settings import Settings
-
-    settings = Settings.load(env={**env, "FARM_BROKER_URL": redis_url})
-    client = redis.Redis.from_url(redis_url)
-    producer = broker.celery_app(settings)
-    for i in range(3):
-        producer.send_task("farm.test", args=[{"id": f"b-{i}", "stage": "base"}], queue="farm.q")
-    conn = broker.celery_app(settings, in_flight="w-9").connection_for_read()
+    client, producer, conn = _queued(
+        redis_url, env, [{"id": f"b-{i}", "stage": "base"} for i in range(3)], in_flight="w-9")
     channel = conn.default_channel
     before = _calls(client)
     first = channel.basic_get("farm.q", no_ack=False)
@@ -160,14 +161,7 @@ def test_a_workers_delivery_is_one_set_of_its_inflight_record_and_its_ack_one_de
 
 def test_a_dead_workers_record_gives_its_message_back_once_however_late_its_ack(
         redis_url: str, env: dict[str, str]) -> None:
-    from farm import broker
-    from farm.settings import Settings
-
-    settings = Settings.load(env={**env, "FARM_BROKER_URL": redis_url})
-    client = redis.Redis.from_url(redis_url)
-    broker.celery_app(settings).send_task("farm.test", args=[{"id": "b-0", "stage": "base"}],
-                                          queue="farm.q")
-    conn = broker.celery_app(settings, in_flight="w-8").connection_for_read()
+    client, _, conn = _queued(redis_url, env, [{"id": "b-0", "stage": "base"}], in_flight="w-8")
     held = conn.default_channel.basic_get("farm.q", no_ack=False)
     assert client.llen("farm.q") == 0
     back = recovery.sweep(client, 0.001)   # no heartbeat: presumed dead

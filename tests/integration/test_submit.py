@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 
 import pytest
 import redis
@@ -36,6 +37,25 @@ def _waiting(client: redis.Redis, vram_class: int = 4) -> list[dict]:
         for raw in reversed(client.lrange(queue, 0, -1)):  # kombu pushes left, pops right
             out.append(_message(raw))
     return out
+
+
+def _flaky_send_task(monkeypatch: pytest.MonkeyPatch, breaks: Callable[[int], bool]
+                     ) -> list[int]:
+    """Make Celery's send_task raise a ConnectionError on the n-th call (counting from 1) when
+    `breaks(n)`; returns the list its calls are counted in."""
+    from celery import Celery
+
+    real = Celery.send_task
+    calls: list[int] = []
+
+    def flaky(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if breaks(len(calls)):
+            raise ConnectionError("broker went away")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Celery, "send_task", flaky)
+    return calls
 
 
 @pytest.fixture(params=["redis", "embedded"])
@@ -149,19 +169,9 @@ def test_each_submit_is_a_new_batch(env: dict[str, str]) -> None:
 
 def test_enqueue_breaking_part_way_marks_the_batch_aborted(
         redis_url: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    from celery import Celery
-
     settings = Settings.load(env={**env, "FARM_BROKER_URL": redis_url})
-    real = Celery.send_task
-    calls = []
-
-    def flaky(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(1)
-        if len(calls) >= 2:  # the first message goes, then the broker stays away
-            raise ConnectionError("broker went away")
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(Celery, "send_task", flaky)
+    # the first message goes, then the broker stays away
+    calls = _flaky_send_task(monkeypatch, lambda n: n >= 2)
     with pytest.raises(BrokerUnavailable, match="nothing was submitted"):
         submit(settings, _specs(settings, 5, 5, 5))
     assert len(calls) == 4  # three attempts: the first breaks at its second job
@@ -174,19 +184,8 @@ def test_enqueue_breaking_part_way_marks_the_batch_aborted(
 
 def test_a_send_that_breaks_once_is_sent_again_whole_and_only_once(
         redis_url: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    from celery import Celery
-
     settings = Settings.load(env={**env, "FARM_BROKER_URL": redis_url})
-    real = Celery.send_task
-    calls = []
-
-    def flaky(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(1)
-        if len(calls) == 3:  # the third job of the first attempt
-            raise ConnectionError("broker went away")
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(Celery, "send_task", flaky)
+    calls = _flaky_send_task(monkeypatch, lambda n: n == 3)   # the first attempt's third job
     done = submit(settings, _specs(settings, 5, 5, 5))
     assert len(calls) == 6  # the whole lot again
     client = broker.redis_client(settings)
