@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import benchmarks
+from benchmarks._farm import code_version
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -33,6 +34,7 @@ def main(names: list[str]) -> int:
         print(f"\n== {name} ==")
         figures = module.run()
         figures["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        figures.setdefault("code", code_version())
         out = RESULTS / f"{name[len('bench_'):]}.json"
         out.write_text(json.dumps(figures, indent=2, sort_keys=True))
         print(f"(figures written to {out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out})")

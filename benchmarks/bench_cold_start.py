@@ -87,8 +87,10 @@ def capped(port: int, cap: float) -> Iterator[int]:
         with contextlib.suppress(asyncio.CancelledError):
             async with server:
                 await server.serve_forever()
-        for task in asyncio.all_tasks() - {asyncio.current_task()}:  # open connections
+        open_connections = asyncio.all_tasks() - {asyncio.current_task()}
+        for task in open_connections:
             task.cancel()
+        await asyncio.gather(*open_connections, return_exceptions=True)
 
     thread = threading.Thread(target=lambda: loop.run_until_complete(serve()), daemon=True)
     thread.start()
