@@ -299,7 +299,7 @@ def body_job(body: bytes | str) -> tuple[str | None, str | None]:
     return (job if isinstance(job, str) else None), (stage if isinstance(stage, str) else None)
 
 
-# -- reconciling: jobs whose message vanished (killed between BRPOP and the unacked write) ----
+# -- reconciling: jobs whose message vanished (killed between BRPOP and its first note) -------
 
 def open_jobs(client: Any, batch: str, jobs: Iterable[str]) -> None:
     """Note a batch's jobs as open, before their messages are sent (a job that ends at once
