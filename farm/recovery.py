@@ -59,19 +59,13 @@ OPEN_SECONDS = 30 * 24 * 3600
 UNACKED, UNACKED_INDEX = "unacked", "unacked_index"
 
 
-def set_inflight(client: Any, worker: str, tag: str, queue: str, job: str | None,
-                 stage: str | None, held: list[dict[str, Any]] | None = None,
-                 entry: list[Any] | None = None) -> None:
-    """Write a worker's in-flight record (farm/transport.py writes it as a delivery's note)."""
-    client.set(INFLIGHT + worker, claim(tag, queue, job, stage, held, entry))
-
-
 def claim(tag: str, queue: str, job: str | None, stage: str | None,
           held: list[dict[str, Any]] | None = None, entry: list[Any] | None = None) -> str:
-    """An in-flight record (`farm:inflight:<worker>`'s value): the message `tag` it runs, on
-    `queue`; `entry`, the message as kombu keeps it ([payload, exchange, routing key]), when the
-    record holds it (otherwise it is in kombu's `unacked`); `held` ({"tag", "queue", "job"}
-    each), the messages in `unacked` of the jobs it renders with it in one pipeline call."""
+    """An in-flight record (`farm:inflight:<worker>`'s value, written by farm/transport.py as a
+    delivery's note): the message `tag` it runs, on `queue`; `entry`, the message as kombu
+    keeps it ([payload, exchange, routing key]), when the record holds it (otherwise it is in
+    kombu's `unacked`); `held` ({"tag", "queue", "job"} each), the messages in `unacked` of the
+    jobs it renders with it in one pipeline call."""
     record = {"tag": tag, "queue": queue, "job": job, "stage": stage, "since": time.time(),
               "held": held or []}
     if entry is not None:
@@ -156,8 +150,7 @@ def _redelivery(payload: dict[str, Any]) -> str:
 
 def restore(client: Any, tag: str, queue: str) -> bool:
     """Move one unacknowledged message (kombu's `unacked`) back onto its queue (the end BRPOP
-    takes first). False when it is no longer unacknowledged (acked meanwhile, or restored by
-    kombu)."""
+    takes first). False when `unacked` does not hold it (it was acked, or kombu restored it)."""
     import redis
 
     with client.pipeline() as pipe:
@@ -341,8 +334,8 @@ def active_batches(client: Any) -> list[str]:
 def missing_jobs(client: Any, batch: str, queue_names: Iterable[str], grace: float
                  ) -> list[str]:
     """Open jobs of `batch` whose message has been nowhere for `grace` seconds: not waiting
-    (only asked once the batch's queues are empty), in no in-flight record, not in `unacked`. A batch with no open job
-    is done: it leaves the active set."""
+    (only asked once the batch's queues are empty), in no in-flight record, not in `unacked`.
+    A batch whose jobs have all ended is done: it leaves the active set."""
     if ended(client, batch):
         with client.pipeline() as pipe:
             pipe.srem(ACTIVE_BATCHES, batch)

@@ -169,9 +169,14 @@ def job_states(client: Any, batch: str) -> dict[str, JobState] | None:
         job = name.decode() if isinstance(name, bytes) else name
         if job.startswith("#"):
             continue
-        text = value.decode() if isinstance(value, bytes) else value
-        states[job] = JobState(text.split(":", 1)[1])
+        states[job] = _state(value)
     return states
+
+
+def _state(value: bytes | str) -> JobState:
+    """The state in a job's tally field ("<seq>:<state>")."""
+    text = value.decode() if isinstance(value, bytes) else value
+    return JobState(text.split(":", 1)[1])
 
 
 def final_count(by_state: dict[str, int]) -> int:
@@ -181,12 +186,10 @@ def final_count(by_state: dict[str, int]) -> int:
 def final_jobs(client: Any, batch: str, jobs: Iterable[str]) -> set[str]:
     """Which of `jobs` the tally counts in a final state (one HMGET per thousand)."""
     ids = list(jobs)
-    finals = {s.value for s in FINAL_STATES}
     out = set()
     for i in range(0, len(ids), 1000):
         chunk = ids[i:i + 1000]
         for job, value in zip(chunk, client.hmget(tally_key(batch), chunk), strict=True):
-            text = value.decode() if isinstance(value, bytes) else value
-            if text and text.split(":", 1)[1] in finals:
+            if value and _state(value) in FINAL_STATES:
                 out.add(job)
     return out

@@ -248,10 +248,9 @@ class Worker:
         stage = message.get("stage") if isinstance(message, dict) else None
         # the heartbeat thread publishes "busy" within an interval: no extra write per job
         self.info.state, self.info.current_job = fleet.WorkerState.BUSY, job_id
-        # the message is in this worker's in-flight record, written with its delivery
-        # (farm/transport.py): should this process die, the sweep puts it back from there. The
-        # record stays after the stage (the message is acked just after it ends) until the
-        # next delivery replaces it, so no sweep ever takes the message for an orphan meanwhile
+        # the message is in this worker's in-flight record, written with its delivery and
+        # deleted by its ack (farm/transport.py): should this process die, the sweep puts it
+        # back from there
         graphs = compile.graphs() if self.compile_backend != "none" else 0
         self.progress = time.monotonic()
         self.deadline = self.progress + limits.FLOOR_SECONDS

@@ -48,7 +48,7 @@ def test_a_user_with_only_the_exporters_commands_and_keys_reads_everything(
         name="w-1", host="h", pid=1, device="cpu", models=["tiny-sdxl"], queues=[queue],
         vram_class=80, state=fleet.WorkerState.BUSY, last_seen=time.time()), ttl=60)
     admin.hset(recovery.UNACKED, "tag-1", "{}")     # a companion (worker/batching.py)
-    recovery.set_inflight(admin, "w-1", "tag-2", queue, batch.jobs[2].id, "full")
+    admin.set(recovery.INFLIGHT + "w-1", recovery.claim("tag-2", queue, batch.jobs[2].id, "full"))
     record = lifecycle.JobRecord(job=batch.jobs[0].id, batch=batch.batch, seq=3,
                                  state=lifecycle.JobState.SUCCEEDED)
     assert tally.Tally(admin).note(record) is not None

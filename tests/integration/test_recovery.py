@@ -32,8 +32,8 @@ def test_missing_jobs_waits_for_drained_queues_and_the_grace(redis_url: str) -> 
     client.delete("farm.q")
 
     # b1-1 is running: its worker's in-flight record holds its message
-    recovery.set_inflight(client, "w-1", "tag-1", "farm.q", "b1-1", "full",
-                          entry=json.loads(_unacked_payload("b1-1")))
+    client.set(recovery.INFLIGHT + "w-1", recovery.claim(
+        "tag-1", "farm.q", "b1-1", "full", entry=json.loads(_unacked_payload("b1-1"))))
     # first sighting: nothing is missing yet, however short the grace
     assert recovery.missing_jobs(client, "b1", ["farm.q"], grace=0) == []
     assert recovery.missing_jobs(client, "b1", ["farm.q"], grace=0) == ["b1-0", "b1-2"]
@@ -207,8 +207,8 @@ def test_an_inflight_record_claims_every_message_of_a_shared_call_and_brings_all
     taken_at = time.time() - 3600
     # the lead's message in the record (as the worker's channel writes it), the companions
     # in kombu's `unacked` (as the taker's channel notes them)
-    recovery.set_inflight(client, "w1", "t-lead", "farm.q", "a", "full",
-                          entry=json.loads(_unacked_payload("a")))
+    client.set(recovery.INFLIGHT + "w1", recovery.claim(
+        "t-lead", "farm.q", "a", "full", entry=json.loads(_unacked_payload("a"))))
     for tag, job in (("t-b", "b"), ("t-c", "c")):
         client.hset(recovery.UNACKED, tag, _unacked_payload(job))
         client.zadd(recovery.UNACKED_INDEX, {tag: taken_at})
