@@ -11,23 +11,33 @@ specialises size-1 dimensions). BACKEND: `regional` or `inductor`. MODEL: `tiny`
 weights at the nine SDXL buckets, CUDA, benchmarks/_sdxl_full.py).
 
 Per bucket, in order: seconds to warm it compiled (CFG on and off, worker/render.py
-warm_buckets) minus the same warm-up eager = its compile seconds, and the graphs after it;
+warm_buckets) minus the same warm-up eager = its compile seconds (with CACHE_IN: the whole
+warm-up, as a new worker does no eager one), and the graphs after it;
 `ready_s`: process start to every bucket compiled and warm (eager figures not counted). On a
 GPU the eager images come from the same pipeline before it is compiled, in the run with
 nothing cached only.
 Then ROUNDS images per bucket, compiled and eager interleaved: seconds per image and the
 largest pixel difference. CACHE_IN: fleet-cache artefacts to load first; CACHE_OUT: where to
 save them. Prints one JSON line.
+
+With PROBE_REFERENCE=FILE.npz the first bucket is also rendered as a job of each preset that
+renders the base alone (balanced, fast): eager in the run with nothing cached (its pixels saved
+to FILE), and compiled once every bucket is warm, in each run (seconds per image, the median of
+PROBE_IMAGES after one untimed, and the PSNR against the eager pixels in FILE): what a ready
+worker renders, and whether a worker warmed from the fleet cache renders the same pixels.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+PRESETS = ("balanced", "fast")  # the presets that render the base alone
 
 
 def _load(model: str, settings: Any) -> tuple[Any, Any, tuple[tuple[int, int], ...]]:
@@ -46,10 +56,12 @@ def _load(model: str, settings: Any) -> tuple[Any, Any, tuple[tuple[int, int], .
     pipe = _sdxl_full.build("base", torch.float16, device="cuda:0")
     pipe.vae = _sdxl_full.fp16_fix_vae(pipe.vae)  # the resident profile's VAE
     pipe.set_progress_bar_config(disable=True)
+    tiny_vae = _sdxl_full.tiny_vae(torch.float16, device="cuda:0")  # the fast preset's VAE
     loaded = LoadedModel(name="sdxl-base", spec=models.SDXL_BASE, pipe=pipe, device="cuda:0",
                          dtype=torch.float16, weights_hash="random", load_seconds=0.0,
                          scheduler_config=dict(pipe.scheduler.config), profile="resident",
-                         vae_name="fp16-fix", profile_vae=pipe.vae)
+                         vae_name="fp16-fix", profile_vae=pipe.vae,
+                         tiny_vae=tiny_vae)
     # one pipeline: the eager figures are taken from it before its UNet is wrapped (see main)
     return loaded, None, buckets.SDXL_BUCKETS
 
@@ -85,9 +97,10 @@ def main() -> None:
 
     steps = 8 if model_name == "tiny" else 30
 
-    def spec(w: int, h: int) -> JobSpec:
+    def spec(w: int, h: int, preset: str = "balanced") -> JobSpec:
         return JobSpec.from_dict({"prompt": "a lighthouse", "seed": 3, "steps": steps,
-                                  "width": w, "height": h, "model": model.name}, settings)
+                                  "width": w, "height": h, "model": model.name,
+                                  "preset": preset}, settings)
 
     figures: dict[str, Any] = {"mode": mode, "backend": backend, "model": model_name,
                                "steps": steps, "loaded_s": loaded_s, "device": model.device}
@@ -99,9 +112,11 @@ def main() -> None:
 
     # 1. eager: the warm-up of each bucket (subtracted below) and, for one pipeline on a GPU,
     #    the per-image reference before the UNet is wrapped
+    #    (not in the run with the fleet cache: a new worker warms nothing eager, so its
+    #    compile seconds are its whole warm-up)
     reference = eager or model
     eager_warm = {f"{w}x{h}": timed(lambda w=w, h=h: pipelines.warm_buckets(
-        reference, ((w, h),)))[0] for w, h in sizes}
+        reference, ((w, h),)))[0] if cache_in == "-" else 0.0 for w, h in sizes}
     eager_images: dict[str, list[float]] = {f"{w}x{h}": [] for w, h in sizes}
     eager_pixels: dict[str, Any] = {}
     if eager is None and cache_in == "-":  # the cached run skips them: the cold one has them
@@ -111,12 +126,23 @@ def main() -> None:
                 eager_images[f"{w}x{h}"].append(took)
                 eager_pixels[f"{w}x{h}"] = np.array(out[0]).astype(int)
 
+    reference_file = os.environ.get("PROBE_REFERENCE")
+    presets: dict[str, dict[str, float]] = {}  # at the first bucket, per preset: eager and compiled seconds, PSNR
+    if reference_file and cache_in == "-":
+        w, h = sizes[0]
+        pixels: dict[str, Any] = {}
+        for preset in PRESETS:
+            took, out = timed(lambda w=w, h=h, p=preset: pipelines.render(model, spec(w, h, p)))
+            presets[preset] = {"eager_s": took}
+            pixels[preset] = np.asarray(out[0])
+        np.savez(reference_file, **pixels)
+        report(presets=presets, presets_bucket=f"{w}x{h}")
+
     # 2. compile: the fleet cache's artefacts first when given, then every bucket in turn
     t0 = time.perf_counter()
     if cache_in != "-":
         torch.compiler.load_cache_artifacts(Path(cache_in).read_bytes())
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit,
-                                                compile.CACHE_SIZE_LIMIT)
+    compile.configure()
     if backend == "regional":
         model.pipe.unet.compile_repeated_blocks(dynamic=mode == "dynamic")
     else:
@@ -136,6 +162,23 @@ def main() -> None:
         report(per_bucket=per_bucket, eager_images=eager_images, all_buckets_s=all_buckets_s,
                ready_s=loaded_s + all_buckets_s)
     graphs_warm = compile.graphs()
+    if reference_file:  # the ready worker: each preset's job at the first bucket
+        from benchmarks._stats import psnr
+
+        w, h = sizes[0]
+        eager_pixels_of = dict(np.load(reference_file)) if Path(reference_file).exists() else {}
+        for preset in PRESETS:
+            pipelines.render(model, spec(w, h, preset))  # untimed: the tiny VAE's first call
+            times, out = [], None
+            for _ in range(int(os.environ.get("PROBE_IMAGES", "3"))):
+                took, out = timed(lambda w=w, h=h, p=preset: pipelines.render(model,
+                                                                                spec(w, h, p)))
+                times.append(took)
+            found = presets.setdefault(preset, {})
+            found["compiled_s"] = sorted(times)[len(times) // 2]
+            if preset in eager_pixels_of and out is not None:
+                found["psnr_db_vs_eager"] = psnr(out[0], eager_pixels_of[preset])
+            report(presets=presets, presets_bucket=f"{w}x{h}")
 
     # 3. per image, each bucket, CFG on all steps: compiled (and eager, interleaved, on CPU)
     per_image: dict[str, dict[str, list[float]]] = {}

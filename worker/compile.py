@@ -9,9 +9,11 @@
     4. upload the artefacts when the cache had none (or a corrupt one): everything compiled
        while warming, so they cover every bucket the worker warms
 
-The UNet is compiled with dynamic height and width (DYNAMIC_SHAPES): one graph serves every
-bucket, and the first bucket warmed compiles it; a UNet batch of 1 (CFG off) is a graph of its
-own, since dynamo specialises size-1 dimensions. Every bucket is still warmed: a guard that
+The UNet is compiled with dynamic height and width (DYNAMIC_SHAPES, without duck sizing:
+configure): one graph serves every bucket whose latent sides take the same paths through
+the UNet (every SDXL bucket: each side a multiple of 4 latents), and the first bucket warmed
+compiles it; a UNet batch of 1 (CFG off) is a graph of its own, since dynamo specialises
+size-1 dimensions. Every bucket is still warmed: a guard that
 splits a bucket off compiles there, not mid-job, and `recompiles()` checks each job.
 """
 
@@ -76,14 +78,26 @@ def check_backend(backend: str) -> None:
             raise ConfigError(ONEDIFF_MISSING) from None
 
 
+def configure() -> None:
+    """The process-wide compiler settings a worker compiles under: room for every variant its
+    buckets need, and no duck sizing. With duck sizing, dynamo gives height and width one
+    symbol when the first shape it sees is square (1024x1024), so the first non-square bucket
+    compiles the UNet again (graphs for CFG on and off twice over instead of once)."""
+    import torch
+    import torch.fx.experimental._config as fx_config
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit,
+                                                CACHE_SIZE_LIMIT)
+    fx_config.use_duck_shape = False
+
+
 def wrap(model: Any, backend: str) -> None:
     """Replace the model's UNet with its compiled form (compiling itself happens on first use)."""
     if backend == "none":
         return
     import torch
 
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit,
-                                                CACHE_SIZE_LIMIT)
+    configure()
     from farm.worker import recipe
 
     pipe, chosen = model.pipe, tuple(getattr(model, "recipe", ()))

@@ -48,6 +48,26 @@ def test_compiled_output_matches_eager(tmp_path: Path, backend: str) -> None:
     assert compile.graphs() == graphs  # the warm-up covered CFG on and off: nothing new
 
 
+def test_a_square_first_bucket_and_a_wide_one_share_one_graph(tmp_path: Path) -> None:
+    """Dynamic height and width without duck sizing: warming 128x128 (latents 16x16) first
+    does not tie height to width, so 160x96 and 96x160 (latents 20x12, 12x20: the same paths
+    through the UNet) run on its graphs. Duck sizing would compile two more."""
+    import torch
+
+    torch.set_num_threads(1)
+    torch._dynamo.reset()
+    compile.configure()
+    model = pipelines.load_model(models.TINY_BASE, Settings(home=tmp_path, threads=1), "cpu")
+    # dynamo alone decides the graphs; the eager backend skips inductor's minutes of codegen
+    model.pipe.unet = torch.compile(model.pipe.unet, dynamic=compile.DYNAMIC_SHAPES,
+                                    backend="eager")
+    before = compile.graphs()
+    pipelines.warm_buckets(model, ((128, 128),))
+    assert compile.graphs() - before == 2  # CFG on (UNet batch 2) and off (batch 1)
+    pipelines.warm_buckets(model, ((160, 96), (96, 160)))
+    assert compile.graphs() - before == 2
+
+
 def _job(settings: Settings, seed: int, **fields: object) -> JobSpec:
     return JobSpec.from_dict({"prompt": "warm", "seed": seed, "steps": 4, "width": 64,
                               "height": 64, **fields}, settings)
