@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
 from collections.abc import Sequence
+from typing import Any
 
 
 def summary(values: Sequence[float]) -> dict[str, float]:
@@ -19,6 +21,16 @@ def summary(values: Sequence[float]) -> dict[str, float]:
         q1 = q3 = ordered[0]
     return {"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1],
             "q1": q1, "q3": q3, "n": len(ordered)}
+
+
+def psnr(a: Any, b: Any) -> float:
+    """Peak signal-to-noise ratio of two 8-bit images (PIL images or arrays), dB; inf when
+    identical."""
+    import numpy as np
+
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mse = float(((x - y) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
 
 
 def spread(s: dict[str, float], digits: int = 1, unit: str = "") -> str:

@@ -23,18 +23,16 @@ job records have them; images/s of each and their ratio.
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import PIL.Image
 import torch
 
 from benchmarks._farm import LocalFarm
-from benchmarks._stats import machine_busy, summary, table
+from benchmarks._stats import machine_busy, psnr, summary, table
 from farm import models
 from farm.jobs import JobSpec
 from farm.scheduler.submit import submit
@@ -47,13 +45,6 @@ SIZE, STEPS = 128, 20         # tiny-sdxl's default bucket and steps
 BATCHES = (2, 4)
 PROMPTS = ("a lighthouse on a basalt cliff at dusk", "a red fox in fresh snow",
            "a tram crossing a bridge in the rain", "a bowl of ramen, steam rising")
-
-
-def psnr(a: PIL.Image.Image, b: PIL.Image.Image) -> float:
-    """Peak signal-to-noise ratio of 8-bit images, dB; inf when identical."""
-    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    mse = float(((x - y) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
 
 
 def _spec(settings: Settings, **fields: Any) -> JobSpec:

@@ -15,6 +15,10 @@ so, when less than its estimate is left), the JSON written after each:
     fp8        torchao float8 (dynamic activations, float8 weights) on that UNet, compiled again
     graphs     mode="reduce-overhead" (CUDA graphs) on that UNet, compiled again
     turbo-compiled  turbo on the compiled UNet (its cached steps compile a graph of their own)
+    fp8-storage     the model store's fp8 variant as a worker holds it: UNet weights stored in
+                    float8_e4m3fn, each layer cast up to fp16 to compute (diffusers' layerwise
+                    casting), eager: UNet bytes before and after, seconds per image, PSNR (on a
+                    copy of the UNet, so the parts after it keep the fp16 weights)
 
 One UNet compile takes minutes, so one 7-minute run measures the eager parts and about one
 compiled part; `--parts eager,fp8` (and so on) measures the others in further runs.
@@ -26,32 +30,26 @@ pipeline and taken off again, so every figure compares the same weights.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import math
 import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from benchmarks._stats import psnr
 from benchmarks.gpu_sdxl import _model, _size, _spec
 from farm.worker import recipe
 from farm.worker.model import LoadedModel
 from farm.worker.render import render
 
-PARTS = ("eager", "batch", "compiled", "fp8", "graphs", "turbo-compiled")
+PARTS = ("eager", "batch", "compiled", "fp8", "graphs", "turbo-compiled", "fp8-storage")
 # seconds a compiled part needs at least (one UNet compile at one shape on an H200, measured
 # at 228 s for two shapes on 2026-11-29)
 COMPILE_ESTIMATE_S = 150.0
-
-
-def psnr(a: Any, b: Any) -> float:
-    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    mse = float(((x - y) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
 
 
 def _sync(model: LoadedModel) -> None:
@@ -71,6 +69,10 @@ def _timed(model: LoadedModel, spec: Any, n: int) -> tuple[float, Any]:
         _sync(model)
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2], image
+
+
+def _bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 class Session:
@@ -183,12 +185,29 @@ class Session:
         self.note("graphs", compile_s=time.perf_counter() - t)
         self.variant("graphs", "cuda_graphs")
 
+    def fp8_storage(self) -> None:
+        pipe = self.model.pipe
+        kept = pipe.unet
+        unet = copy.deepcopy(getattr(kept, "_orig_mod", kept))  # eager, fp16 weights untouched
+        unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn,
+                                      compute_dtype=self.model.dtype)
+        before = _bytes(getattr(kept, "_orig_mod", kept))
+        self.note("fp8-storage", unet_bytes_fp16=before, unet_bytes_fp8=_bytes(unet),
+                  fp8_over_fp16=_bytes(unet) / before)
+        pipe.unet = unet
+        try:
+            self.variant("fp8-storage", "fp8_storage")
+        finally:
+            pipe.unet = kept
+            del unet
+
     def run(self, parts: list[str]) -> None:
         steps: dict[str, Callable[[], None]] = {
             "eager": self.eager, "batch": self.batch, "compiled": self.compiled,
-            "fp8": self.fp8, "graphs": self.graphs, "turbo-compiled": self.turbo_compiled}
+            "fp8": self.fp8, "graphs": self.graphs, "turbo-compiled": self.turbo_compiled,
+            "fp8-storage": self.fp8_storage}
         for part in parts:
-            needs = 30.0 if part in ("eager", "batch") else COMPILE_ESTIMATE_S
+            needs = 30.0 if part in ("eager", "batch", "fp8-storage") else COMPILE_ESTIMATE_S
             if self.left() < needs:
                 self.note(part, skipped=f"{self.left():.0f} s left, needs about {needs:.0f} s")
                 continue

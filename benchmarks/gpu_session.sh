@@ -2,26 +2,30 @@
 # One prepared run on a lent CUDA machine: the GPU figures the README quotes.
 #
 #   OUT=gpu-results bash benchmarks/gpu_session.sh                  # the recipe part, < 8 min
-#   OUT=gpu-results PARTS=sdxl,vram bash benchmarks/gpu_session.sh  # the parts measured before
+#   OUT=gpu-results PARTS=buckets,recipe RECIPE_PARTS=eager,fp8-storage,batch \
+#       bash benchmarks/gpu_session.sh                              # both, about 9 min
 #
-# Parts (PARTS, comma-separated; default: recipe), each under its own time limit, each writing
-# its JSON as it goes, so a run cut short keeps what it measured:
+# Parts (PARTS, comma-separated, run in the order given; default: recipe), each under its own
+# time limit, each writing its JSON as it goes, so a run cut short keeps what it measured:
 #   recipe  benchmarks/gpu_recipe.py: fp16 eager, fuse-qkv, channels-last, turbo, batches of
 #           1/2/4, then compiled with the recipe, fp8 (torchao), CUDA graphs and turbo compiled,
-#           each with its PSNR against eager (RECIPE_PARTS picks, RECIPE_BUDGET seconds in all;
-#           a compiled part takes minutes, so a run gets the eager parts and about one compiled
-#           part: RECIPE_PARTS=eager,fp8 and so on for the rest)
+#           and the fp8 weight-storage variant, each with its PSNR against eager (RECIPE_PARTS
+#           picks; RECIPE_LIMIT seconds in all; a compiled part takes minutes, so a run gets
+#           the eager parts and about one compiled part: RECIPE_PARTS=eager,fp8 and so on)
 #   sdxl    benchmarks/gpu_sdxl.py: eager vs compiled, compile and cached cold start, fast
 #           preset, peak VRAM (about 5.5 min)
 #   vram    benchmarks/gpu_vram_table.py: peak VRAM per profile and bucket (about 2.5 min)
 #   buckets compiling all nine SDXL buckets (benchmarks/_bucket_probe.py, full-size SDXL base,
 #           inductor): nothing cached, then a new process with the fleet cache's artefacts (the
-#           cold start with all nine buckets); per bucket its compile seconds and seconds per
-#           image against eager (about 7.5 min; BUCKET_MODE=dynamic, the worker's way, or
-#           static; BUCKET_BACKEND=inductor, the CUDA default, or regional)
-# buckets runs alone (PARTS=buckets: its two limits, 320 + 130 s, keep the run under 8 min).
+#           cold start with all nine buckets); per bucket its compile seconds; at 1024x1024 the
+#           balanced and fast presets eager (first run) and compiled once every bucket is warm
+#           (both runs), seconds per image and PSNR against eager; BUCKETS_ROUNDS images per
+#           bucket compiled against eager (default 0). About 7 min. BUCKET_MODE=dynamic (the
+#           worker's way) or static; BUCKET_BACKEND=inductor (the CUDA default) or regional
+# SESSION_LIMIT (seconds) caps the whole run: each part's limit shrinks to what is left.
 # Python packages the machine lacks can sit as wheels in .whl/ (installed to /tmp/site first):
-# the fp8 part needs torchao (a release built for the machine's torch).
+# diffusers and boto3 (with botocore, s3transfer, jmespath, importlib_metadata) where the
+# machine has none; the fp8 part needs torchao (a release built for the machine's torch).
 set -u
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
@@ -31,27 +35,34 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site
 fi
+# the farm itself, as an editable install (farm.worker lives in worker/: pyproject's package-dir)
+python3 -c "import farm.worker" 2>/dev/null || python3 -m pip install -q --no-index --no-deps \
+    --no-build-isolation --no-compile -e . >/dev/null || exit 1
+# SESSION_LIMIT: seconds for the whole run; each part gets the lesser of its own limit and
+# what is left
+limit() { local left=$(( ${SESSION_LIMIT:-100000} - SECONDS )); echo $(( left < $1 ? left : $1 )); }
 quiet() { grep -v -e "should be kept in float32" -e "^\[transformers\]" -e "it/s\]"; }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, diffusers, transformers, triton; print('torch', torch.__version__, \
 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'triton', \
 triton.__version__, 'cpus', __import__('os').cpu_count())"; } 2>&1 | tee "$OUT/machine.txt"
-PARTS=",${PARTS:-recipe},"
-if [[ $PARTS == *,recipe,* ]]; then
-    timeout "${RECIPE_LIMIT:-440}" python3 -m benchmarks.gpu_recipe --budget "${RECIPE_BUDGET:-420}" \
+part_recipe() {
+    local seconds; seconds=$(limit "${RECIPE_LIMIT:-440}")
+    timeout "$seconds" python3 -m benchmarks.gpu_recipe --budget "$(( seconds - 20 ))" \
+        --images "${RECIPE_IMAGES:-2}" \
         --parts "${RECIPE_PARTS:-eager,batch,compiled,fp8,graphs,turbo-compiled}" \
         --out "$OUT/gpu-recipe.json" 2>&1 | quiet | tee "$OUT/gpu-recipe.log"
-fi
-if [[ $PARTS == *,sdxl,* ]]; then
-    timeout "${SDXL_LIMIT:-380}" python3 -m benchmarks.gpu_sdxl --images "${IMAGES:-3}" \
+}
+part_sdxl() {
+    timeout "$(limit "${SDXL_LIMIT:-380}")" python3 -m benchmarks.gpu_sdxl --images "${IMAGES:-3}" \
         --out "$OUT/gpu-sdxl.json" 2>&1 | quiet | tee "$OUT/gpu-sdxl.log"
-fi
-if [[ $PARTS == *,vram,* ]]; then
-    timeout "${VRAM_LIMIT:-150}" python3 -m benchmarks.gpu_vram_table --steps 2 \
+}
+part_vram() {
+    timeout "$(limit "${VRAM_LIMIT:-150}")" python3 -m benchmarks.gpu_vram_table --steps 2 \
         --buckets "${BUCKETS:-1mp,2mp,4mp}" --out "$OUT/vram-measured.json" 2>&1 | quiet \
         | tee "$OUT/vram.log"
-fi
-if [[ $PARTS == *,buckets,* ]]; then
+}
+part_buckets() {
     # ---- compile every bucket, once per fleet (issue 15) --------------------------------------
     # 1. a new machine, nothing cached: compile and warm all nine buckets, save the artefacts
     # 2. another new machine (a fresh process, an empty local inductor cache) with those
@@ -59,16 +70,31 @@ if [[ $PARTS == *,buckets,* ]]; then
     # Each probe prints a JSON line after every bucket, so a part cut short keeps its figures.
     mode=${BUCKET_MODE:-dynamic}
     backend=${BUCKET_BACKEND:-inductor}
-    artefacts=$(mktemp -d)/buckets.bin
+    rounds=${BUCKETS_ROUNDS:-0}
+    work=$(mktemp -d)
+    artefacts=$work/buckets.bin
     name="$OUT/buckets-$mode-$backend"
-    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) timeout "${BUCKETS_COLD_LIMIT:-320}" \
-        python3 -m benchmarks._bucket_probe "$mode" "$backend" sdxl 1 - "$artefacts" \
+    export PROBE_REFERENCE=$work/presets.npz
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) timeout "$(limit "${BUCKETS_COLD_LIMIT:-320}")" \
+        python3 -m benchmarks._bucket_probe "$mode" "$backend" sdxl "$rounds" - "$artefacts" \
         > "$name-cold.jsonl" 2> >(quiet > "$name-cold.log")
     tail -n 1 "$name-cold.jsonl"
     if [[ -s $artefacts ]]; then
-        TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) timeout "${BUCKETS_CACHED_LIMIT:-130}" \
-            python3 -m benchmarks._bucket_probe "$mode" "$backend" sdxl 1 "$artefacts" - \
+        TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) timeout "$(limit "${BUCKETS_CACHED_LIMIT:-130}")" \
+            python3 -m benchmarks._bucket_probe "$mode" "$backend" sdxl "$rounds" "$artefacts" - \
             > "$name-cached.jsonl" 2> >(quiet > "$name-cached.log")
         tail -n 1 "$name-cached.jsonl"
     fi
-fi
+    unset PROBE_REFERENCE
+}
+IFS=, read -r -a parts <<< "${PARTS:-recipe}"
+for part in "${parts[@]}"; do
+    [[ $part =~ ^(recipe|sdxl|vram|buckets)$ ]] || {
+        echo "PARTS: unknown part '$part' (recipe, sdxl, vram, buckets)" >&2; exit 2; }
+done
+for part in "${parts[@]}"; do
+    (( $(limit 100000) > 30 )) || { echo "== $part skipped: SESSION_LIMIT reached"; continue; }
+    echo "== $part $(date -u +%H:%M:%S)"
+    "part_$part"
+done
+echo "== done $(date -u +%H:%M:%S)"
