@@ -36,8 +36,11 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH=/tmp/site
 fi
 # the farm itself, as an editable install (farm.worker lives in worker/: pyproject's package-dir)
+# (where pip cannot, links farm/worker and its siblings to the folders, as the mapping does)
 python3 -c "import farm.worker" 2>/dev/null || python3 -m pip install -q --no-index --no-deps \
-    --no-build-isolation --no-compile -e . >/dev/null || exit 1
+    --no-build-isolation --no-compile -e . >/dev/null || for sub in worker scheduler cli deploy
+    do [[ -e farm/$sub ]] || ln -s "../$sub" "farm/$sub"; done
+python3 -c "import farm.worker" || exit 1
 # SESSION_LIMIT: seconds for the whole run; each part gets the lesser of its own limit and
 # what is left
 limit() { local left=$(( ${SESSION_LIMIT:-100000} - SECONDS )); echo $(( left < $1 ? left : $1 )); }
