@@ -3,7 +3,7 @@
 #
 #   OUT=gpu-results bash benchmarks/gpu_session.sh                  # the recipe part, < 8 min
 #   OUT=gpu-results PARTS=buckets,recipe RECIPE_PARTS=eager,fp8-storage,batch \
-#       bash benchmarks/gpu_session.sh                              # both, about 9 min
+#       bash benchmarks/gpu_session.sh                              # both, about 4 min
 #
 # Parts (PARTS, comma-separated, run in the order given; default: recipe), each under its own
 # time limit, each writing its JSON as it goes, so a run cut short keeps what it measured:
@@ -15,13 +15,14 @@
 #   sdxl    benchmarks/gpu_sdxl.py: eager vs compiled, compile and cached cold start, fast
 #           preset, peak VRAM (about 5.5 min)
 #   vram    benchmarks/gpu_vram_table.py: peak VRAM per profile and bucket (about 2.5 min)
-#   buckets compiling all nine SDXL buckets (benchmarks/_bucket_probe.py, full-size SDXL base,
-#           inductor): nothing cached, then a new process with the fleet cache's artefacts (the
-#           cold start with all nine buckets); per bucket its compile seconds; at 1024x1024 the
-#           balanced and fast presets eager (first run) and compiled once every bucket is warm
-#           (both runs), seconds per image and PSNR against eager; BUCKETS_ROUNDS images per
-#           bucket compiled against eager (default 0). About 7 min. BUCKET_MODE=dynamic (the
-#           worker's way) or static; BUCKET_BACKEND=inductor (the CUDA default) or regional
+#   buckets compiling all nine SDXL buckets (benchmarks/_bucket_probe.py, full-size SDXL base):
+#           nothing cached, then a new process with the fleet cache's artefacts (the cold start
+#           with all nine buckets); per bucket its compile seconds; at 1024x1024 the balanced
+#           and fast presets eager (first run) and compiled once every bucket is warm (both
+#           runs), seconds per image and PSNR against eager; BUCKETS_ROUNDS images per bucket
+#           compiled (default 0). BUCKET_MODE=dynamic (the worker's way) or static;
+#           BUCKET_BACKEND=regional (the CUDA default: about 2 min in all on an H200) or
+#           inductor (its cold compile did not finish the first bucket in 340 s there)
 # SESSION_LIMIT (seconds) caps the whole run: each part's limit shrinks to what is left.
 # Python packages the machine lacks can sit as wheels in .whl/ (installed to /tmp/site first):
 # diffusers and boto3 (with botocore, s3transfer, jmespath, importlib_metadata) where the
@@ -72,7 +73,7 @@ part_buckets() {
     #    artefacts loaded first, as the fleet compile cache gives them: its cold start
     # Each probe prints a JSON line after every bucket, so a part cut short keeps its figures.
     mode=${BUCKET_MODE:-dynamic}
-    backend=${BUCKET_BACKEND:-inductor}
+    backend=${BUCKET_BACKEND:-regional}
     rounds=${BUCKETS_ROUNDS:-0}
     work=$(mktemp -d)
     artefacts=$work/buckets.bin

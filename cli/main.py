@@ -329,7 +329,7 @@ def batches(as_json: bool, limit: int) -> None:
 @click.option("--profile", default=None, help="Load profile (default: the class's).")
 @click.option("--compile", "compile_", default=None,
               type=click.Choice(["inductor", "regional", "none", "onediff"]),
-              help="Compile the UNet (default: inductor on CUDA, none on CPU).")
+              help="Compile the UNet (default: regional on CUDA, none on CPU).")
 @click.option("--recipe", default=None, metavar="OPTIONS",
               help="GPU recipe options, comma-separated: fuse-qkv, channels-last, compile-vae, "
                    "cuda-graphs, fp8; or none (FARM_RECIPE; default: the device's).")

@@ -58,7 +58,7 @@ class Settings:
     # a worker's class: a number from vram_classes, or "auto" (CUDA: from the GPU's memory;
     # CPU: the largest class, since a CPU worker has the machine's RAM)
     vram: str = "auto"
-    # a worker's compile backend: inductor, regional, none, onediff; unset: inductor on CUDA,
+    # a worker's compile backend: inductor, regional, none, onediff; unset: regional on CUDA,
     # none on CPU (worker/compile.py)
     compile: str | None = None
     # a worker's recipe (farm/recipe.py): comma-separated options (fuse-qkv, channels-last,

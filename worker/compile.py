@@ -53,8 +53,12 @@ ONEDIFF_MISSING = (
 
 
 def default_backend(device: str) -> str:
-    """Compiling pays off on a GPU; on a CPU the first compile costs more than it saves."""
-    return "inductor" if device.startswith("cuda") else "none"
+    """Compiling pays off on a GPU; on a CPU the first compile costs more than it saves. On a
+    GPU, `regional`: on an H200 with full-size SDXL (benchmarks/results/gpu_buckets.json,
+    docs/performance.md) it compiled and warmed all nine buckets in 21 s with nothing cached
+    and 14-15 s from the fleet cache, where the whole-UNet dynamic compile (`inductor`) had
+    not finished the first bucket after 340 s."""
+    return "regional" if device.startswith("cuda") else "none"
 
 
 @dataclass
