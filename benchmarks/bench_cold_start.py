@@ -152,19 +152,27 @@ def pull_throughput(endpoint: str, port: int) -> list[dict[str, Any]]:
 # -- cold starts ----------------------------------------------------------------------------
 
 
-def _worker(env: dict[str, str]) -> dict[str, Any]:
+def _worker(env: dict[str, str], *, device: str = "cpu", model: str = "tiny-sdxl",
+            backend: str = COMPILE) -> dict[str, Any]:
     """Start `farm worker`, read its lines as they come, stop it once ready."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "farm.cli.main", "worker", "--device", "cpu",
-                             "--model", "tiny-sdxl", "--compile", COMPILE, "--name",
-                             "cold"], env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "farm.cli.main", "worker", "--device", device,
+                             "--model", model, "--compile", backend, "--name", "cold"],
+                            env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                             text=True)
+    lines: list[str] = []
     assert proc.stderr is not None
-    found: dict[str, Any] = {"pull_s": 0.0, "pulled": "-"}
+    found: dict[str, Any] = {"pull_s": 0.0, "pulled": "-", "pulled_mb": 0.0}
     for line in proc.stderr:
         now = time.perf_counter() - t0
-        if m := re.search(r"(pulled \d+ blobs|from the machine's cache).* in ([0-9.]+) s", line):
-            found["pull_s"], found["pulled"] = float(m[2]), m[1]
+        lines = [*lines[-19:], line]
+        # one line per model the load pulls (a profile's VAEs too): their sum
+        if m := re.search(r"model (\S+): .*(pulled \d+ blobs \(([0-9.]+) MB\)|from the "
+                          r"machine's cache) in ([0-9.]+) s", line):
+            found["pull_s"] += float(m[4])
+            found["pulled_mb"] += float(m[3] or 0)
+            found["pulled"] = "; ".join(p for p in (found["pulled"], f"{m[1]}: {m[2]}")
+                                        if p != "-")
         elif m := re.search(r"loaded in ([0-9.]+) s", line):
             found["load_total_s"] = float(m[1])
         elif m := re.search(r"warmed \d+ bucket\(s\) in ([0-9.]+) s \(\w+, fleet cache "
@@ -179,7 +187,8 @@ def _worker(env: dict[str, str]) -> dict[str, Any]:
     if proc.poll() is None:
         proc.kill()
     if "ready_s" not in found:
-        raise RuntimeError(f"the worker did not become ready (exit {proc.poll()})")
+        raise RuntimeError(f"the worker did not become ready (exit {proc.poll()}):\n"
+                           + "".join(lines))
     found["load_s"] = found.pop("load_total_s") - found["pull_s"]
     found["start_s"] = found["ready_s"] - found["load_s"] - found["pull_s"] - found["compile_s"]
     return found

