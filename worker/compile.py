@@ -45,6 +45,8 @@ CACHE_SIZE_LIMIT = 64
 # the nine buckets in 201 s against 387 s (3 graphs against 16), 32 s against 156 s from the
 # fleet cache, at the same seconds per image within the noise.
 DYNAMIC_SHAPES = True
+# dynamo's duck sizing (one symbol for equal sizes): off, see configure()
+DUCK_SHAPE = False
 
 ONEDIFF_MISSING = (
     "--compile onediff needs OneDiff (onediff and onediffx 1.2.0, with SiliconFlow's oneflow or "
@@ -92,7 +94,7 @@ def configure() -> None:
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit,
                                                 CACHE_SIZE_LIMIT)
-    fx_config.use_duck_shape = False
+    fx_config.use_duck_shape = DUCK_SHAPE
 
 
 def wrap(model: Any, backend: str) -> None:
@@ -141,7 +143,7 @@ def cache_key(model: Any, backend: str, buckets: tuple[tuple[int, int], ...], pr
              "python": platform.python_version(), "device": name, "capability": capability,
              "weights": model.weights_hash, "dtype": str(model.dtype), "backend": backend,
              "buckets": [list(b) for b in buckets], "profile": profile, "model": model.name,
-             "dynamic_shapes": DYNAMIC_SHAPES,
+             "dynamic_shapes": DYNAMIC_SHAPES, "duck_shape": DUCK_SHAPE,
              "recipe": list(getattr(model, "recipe", ()))}
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
     return f"{CACHE_PREFIX}/{model.name}/{digest}"
