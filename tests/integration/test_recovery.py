@@ -159,6 +159,29 @@ def test_a_workers_delivery_is_one_set_of_its_inflight_record_and_its_ack_one_de
     conn.release()
 
 
+def test_a_channel_restore_of_the_recorded_message_puts_it_back_from_the_record(
+        redis_url: str, env: dict[str, str]) -> None:
+    """kombu's channel-level restore (`_restore`, `_restore_at_beginning`) of the message a
+    worker's in-flight record holds: the record's message goes back to the head of its queue
+    with a fresh tag and the record is gone; a message noted kombu's way goes back kombu's way."""
+    client, _, conn = _queued(redis_url, env, [{"id": "b-0"}, {"id": "b-1"}], in_flight="w-7")
+    channel = conn.default_channel
+    recorded = channel.basic_get("farm.q", no_ack=False)
+    noted = channel.basic_get("farm.q", no_ack=False)   # while the record is held: kombu's notes
+    assert client.llen("farm.q") == 0 and client.hlen(recovery.UNACKED) == 1
+    channel._restore_at_beginning(recorded)
+    assert client.get(recovery.INFLIGHT + "w-7") is None
+    (raw,) = client.lrange("farm.q", 0, -1)
+    payload = json.loads(raw)
+    assert recovery.message_job(payload) == "b-0"
+    assert payload["properties"]["delivery_tag"] != recorded.delivery_tag
+    channel._restore(noted)
+    assert client.hlen(recovery.UNACKED) == 0
+    assert sorted(recovery.message_job(json.loads(r)) for r in client.lrange("farm.q", 0, -1)) \
+        == ["b-0", "b-1"]
+    conn.release()
+
+
 def test_a_dead_workers_record_gives_its_message_back_once_however_late_its_ack(
         redis_url: str, env: dict[str, str]) -> None:
     client, _, conn = _queued(redis_url, env, [{"id": "b-0", "stage": "base"}], in_flight="w-8")
