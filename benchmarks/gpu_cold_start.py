@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_cold_start import _worker
+from farm import broker
+from farm.settings import Settings
 
 BASE, FP16_FIX, TINY = "sdxl-base", "sdxl-vae-fp16-fix", "taesdxl"
 
@@ -104,7 +106,10 @@ def main() -> None:
         env = {**base, "FARM_HOME": str(work / f"home-{n}"),
                "FARM_MODEL_CACHE_DIR": str(cache_dir),
                "TORCHINDUCTOR_CACHE_DIR": str(work / f"inductor-{n}")}
-        row = _worker(env, device=device, model=BASE, backend="regional")
+        try:
+            row = _worker(env, device=device, model=BASE, backend="regional")
+        finally:  # the worker started the embedded broker of its FARM_HOME: stop it
+            broker.stop_broker(Settings.load(env={"FARM_HOME": env["FARM_HOME"]}))
         figures["starts"].append({"start": label, **row})
         note(starts=figures["starts"])
     shutil.rmtree(work, ignore_errors=True)
