@@ -127,7 +127,8 @@ def main() -> None:
                 eager_pixels[f"{w}x{h}"] = np.array(out[0]).astype(int)
 
     reference_file = os.environ.get("PROBE_REFERENCE")
-    presets: dict[str, dict[str, float]] = {}  # at the first bucket, per preset: eager and compiled seconds, PSNR
+    # at the first bucket, per preset: eager and compiled seconds, PSNR
+    presets: dict[str, dict[str, float]] = {}
     if reference_file and cache_in == "-":
         w, h = sizes[0]
         pixels: dict[str, Any] = {}

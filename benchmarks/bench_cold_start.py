@@ -23,6 +23,7 @@ the link, and without the cap (localhost: the server's and the client's CPU set 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import re
@@ -160,19 +161,19 @@ def _worker(env: dict[str, str], *, device: str = "cpu", model: str = "tiny-sdxl
                              "--model", model, "--compile", backend, "--name", "cold"],
                             env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                             text=True)
-    lines: list[str] = []
+    lines: collections.deque[str] = collections.deque(maxlen=20)  # the last, for a failure
+    pulled: list[str] = []
     assert proc.stderr is not None
-    found: dict[str, Any] = {"pull_s": 0.0, "pulled": "-", "pulled_mb": 0.0}
+    found: dict[str, Any] = {"pull_s": 0.0, "pulled_mb": 0.0}
     for line in proc.stderr:
         now = time.perf_counter() - t0
-        lines = [*lines[-19:], line]
+        lines.append(line)
         # one line per model the load pulls (a profile's VAEs too): their sum
         if m := re.search(r"model (\S+): .*(pulled \d+ blobs \(([0-9.]+) MB\)|from the "
                           r"machine's cache) in ([0-9.]+) s", line):
             found["pull_s"] += float(m[4])
             found["pulled_mb"] += float(m[3] or 0)
-            found["pulled"] = "; ".join(p for p in (found["pulled"], f"{m[1]}: {m[2]}")
-                                        if p != "-")
+            pulled.append(f"{m[1]}: {m[2]}")
         elif m := re.search(r"loaded in ([0-9.]+) s", line):
             found["load_total_s"] = float(m[1])
         elif m := re.search(r"warmed \d+ bucket\(s\) in ([0-9.]+) s \(\w+, fleet cache "
@@ -189,6 +190,7 @@ def _worker(env: dict[str, str], *, device: str = "cpu", model: str = "tiny-sdxl
     if "ready_s" not in found:
         raise RuntimeError(f"the worker did not become ready (exit {proc.poll()}):\n"
                            + "".join(lines))
+    found["pulled"] = "; ".join(pulled) or "-"
     found["load_s"] = found.pop("load_total_s") - found["pull_s"]
     found["start_s"] = found["ready_s"] - found["load_s"] - found["pull_s"] - found["compile_s"]
     return found

@@ -209,18 +209,18 @@ class Session:
     def fp8_storage(self) -> None:
         pipe = self.model.pipe
         kept = pipe.unet
-        unet = copy.deepcopy(getattr(kept, "_orig_mod", kept))  # eager, fp16 weights untouched
+        fp16 = getattr(kept, "_orig_mod", kept)
+        unet = copy.deepcopy(fp16)  # eager, the fp16 weights untouched
         unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn,
                                       compute_dtype=self.model.dtype)
-        before = _bytes(getattr(kept, "_orig_mod", kept))
-        self.note("fp8-storage", unet_bytes_fp16=before, unet_bytes_fp8=_bytes(unet),
-                  fp8_over_fp16=_bytes(unet) / before)
+        before, after = _bytes(fp16), _bytes(unet)
+        self.note("fp8-storage", unet_bytes_fp16=before, unet_bytes_fp8=after,
+                  fp8_over_fp16=after / before)
         pipe.unet = unet
         try:
             self.variant("fp8-storage", "fp8_storage")
         finally:
             pipe.unet = kept
-            del unet
 
     def run(self, parts: list[str]) -> None:
         steps: dict[str, Callable[[], None]] = {

@@ -13,8 +13,8 @@ The UNet is compiled with dynamic height and width (DYNAMIC_SHAPES, without duck
 configure): one graph serves every bucket whose latent sides take the same paths through
 the UNet (every SDXL bucket: each side a multiple of 4 latents), and the first bucket warmed
 compiles it; a UNet batch of 1 (CFG off) is a graph of its own, since dynamo specialises
-size-1 dimensions. Every bucket is still warmed: a guard that
-splits a bucket off compiles there, not mid-job, and `recompiles()` checks each job.
+size-1 dimensions. Every bucket is still warmed: a guard that splits a bucket off compiles
+there, not mid-job, and `recompiles()` checks each job.
 """
 
 from __future__ import annotations
