@@ -70,7 +70,7 @@ def prepare(work: Path, store_url: str, smoke: bool) -> dict[str, Any]:
     for name, folder in folders.items():
         manifest = push(store, str(folder), name, echo=lambda _: None)
         pushed[name] = sum(manifest.bytes_after.values())
-        shutil.rmtree(folder)  # the store holds them now; a start reads only the store
+        shutil.rmtree(folder)  # pushed: a start reads only the store
     return {"build_and_save_s": built_s, "push_s": time.perf_counter() - t0 - built_s,
             "pushed_bytes": pushed}
 
