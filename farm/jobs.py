@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar
 
 from farm import buckets, keys, models
@@ -166,7 +166,8 @@ class JobSpec:
             snapped_from=snapped_from)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # every field is a str, a number or None: a flat copy is what asdict's deep one gives
+        return {name: getattr(self, name) for name in self.field_names()}
 
     def image_seeds(self) -> list[int]:
         """Image k of a job uses (seed + k) mod 2**32, so any one image can be re-rendered alone

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -41,6 +42,8 @@ from farm.errors import (
     UsageError,
 )
 from farm.settings import Settings
+
+O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 # threads that download a batch's images at once (`farm results`, `farm gallery`): enough to hide
 # S3's per-request latency, few enough that memory stays small (one object in flight each)
@@ -140,6 +143,22 @@ def _write_whole(path: Path, write: Callable[[Any], Any]) -> None:
                 os.unlink(tmp)
 
 
+_TEMP_NAMES = itertools.count()
+
+
+def _create_beside(folder: str) -> tuple[int, str]:
+    """A new empty file in `folder` (made when missing) whose dot name no listing shows and no
+    other writer takes: (its descriptor, open for writing; its path)."""
+    while True:
+        tmp = f"{folder}/.tmp-{os.getpid()}-{next(_TEMP_NAMES)}"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_CLOEXEC, 0o600), tmp
+        except FileNotFoundError:
+            os.makedirs(folder, exist_ok=True)
+        except FileExistsError:  # left by a process that had this pid before: another name
+            continue
+
+
 def check_key(key: str) -> str:
     """Keys are relative, '/'-separated, and never climb out of the store's prefix."""
     if not key or key.startswith("/") or "\\" in key or "\x00" in key:
@@ -153,6 +172,7 @@ class FileStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.url = root.as_uri()
+        self._root = os.fspath(root)
 
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
@@ -160,28 +180,35 @@ class FileStore:
     def put(self, key: str, data: bytes, *, create_once: bool = False,
             if_match: str | None = None,
             content_type: str = "application/octet-stream") -> str:
-        path = self._path(key)
+        # str paths and plain os calls: a job writes four objects, and pathlib's objects and
+        # a mkdir before every write cost more than the write itself on a fast disk
+        path = f"{self._root}/{check_key(key)}"
+        folder = path.rpartition("/")[0]
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             # Write beside the target, then move it in whole: readers never see half a file.
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            fd, tmp = _create_beside(folder)
         except OSError as exc:
             raise StoreUnavailable(f"cannot write {self.url}/{key}: {exc}") from None
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
             if create_once:
                 try:
                     os.link(tmp, path)  # atomic, and fails when the name exists
                 except FileExistsError:
                     raise AlreadyExists(f"{self.url}/{key} already exists") from None
             elif if_match is not None:
-                with self._locked(path.parent):
+                with self._locked(folder):
                     try:
-                        current = _digest(path.read_bytes())
+                        with open(path, "rb") as current:
+                            version = _digest(current.read())
                     except FileNotFoundError:
                         raise Conflict(f"{self.url}/{key} is gone") from None
-                    if current != if_match:
+                    if version != if_match:
                         raise Conflict(f"{self.url}/{key} changed since it was read")
                     os.replace(tmp, path)
                     tmp = ""
@@ -197,10 +224,10 @@ class FileStore:
         return _digest(data)
 
     @contextlib.contextmanager
-    def _locked(self, folder: Path) -> Iterator[None]:
+    def _locked(self, folder: str) -> Iterator[None]:
         """An exclusive lock on a folder (a dot file, which no listing shows): compare-and-set
         writers of objects in it take turns, across processes."""
-        with open(folder / ".lock", "a") as handle:
+        with open(f"{folder}/.lock", "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
@@ -209,7 +236,8 @@ class FileStore:
 
     def get(self, key: str) -> bytes:
         try:
-            return self._path(key).read_bytes()
+            with open(f"{self._root}/{check_key(key)}", "rb") as f:
+                return f.read()
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(f"{self.url}/{key} does not exist") from None
         except OSError as exc:

@@ -159,6 +159,46 @@ def test_a_workers_delivery_is_one_set_of_its_inflight_record_and_its_ack_one_de
     conn.release()
 
 
+def test_a_consumers_brpop_is_packed_once_and_again_when_its_queues_change(
+        redis_url: str, env: dict[str, str]) -> None:
+    """The BRPOP before each message is sent from one packing while the queues stay the same,
+    lists them in the order consumed (the scheduling policy), and is packed anew when a queue
+    is added: its message is then delivered too."""
+    from kombu import Consumer, Queue
+
+    client, producer, conn = _queued(redis_url, env, [], in_flight="w-5")
+    for queue, job in (("farm.low", "low-0"), ("farm.high", "high-0"), ("farm.high", "high-1"),
+                       ("farm.late", "late-0")):
+        producer.send_task("farm.test", args=[{"id": job}], queue=queue)
+    got: list[str] = []
+
+    def take(body: Any, message: Any) -> None:
+        got.append(body[0][0]["id"])
+        message.ack()
+
+    channel = conn.default_channel
+    consumer = Consumer(channel, queues=[Queue("farm.high"), Queue("farm.low")],
+                        callbacks=[take], accept=["json"])
+    consumer.consume()
+    packings = []
+    for _ in range(3):
+        conn.drain_events(timeout=5)
+        packings.append(channel._brpop_packed)
+    assert got == ["high-0", "high-1", "low-0"]           # high first: the order consumed
+    assert packings[0] is packings[1] is packings[2]      # packed once for three messages
+    (made_for, chunks) = packings[0]
+    assert made_for[0] == ("farm.high", "farm.low")
+    assert b"".join(chunks).startswith(b"*4\r\n$5\r\nBRPOP\r\n$9\r\nfarm.high\r\n")
+    consumer.add_queue(Queue("farm.late"))
+    consumer.consume()
+    conn.drain_events(timeout=5)
+    assert got[-1] == "late-0" and channel._brpop_packed[0][0] == (
+        "farm.high", "farm.low", "farm.late")
+    consumer.cancel()
+    conn.release()
+    client.delete("farm.high", "farm.low", "farm.late")
+
+
 def test_a_channel_restore_of_the_recorded_message_puts_it_back_from_the_record(
         redis_url: str, env: dict[str, str]) -> None:
     """kombu's channel-level restore (`_restore`, `_restore_at_beginning`) of the message a

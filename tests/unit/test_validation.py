@@ -283,3 +283,17 @@ def test_model_defaults_fill_absent_fields() -> None:
     assert (spec.width, spec.height, spec.steps) == (
         models.SDXL_BASE.default_width, models.SDXL_BASE.default_height,
         models.SDXL_BASE.default_steps)
+
+
+def test_a_specs_dict_is_its_fields_each_a_plain_json_value() -> None:
+    """to_dict is a flat copy: it holds only while every field is a str, a number or None."""
+    import dataclasses
+
+    settings = Settings.load(env={})
+    spec = JobSpec.from_dict({"prompt": "a cat", "refiner": "tiny-sdxl-refiner",
+                              "preset": "turbo", "seed": 7}, settings)
+    data = spec.to_dict()
+    assert data == dataclasses.asdict(spec)
+    assert list(data) == [f.name for f in dataclasses.fields(JobSpec)]
+    assert all(v is None or isinstance(v, str | int | float) for v in data.values())
+    assert json.loads(json.dumps(data)) == data
