@@ -80,6 +80,8 @@ def main() -> None:
     parser.add_argument("--out", default="gpu-cold-start.json")
     parser.add_argument("--cpu-smoke", action="store_true")
     parser.add_argument("--work", help="where the store and caches go (default: a temp dir)")
+    parser.add_argument("--starts", type=int, default=3, choices=(1, 2, 3),
+                        help="how many of the three starts, in order (default: all)")
     args = parser.parse_args()
     smoke = args.cpu_smoke
     work = Path(args.work or tempfile.mkdtemp(prefix="farm-gpu-cold-"))
@@ -102,7 +104,7 @@ def main() -> None:
     runs = (("in store, not on disk", work / "cache-1"),
             ("in store + compile cache", work / "cache-2"),
             ("on disk + compile cache", work / "cache-2"))
-    for n, (label, cache_dir) in enumerate(runs):
+    for n, (label, cache_dir) in enumerate(runs[:args.starts]):
         env = {**base, "FARM_HOME": str(work / f"home-{n}"),
                "FARM_MODEL_CACHE_DIR": str(cache_dir),
                "TORCHINDUCTOR_CACHE_DIR": str(work / f"inductor-{n}")}

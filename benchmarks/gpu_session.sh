@@ -28,7 +28,8 @@
 #   coldstart  benchmarks/gpu_cold_start.py: full-size SDXL base pushed into a file store on the
 #           machine, then three `farm worker` processes from start to ready (pull, load,
 #           compile/warm, the nine buckets, regional): an empty machine cache, the same with the
-#           fleet compile cache, the model on disk (about 5 min; WORKER=1 wheels)
+#           fleet compile cache, the model on disk (about 5 min; WORKER=1 wheels;
+#           COLDSTART_STARTS=1 or 2: only the first starts)
 # SESSION_LIMIT (seconds) caps the whole run: each part's limit shrinks to what is left.
 # Python packages the machine lacks travel as wheels in .whl/ (installed to /tmp/site first):
 # `WORKER=1 FP8=1 bash benchmarks/gpu_wheels.sh` fetches them here (diffusers and boto3 for
@@ -100,7 +101,8 @@ part_buckets() {
 }
 part_coldstart() {
     timeout "$(limit "${COLDSTART_LIMIT:-360}")" python3 -m benchmarks.gpu_cold_start \
-        --out "$OUT/gpu-cold-start.json" 2>&1 | quiet | tee "$OUT/gpu-cold-start.log"
+        --starts "${COLDSTART_STARTS:-3}" --out "$OUT/gpu-cold-start.json" 2>&1 | quiet \
+        | tee "$OUT/gpu-cold-start.log"
 }
 IFS=, read -r -a parts <<< "${PARTS:-recipe}"
 for part in "${parts[@]}"; do

@@ -176,7 +176,7 @@ class Channel(kombu_redis.Channel):
                 args = self.client._prefix_args(args)
             self._brpop_packed = (made_for, tuple(connection.pack_command(*args)))
         self._in_poll = connection
-        self._brpop_sent_at = monotonic()
+        self._brpop_sent_at = monotonic()  # type: ignore[assignment]  # kombu: None at first
         connection.send_packed_command(self._brpop_packed[1])
 
     def _restore(self, message: Any, leftmost: bool = False) -> None:
