@@ -14,10 +14,8 @@ every request), the broker the Redis on 127.0.0.1:6379 (db 14):
     on disk + cache      the machine's cache holds the model and the store holds the compile
                          artefacts the run before saved: loaded, compiled from the fleet cache
 
-A worker pulls a catalog model on a thread of its own while the rest of its start runs
-(worker/model_cache.py `prefetch`): *prefetch s* is that pull's own time, *pull wait s* what
-the load still waited for it, *process+broker s* the rest of the start (interpreter, imports,
-broker) outside load and compile.
+*process+broker s* is the rest of the start outside pull, load and compile (interpreter,
+imports, broker); each row keeps a timeline of the worker's own lines.
 
 Pull throughput: one 128 MiB blob fetched by farm/blobs.py with one GET (one stream), then with
 its ranged GETs at once, in the same run; through a proxy that caps each connection at
@@ -169,22 +167,15 @@ def _worker(env: dict[str, str], *, device: str = "cpu", model: str = "tiny-sdxl
     lines: collections.deque[str] = collections.deque(maxlen=20)  # the last, for a failure
     pulled: list[str] = []
     assert proc.stderr is not None
-    found: dict[str, Any] = {"pull_s": 0.0, "pulled_mb": 0.0, "prefetch_s": 0.0,
-                             "prefetched_mb": 0.0}
+    found: dict[str, Any] = {"pull_s": 0.0, "pulled_mb": 0.0}
     timeline: list[str] = []   # when each of the worker's own lines came, from process start
     for line in proc.stderr:
         now = time.perf_counter() - t0
         lines.append(line)
-        if line.startswith(("worker ", "model ")):
+        if line.startswith("worker ") or re.search(r"model \S+: ", line):
             timeline.append(f"{now:.1f} {line.strip()[:120]}")
-        # the pull that overlaps the start (worker/model_cache.py prefetch), per model
-        if m := re.search(r"model \S+: prefetched \d+ blobs \(([0-9.]+) MB\) in ([0-9.]+) s",
-                          line):
-            found["prefetch_s"] += float(m[2])
-            found["prefetched_mb"] += float(m[1])
-        # one line per model the load pulls (a profile's VAEs too): their sum, the time the
-        # load waited for them
-        elif m := re.search(r"model (\S+): .*(pulled \d+ blobs \(([0-9.]+) MB\)|from the "
+        # one line per model the load pulls (a profile's VAEs too): their sum
+        if m := re.search(r"model (\S+): .*(pulled \d+ blobs \(([0-9.]+) MB\)|from the "
                           r"machine's cache) in ([0-9.]+) s", line):
             found["pull_s"] += float(m[4])
             found["pulled_mb"] += float(m[3] or 0)
@@ -267,10 +258,10 @@ def run() -> dict[str, Any]:
                     [[r["link"], r["single_s"], r["parallel_s"], r["single_mb_s"],
                       r["parallel_mb_s"], f"{r['ratio']}x"] for r in pulls]))
         starts = cold_starts(endpoint)
-    print(table(["start", "process+broker s", "prefetch s", "pull wait s", "load s",
-                 "compile/warm s", "compile cache", "ready s"],
-                [[r["start"], r["start_s"], r["prefetch_s"], r["pull_s"], r["load_s"],
-                  r["compile_s"], r["compile_cache"], r["ready_s"]] for r in starts]))
+    print(table(["start", "process+broker s", "pull s", "load s", "compile/warm s",
+                 "compile cache", "ready s"],
+                [[r["start"], r["start_s"], r["pull_s"], r["load_s"], r["compile_s"],
+                  r["compile_cache"], r["ready_s"]] for r in starts]))
     load = os.getloadavg()
     print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     return {"machine_before": busy, "loadavg_after": list(load), "blob_bytes": BLOB_BYTES,

@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,13 +32,7 @@ from pathlib import Path
 from typing import IO
 
 from farm import blobs, catalog
-from farm.errors import (
-    ConfigError,
-    IntegrityError,
-    ModelUnavailable,
-    NotFound,
-    StoreUnavailable,
-)
+from farm.errors import ConfigError, IntegrityError, ModelUnavailable, StoreUnavailable
 from farm.settings import Settings
 from farm.store import Store
 
@@ -150,7 +143,7 @@ class ModelCache:
         try:
             fcntl.flock(handle, mode | fcntl.LOCK_NB)
         except BlockingIOError:
-            self.echo(f"waiting for another pull on this machine to fetch blob "
+            self.echo(f"waiting for another process of this machine to fetch blob "
                       f"{digest[:12]} ({pulled.manifest.ref})")
             fcntl.flock(handle, mode)
 
@@ -305,48 +298,6 @@ class ModelCache:
         shutil.rmtree(tmp, ignore_errors=True)
         if not _complete(manifest, folder):
             raise OSError(f"could not make the model folder {folder}")
-
-
-def prefetch(settings: Settings, refs: list[tuple[str, str]],
-             echo: Callable[[str], None] = print) -> threading.Thread:
-    """Pull catalog models (name, variant) into the machine's cache on a thread of its own, so
-    the fetch overlaps the rest of a worker's start (importing diffusers, the broker, the GPU's
-    start); the load's own pull then finds each blob whole, or waits on the lock of the one
-    being fetched. Models the catalog does not hold are left to the load, and so is any model
-    that would not fit in the cache's budget beside those before it (the load pulls and
-    releases one model at a time). Nothing is raised here: what fails fails again, with its
-    message, when the load pulls."""
-
-    def run() -> None:
-        from farm.store import open_store
-
-        try:
-            store = open_store(settings)
-            if not catalog.has_catalog(store):
-                return
-            cache = ModelCache(settings, echo=echo)
-            held: dict[str, int] = {}
-            for ref, variant in refs:
-                try:
-                    manifest, offline = cache.manifest(store, ref, variant)
-                except NotFound:   # not in the catalog: the Hub or a built model, at load
-                    continue
-                if offline:
-                    return
-                held.update({f.sha256: f.size for f in manifest.files})
-                if sum(held.values()) > cache.budget:
-                    return
-                pulled = cache.pull(store, ref, variant)
-                pulled.release()
-                if pulled.fetched:
-                    echo(f"model {ref}: prefetched {pulled.fetched} blobs "
-                         f"({pulled.fetched_bytes / 1e6:.1f} MB) in {pulled.seconds:.1f} s")
-        except Exception as exc:  # noqa: BLE001 - the load pulls again and says what failed
-            echo(f"prefetching models stopped ({exc}); the load pulls what is left")
-
-    thread = threading.Thread(target=run, name="prefetch", daemon=True)
-    thread.start()
-    return thread
 
 
 def _complete(manifest: catalog.ModelManifest, folder: Path) -> bool:

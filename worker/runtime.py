@@ -28,7 +28,7 @@ from farm.jobs import Job
 from farm.lifecycle import Fault
 from farm.settings import Settings
 from farm.store import open_store
-from farm.worker import allocator, batching, compile, model_cache
+from farm.worker import allocator, batching, compile
 from farm.worker.drain import Drain
 from farm.worker.finisher import Finisher
 from farm.worker.metrics import REQUEUED, WorkerMetrics
@@ -72,19 +72,6 @@ def _hard_limit(job: Job, together: list[batching.Taken] | None = None) -> float
     return limits.stage_seconds(spec.steps, spec.width, spec.height, images)
 
 
-def prefetch_refs(specs: list[models.ModelSpec], profile: vram.Profile,
-                  device: str) -> list[tuple[str, str]]:
-    """The catalog models (name, variant) a load of `specs` pulls (worker/pipelines.py): each
-    model that is not a local path, in the variant the profile holds; for real models the
-    fp16-fix VAE a CUDA profile swaps in and the tiny VAE the `vae: tiny` jobs decode with."""
-    refs = [(s.name, vram.catalog_variant(profile)) for s in specs if s.source != "path"]
-    if any(s.source != "tiny" for s in specs):
-        if profile.vae == "fp16-fix" and device.startswith("cuda"):
-            refs.append((models.VAES["fp16-fix"].name, "fp16"))
-        refs.append((models.VAES["tiny"].name, "fp16"))
-    return refs
-
-
 def default_name(device: str) -> str:
     return f"{socket.gethostname()}-{device.replace(':', '')}-{os.getpid()}"
 
@@ -124,6 +111,11 @@ class Worker:
     def setup(self) -> WorkerContext:
         # before anything large is allocated: renders reuse freed memory (worker/allocator.py)
         allocator.keep_freed_memory()
+        if self.backend is None:
+            from farm.worker import pipelines
+
+            self.backend = pipelines
+        pipelines = self.backend
         device = resolve_device(self.device_request)
         if device == "cpu" and self.settings.threads == 0:
             # CPU pixels depend on torch's thread count (reductions split differently), so CPU
@@ -136,15 +128,6 @@ class Worker:
             vram.profile_for(self.vram_class)
         self.compile_backend = self.settings.compile or compile.default_backend(device)
         compile.check_backend(self.compile_backend)  # before the broker and minutes of loading
-        if self.backend is None:
-            # the weights come from the store's catalog while diffusers is imported and the
-            # broker starts: on a fresh machine the pull overlaps the rest of the start
-            model_cache.prefetch(self.settings, prefetch_refs(self.specs, profile, device),
-                                 echo=self.echo)
-            from farm.worker import pipelines
-
-            self.backend = pipelines
-        pipelines = self.backend
         broker.ensure_broker(self.settings)
         broker.wait_for_broker(self.settings, timeout=max(30.0,
                                                           self.settings.broker_connect_timeout))

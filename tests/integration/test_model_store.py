@@ -17,7 +17,7 @@ from farm.errors import IntegrityError, UsageError, ValidationError
 from farm.jobs import JobSpec
 from farm.settings import Settings
 from farm.store import Store, open_store
-from farm.worker import model_cache, pipelines, tiny
+from farm.worker import pipelines, tiny
 from farm.worker.model_cache import ModelCache
 from farm.worker.push import push
 from tests.conftest import run_farm
@@ -182,60 +182,6 @@ def test_the_cache_stays_within_its_budget_least_recently_used_first(
         ModelCache(settings.replace(model_cache_gb=1e-6)).pull(store, "base")
 
 
-def test_prefetch_pulls_what_fits_and_leaves_the_rest_to_the_load(
-        env: dict[str, str], tiny_folder: Path, models_dir: Path) -> None:
-    """A worker's prefetch (before diffusers is imported) fills the machine's cache, so the
-    load's own pull fetches nothing; a name the catalog lacks is skipped, and a model that
-    would not fit in the budget beside those before it is left to the load."""
-    settings = _settings(env)
-    store = open_store(settings)
-    refiner = models_dir / "tiny-sdxl-refiner"
-    tiny.build_tiny("tiny-sdxl-refiner", refiner)
-    base = push(store, str(tiny_folder), "base", echo=lambda _: None)
-    other = push(store, str(refiner), "refiner", echo=lambda _: None)
-    blobs_dir = settings.model_cache_path / "blobs"
-
-    def cached() -> set[str]:
-        return {p.name for p in blobs_dir.iterdir() if not p.name.endswith(".ok")} \
-            if blobs_dir.is_dir() else set()
-
-    # room for either model, not both: the second is not prefetched
-    budget = max(base.size, other.size) + min(base.size, other.size) // 2
-    small = settings.replace(model_cache_gb=budget / 1e9)
-    lines: list[str] = []
-    thread = model_cache.prefetch(small, [("not-pushed", "fp16"), ("base", "fp16"),
-                                          ("refiner", "fp16")], echo=lines.append)
-    thread.join(60)
-    assert not thread.is_alive()
-    assert cached() == {f.sha256 for f in base.files}
-    assert [line.split(":")[0] for line in lines] == ["model base"]
-    assert f"prefetched {len({f.sha256 for f in base.files})} blobs" in lines[0]
-    pulled = ModelCache(small, echo=lines.append).pull(store, "base")
-    pulled.release()
-    assert pulled.fetched == 0   # the load found every blob whole
-
-    # with room for both, both are prefetched
-    roomy = settings.replace(model_cache_dir=settings.model_cache_path.parent / "roomy")
-    model_cache.prefetch(roomy, [("base", "fp16"), ("refiner", "fp16")],
-                         echo=lambda _: None).join(60)
-    assert ModelCache(roomy).pull(store, "refiner").fetched == 0
-
-
-def test_a_worker_prefetches_what_its_load_will_pull() -> None:
-    from farm.vram import PROFILES, profile_for
-    from farm.worker.runtime import prefetch_refs
-
-    sdxl, tiny_model = models.resolve("sdxl-base"), models.resolve("tiny-sdxl")
-    local = models.resolve("/models/house-sdxl")
-    resident, small = PROFILES["resident"], profile_for(6)
-    assert resident.vae == "fp16-fix" and small.fp8_weights
-    assert prefetch_refs([sdxl, local], resident, "cuda:0") == [
-        ("sdxl-base", "fp16"), ("sdxl-vae-fp16-fix", "fp16"), ("taesdxl", "fp16")]
-    assert prefetch_refs([sdxl], resident, "cpu") == [("sdxl-base", "fp16"), ("taesdxl", "fp16")]
-    assert prefetch_refs([sdxl], small, "cuda:0")[0] == ("sdxl-base", "fp8")
-    assert prefetch_refs([tiny_model], resident, "cuda:0") == [("tiny-sdxl", "fp16")]
-
-
 def test_two_workers_pulling_one_model_download_it_once(
         env: dict[str, str], tiny_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = _settings(env)
@@ -256,7 +202,7 @@ def test_two_workers_pulling_one_model_download_it_once(
     second_waits = threading.Event()
 
     def echo_b(line: str) -> None:
-        if line.startswith("waiting for another pull"):
+        if line.startswith("waiting for another process"):
             second_waits.set()
 
     results: dict[str, Any] = {}
