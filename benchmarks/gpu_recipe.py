@@ -14,9 +14,11 @@ so, when less than its estimate is left), the JSON written after each:
                regional, its repeated blocks with dynamic shapes as a CUDA worker does by
                default) with fuse-qkv + channels-last + the VAE decoder compiled (the CFG-on
                shape only)
-    fp8        torchao float8 (dynamic activations, float8 weights) on that UNet, compiled again
-    graphs     mode="reduce-overhead" (CUDA graphs) on that UNet, compiled again (inductor only)
     turbo-compiled  turbo on the compiled UNet (its cached steps compile a graph of their own)
+    graphs     mode="reduce-overhead" (CUDA graphs) on that UNet, compiled again (inductor only)
+    fp8        torchao float8 (dynamic activations, float8 weights) on that UNet, compiled again
+               (last of the compiled parts: with the regional compile on an H200, 2026-12-04,
+               it had not rendered its first image 310 s after it began)
     fp8-storage     the model store's fp8 variant as a worker holds it: UNet weights stored in
                     float8_e4m3fn, each layer cast up to fp16 to compute (diffusers' layerwise
                     casting), eager: UNet bytes before and after, seconds per image, PSNR (on a
@@ -50,7 +52,7 @@ from farm.worker import compile, recipe
 from farm.worker.model import LoadedModel
 from farm.worker.render import render
 
-PARTS = ("eager", "batch", "compiled", "fp8", "graphs", "turbo-compiled", "fp8-storage")
+PARTS = ("eager", "batch", "compiled", "turbo-compiled", "graphs", "fp8", "fp8-storage")
 # seconds a compiled part needs at least, by backend (on an H200: one whole-UNet compile at
 # one shape about 150 s, 228 s for two shapes on 2026-11-29; regional 21 s for every bucket
 # with nothing cached on 2026-12-04)

@@ -8,7 +8,7 @@
 # Parts (PARTS, comma-separated, run in the order given; default: recipe), each under its own
 # time limit, each writing its JSON as it goes, so a run cut short keeps what it measured:
 #   recipe  benchmarks/gpu_recipe.py: fp16 eager, fuse-qkv, channels-last, turbo, batches of
-#           1/2/4, then compiled with the recipe, fp8 (torchao), CUDA graphs and turbo compiled,
+#           1/2/4, then compiled with the recipe, turbo compiled, CUDA graphs and fp8 (torchao),
 #           and the fp8 weight-storage variant, each with its PSNR against eager (RECIPE_PARTS
 #           picks; RECIPE_LIMIT seconds in all). RECIPE_COMPILE=regional (the default, as a
 #           CUDA worker compiles: every part but graphs fits one run) or inductor (the whole
@@ -62,7 +62,7 @@ part_recipe() {
     local seconds; seconds=$(limit "${RECIPE_LIMIT:-440}")
     timeout "$seconds" python3 -m benchmarks.gpu_recipe --budget "$(( seconds - 20 ))" \
         --images "${RECIPE_IMAGES:-2}" --compile "${RECIPE_COMPILE:-regional}" \
-        --parts "${RECIPE_PARTS:-eager,batch,compiled,fp8,graphs,turbo-compiled}" \
+        --parts "${RECIPE_PARTS:-eager,batch,compiled,turbo-compiled,graphs,fp8}" \
         --out "$OUT/gpu-recipe.json" 2>&1 | quiet | tee "$OUT/gpu-recipe.log"
 }
 part_sdxl() {
