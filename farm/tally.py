@@ -39,10 +39,12 @@ TOTAL = "#total"
 TALLY_SECONDS = 30 * 24 * 3600   # as long as the batch's other notes in Redis
 STATES = tuple(JobState)
 
-# KEYS[1] the tally; ARGV: job, seq, state. Returns {changed, final jobs, total}, or nil when
-# the batch has no tally. Inside: one read and at most one write of the tally; INFO
-# commandstats counts each of them.
+# KEYS[1] the tally, KEYS[2] (optional) a worker's in-flight record to delete first: the ack
+# of the message whose job this note makes final (farm/transport.py). ARGV: job, seq, state.
+# Returns {changed, final jobs, total}, or nil when the batch has no tally. Inside: one read and
+# at most one write of the tally (and the delete); INFO commandstats counts each of them.
 _NOTE = """
+if KEYS[2] then redis.call('DEL', KEYS[2]) end
 local states = {'queued', 'running', 'latents_ready', 'refining', 'succeeded', 'failed',
                 'canceled'}
 local new = ARGV[3]
@@ -139,10 +141,12 @@ class Tally:
         self.client = client
         self._note = client.register_script(_NOTE)
 
-    def note(self, record: JobRecord) -> Noted | None:
-        """Count `record` (idempotent, order-free); None when its batch has no tally."""
-        got = self._note(keys=[tally_key(record.batch)],
-                         args=[record.job, record.seq, record.state.value])
+    def note(self, record: JobRecord, ack: str | None = None) -> Noted | None:
+        """Count `record` (idempotent, order-free); None when its batch has no tally. `ack`:
+        a key to delete in the same command, whether or not the batch has a tally (the
+        in-flight record of the message whose job `record` ends: its ack)."""
+        names = [tally_key(record.batch)] if ack is None else [tally_key(record.batch), ack]
+        got = self._note(keys=names, args=[record.job, record.seq, record.state.value])
         if got is None:
             return None
         changed, final, total = (int(v) for v in got)

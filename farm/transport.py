@@ -55,6 +55,26 @@ from kombu.utils.json import dumps
 
 from farm import recovery
 
+# The message each worker's in-flight record holds, in this process (worker name -> delivery
+# tag), and the tags whose record is already deleted: the worker's tally note that made the
+# job final deleted it in the same command (farm/tally.py `note(..., ack=)`, worker/finisher.py),
+# which acks the message. kombu's ack of such a tag sends nothing, and a put-back of it puts
+# nothing back: the job has ended.
+_holding: dict[str, str] = {}
+_settled: set[str] = set()
+
+
+def holding(worker: str) -> str | None:
+    """The delivery tag of the message `worker`'s in-flight record holds, if any."""
+    return _holding.get(worker)
+
+
+def settled(worker: str, tag: str) -> None:
+    """`worker`'s in-flight record for `tag` was deleted with its job's final note: kombu's
+    ack of `tag` has nothing left to do."""
+    if _holding.get(worker) == tag:
+        _settled.add(tag)
+
 
 class QoS(kombu_redis.QoS):
     # the tag of the message this worker's in-flight record holds, until its ack or put-back
@@ -78,7 +98,7 @@ class QoS(kombu_redis.QoS):
                 client.set(recovery.INFLIGHT + worker,
                            recovery.claim(delivery_tag, delivery["routing_key"], job, stage,
                                           entry=entry))
-                self._recorded = delivery_tag
+                self._recorded = _holding[worker] = delivery_tag
             else:
                 client.pipeline(transaction=False) \
                     .zadd(self.unacked_index_key, {delivery_tag: time()}) \
@@ -90,15 +110,29 @@ class QoS(kombu_redis.QoS):
     def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
         with self.pipe_or_acquire(pipe) as p:
             if delivery_tag == self._recorded:
-                self._recorded = None
+                if self._forget_recorded():
+                    return p   # deleted with the job's final note: nothing to send
                 return p.delete(recovery.INFLIGHT + self.channel.farm_worker)
             return p.hdel(self.unacked_key, delivery_tag) \
                     .zrem(self.unacked_index_key, delivery_tag)
 
+    def _forget_recorded(self) -> bool:
+        """The record's message is acked or put back: forget it. True when the worker's final
+        note already deleted the record."""
+        tag, self._recorded = self._recorded, None
+        worker = self.channel.farm_worker
+        if worker and _holding.get(worker) == tag:
+            del _holding[worker]
+        if tag in _settled:
+            _settled.discard(tag)
+            return True
+        return False
+
     def restore_by_tag(self, tag: str, client: Any = None, leftmost: bool = False) -> None:
         if tag != self._recorded:
             return super().restore_by_tag(tag, client=client, leftmost=leftmost)
-        self._recorded = None
+        if self._forget_recorded():
+            return None   # its job ended (and its record is gone): nothing goes back
         with self.channel.conn_or_acquire(client) as conn:
             recovery.restore_record(conn, self.channel.farm_worker, tag, leftmost=leftmost)
         return None

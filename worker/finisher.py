@@ -1,7 +1,12 @@
 """A worker's part in a batch's counters and its end: every record it writes (or finds final) is
 noted in the batch's tally (farm/tally.py), and when a note says the batch's last job became
 final, the batch's summary and webhook (farm/summary.py `conclude`) run in a background thread,
-so that neither the recount nor a slow endpoint holds up the next job."""
+so that neither the recount nor a slow endpoint holds up the next job.
+
+The note that makes the job of the message in hand final also acks that message: it deletes
+the worker's in-flight record in the same command (farm/transport.py `settled`), so a job's end
+costs the worker one request, not a note and then an ack. Only from the thread that runs the
+message, and only while the record holds that one message alone (`hold`)."""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import threading
 import time
 from typing import Any
 
-from farm import summary, tally
+from farm import recovery, summary, tally, transport
 from farm.lifecycle import JobRecord
 from farm.records import read_manifest
 
@@ -26,16 +31,38 @@ class Finisher:
         self.tally = tally.Tally(client)
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
+        # (worker, delivery tag, job, thread) of the message in hand, while its final note may
+        # ack it
+        self._holding: tuple[str, str, str, int] | None = None
+
+    def hold(self, worker: str, tag: str | None, job: str | None) -> None:
+        """The calling thread runs message `tag` (of `job`) of `worker`: the note that makes
+        the job final acks it, when the worker's in-flight record holds that message."""
+        self._holding = None
+        if tag and job and transport.holding(worker) == tag:
+            self._holding = (worker, tag, job, threading.get_ident())
+
+    def release(self) -> None:
+        """The message in hand shares its record (the throughput mode) or has ended: notes
+        ack nothing from here on."""
+        self._holding = None
 
     def noted(self, record: JobRecord) -> None:
         """Count a record this worker wrote, or found final; never raises (the record is in
         the store either way, and the next reader or the batch's recount repairs the tally)."""
+        held, ack = self._holding, None
+        if (held is not None and record.state.final and record.job == held[2]
+                and threading.get_ident() == held[3]):
+            ack = recovery.INFLIGHT + held[0]
         try:
-            got = self.tally.note(record)
+            got = self.tally.note(record, ack=ack)
         except Exception as exc:  # noqa: BLE001 - see above
             log.warning("job %s: could not count its %s state: %s", record.job,
                         record.state.value, exc)
             return
+        if ack is not None and held is not None:
+            self._holding = None
+            transport.settled(held[0], held[1])
         if got is not None and got.changed and got.ended:
             self.conclude_later(record.batch)
 

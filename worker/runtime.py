@@ -243,7 +243,7 @@ class Worker:
     # -- 3-4: consume ---------------------------------------------------------------------
 
     def handle(self, message: Any, tag: str | None = None, queue: str | None = None) -> None:
-        assert self.ctx is not None and self.info is not None
+        assert self.ctx is not None and self.info is not None and self.finisher is not None
         job_id = message.get("id") if isinstance(message, dict) else None
         stage = message.get("stage") if isinstance(message, dict) else None
         # the heartbeat thread publishes "busy" within an interval: no extra write per job
@@ -256,6 +256,8 @@ class Worker:
         self.deadline = self.progress + limits.FLOOR_SECONDS
         began = self.progress
         self.metrics.stage_started()
+        # the note that ends this message's job acks the message too (worker/finisher.py)
+        self.finisher.hold(self.name or "", tag, job_id)
         job: Job | Result | None = None
         try:
             job = resolve(self.ctx, message)
@@ -274,6 +276,7 @@ class Worker:
             self._count_stage(job, stage, REQUEUED, None, began)
             raise
         finally:
+            self.finisher.release()
             self.progress = None
             self.done += 1
             self.info.current_job = None
@@ -329,6 +332,9 @@ class Worker:
         assert self.ctx is not None
         together = self.taker.take(self.ctx, queue, key, room)
         if together:
+            assert self.finisher is not None
+            # the record names the companions too: it goes with the lead's ack, after theirs
+            self.finisher.release()
             recovery.add_held(self.redis, self.name or "", [t.held() for t in together])
         return together
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import time
 from typing import Any
 
@@ -290,3 +291,75 @@ def test_an_inflight_record_claims_every_message_of_a_shared_call_and_brings_all
                   client.lrange("farm.q", 0, -1))
     assert jobs == ["a", "b", "c"]
     assert client.get(recovery.INFLIGHT + "w1") is None
+
+
+def test_the_note_that_ends_the_job_in_hand_is_its_ack_and_kombu_then_sends_nothing(
+        redis_url: str, env: dict[str, str]) -> None:
+    """A worker's Finisher (worker/finisher.py), holding the message its in-flight record
+    holds: the tally note of the job's final record deletes the record in the same command;
+    kombu's ack then sends nothing, and a put-back (reject with requeue) puts nothing back.
+    A note of another job, of a state that is not final, from another thread, or after
+    `release` acks nothing."""
+    from farm import tally, transport
+    from farm.lifecycle import JobRecord, JobState
+    from farm.worker.finisher import Finisher
+
+    jobs = [{"id": f"b-{i}", "stage": "full"} for i in range(4)]
+    client, _, conn = _queued(redis_url, env, jobs, in_flight="w-4")
+    channel = conn.default_channel
+    finisher = Finisher(None, client, None)
+    tally.start(client, "b", 4)
+    client.script_load(tally._NOTE)   # loaded already: the counts below are the notes' own
+    record = recovery.INFLIGHT + "w-4"
+
+    def state(job: str, value: JobState, seq: int) -> JobRecord:
+        return JobRecord(job=job, batch="b", state=value, seq=seq)
+
+    first = channel.basic_get("farm.q", no_ack=False)
+    assert transport.holding("w-4") == first.delivery_tag
+    finisher.hold("w-4", first.delivery_tag, "b-0")
+    before = _calls(client)
+    finisher.noted(state("b-0", JobState.RUNNING, 1))     # not final: the record stays
+    finisher.noted(state("b-9", JobState.SUCCEEDED, 1))   # another job: the record stays
+    noter = threading.Thread(target=finisher.noted, args=(state("b-0", JobState.FAILED, 5),))
+    noter.start()
+    noter.join()                                          # another thread: the record stays
+    assert json.loads(client.get(record))["tag"] == first.delivery_tag
+    finisher.noted(state("b-0", JobState.SUCCEEDED, 6))
+    assert client.get(record) is None                    # deleted by the note
+    noted = _calls(client)
+    first.ack()
+    acked = _calls(client)
+    assert _moved(before, noted, "evalsha") == 4 and _moved(before, noted, "del") == 1
+    assert acked == noted | {"info": acked["info"]}      # the ack sent nothing
+    assert transport.holding("w-4") is None
+    assert tally.counts(client, "b") == (4, {"queued": 2, "running": 0, "latents_ready": 0,
+                                             "refining": 0, "succeeded": 2, "failed": 0,
+                                             "canceled": 0})   # b-0 (its last note) and b-9
+
+    # ended, then handed back (a retryable fault after the final write): nothing goes back
+    second = channel.basic_get("farm.q", no_ack=False)
+    finisher.hold("w-4", second.delivery_tag, "b-1")
+    finisher.noted(state("b-1", JobState.CANCELED, 2))
+    assert client.get(record) is None
+    second.reject(requeue=True)
+    assert client.llen("farm.q") == 2                     # b-2 and b-3 only
+
+    # released (the throughput mode shares the record): the note leaves the ack to kombu
+    third = channel.basic_get("farm.q", no_ack=False)
+    finisher.hold("w-4", third.delivery_tag, "b-2")
+    finisher.release()
+    finisher.noted(state("b-2", JobState.SUCCEEDED, 2))
+    assert json.loads(client.get(record))["tag"] == third.delivery_tag
+    before = _calls(client)
+    third.ack()
+    assert _moved(before, _calls(client), "del") == 1 and client.get(record) is None
+
+    # a tag the record does not hold is never held
+    fourth = channel.basic_get("farm.q", no_ack=False)
+    finisher.hold("w-4", "another-tag", "b-3")
+    finisher.noted(state("b-3", JobState.SUCCEEDED, 2))
+    assert json.loads(client.get(record))["tag"] == fourth.delivery_tag
+    fourth.ack()
+    assert client.get(record) is None and client.llen("farm.q") == 0
+    conn.release()
