@@ -11,9 +11,27 @@ pipelining, 100,000 requests each, redis-benchmark's defaults):
     redis-benchmark ... BRPOP rb:q1 ... rb:qK 1         (a worker's BRPOP over K lists)
 
 K = 80 is what a CPU worker of one model lists (8 VRAM classes x 10 priorities); 180 a 24 GB
-worker serving base and refiner. Prints medians (min-max) and writes
-benchmarks/results/redis_rate.json. Deletes the keys it made. Not part of `make bench`: it
-needs a Redis server on TCP and the redis-benchmark binary (apt: redis-tools).
+worker serving base and refiner.
+
+Then the commands a job costs the farm beyond its BRPOP, as the workers send them:
+
+    SET rb:inflight:__rand_int__ <INFLIGHT_BYTES bytes>  (the in-flight record: the delivery's
+                                                         note; -r FLEET, one key per worker)
+    EVALSHA <farm/tally.py's note> 1 rb:tally rb-job-__rand_int__ __rand_int__ succeeded
+                                                        (the "running" note, -r 1,000,000: nearly
+                                                         every note is a job's first, which moves
+                                                         two counters as a real note does)
+    DEL rb:gone:__rand_int__                            (a delete of an in-flight record; over
+                                                         RECORDS 64-byte keys all written just
+                                                         before: 95 % of the draws find theirs)
+    EVALSHA <the note> 2 rb:tally rb:gone:__rand_int__ rb-job-__rand_int__ __rand_int__ succeeded
+                                                        (the final note, which deletes the
+                                                         worker's in-flight record: the ack)
+
+The note runs the farm's own script (loaded with SCRIPT LOAD) against a tally started as
+farm/tally.py starts one. Prints medians (min-max) and writes benchmarks/results/redis_rate.json.
+Deletes the keys it made. Not part of `make bench`: it needs a Redis server on TCP and the
+redis-benchmark binary (apt: redis-tools).
 """
 
 from __future__ import annotations
@@ -28,16 +46,23 @@ import time
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from benchmarks._stats import machine_busy, spread, summary, table
 
 LINE = re.compile(r"^\s*(?P<name>.+?): (?P<rps>[\d.]+) requests per second")
 LIST_COUNTS = (1, 80, 180)
 DB = "15"
 REQUESTS = "100000"
+# a stand-in job's in-flight record as the transport writes it (its size read with MONITOR)
+INFLIGHT_BYTES = 1384
+FLEET = 10_000          # workers, each with its in-flight record key
+NOTE_JOBS = 1_000_000   # the range the note's job ids are drawn from
+RECORDS = 1_000_000     # records written for the deletes to find (95 % of 100,000 draws do)
 
 
-def bench(base: list[str], *args: str) -> dict[str, float]:
-    out = subprocess.run([*base, "-q", "-n", REQUESTS, *args], capture_output=True, text=True,
+def bench(base: list[str], *args: str, requests: str = REQUESTS) -> dict[str, float]:
+    out = subprocess.run([*base, "-q", "-n", requests, *args], capture_output=True, text=True,
                          check=True, timeout=300).stdout
     rates = {}
     for line in re.split(r"[\r\n]", out):
@@ -45,6 +70,54 @@ def bench(base: list[str], *args: str) -> dict[str, float]:
         if match:
             rates[match["name"]] = float(match["rps"])
     return rates
+
+
+def _fill(client: Any, prefix: str, value: str, n: int) -> None:
+    """Keys prefix + every __rand_int__ redis-benchmark draws below n (12 digits)."""
+    for first in range(0, n, 20_000):
+        with client.pipeline(transaction=False) as pipe:
+            for i in range(first, min(n, first + 20_000)):
+                pipe.set(f"{prefix}{i:012d}", value)
+            pipe.execute()
+
+
+def farm_commands(base: list[str], client: Any) -> dict[str, float]:
+    """SET of an in-flight record, DEL of one, a tally note and a note that also deletes an
+    in-flight record (the final note, which acks its message), at redis-benchmark's rate."""
+    from farm import tally
+
+    client.delete("rb:tally")
+    tally.start(client, "-", NOTE_JOBS)  # the fields a started tally has
+    client.rename(tally.tally_key("-"), "rb:tally")
+    sha = client.script_load(tally._NOTE)
+    rates = {}
+    value = "x" * INFLIGHT_BYTES
+    got = bench(base, "-r", str(FLEET), "SET", "rb:inflight:__rand_int__", value)
+    rates["SET in-flight record"] = next(iter(got.values()))
+    got = bench(base, "-r", str(NOTE_JOBS), "EVALSHA", sha, "1", "rb:tally",
+                "rb-job-__rand_int__", "__rand_int__", "succeeded")
+    rates["EVALSHA tally note"] = next(iter(got.values()))
+    # the deletes find their key: 100,000 draws from RECORDS keys, all written just before
+    # (64-byte values: a million records of full size would take 1.4 GB; a delete frees one
+    # allocation either way)
+    _fill(client, "rb:gone:", value[:64], RECORDS)
+    got = bench(base, "-r", str(RECORDS), "DEL", "rb:gone:__rand_int__")
+    rates["DEL in-flight record"] = next(iter(got.values()))
+    _fill(client, "rb:gone:", value[:64], RECORDS)
+    got = bench(base, "-r", str(RECORDS), "EVALSHA", sha, "2", "rb:tally", "rb:gone:__rand_int__",
+                "rb-job-__rand_int__", "__rand_int__", "succeeded")
+    rates["EVALSHA tally note + DEL"] = next(iter(got.values()))
+    client.delete("rb:tally")
+    return rates
+
+
+def _forget(client: Any) -> None:
+    """Delete the keys farm_commands made."""
+    client.delete("rb:tally")
+    for pattern in ("rb:inflight:*", "rb:gone:*"):
+        names = list(client.scan_iter(match=pattern, count=10_000))
+        for i in range(0, len(names), 10_000):
+            client.delete(*names[i:i + 10_000])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     base = [binary, "-h", args.host, "-p", args.port, "--dbnum", DB]
     machine = machine_busy()
     rates: dict[str, list[float]] = {}
+    client = redis.Redis(host=args.host, port=int(args.port), db=int(DB))
     try:
         for _ in range(args.rounds):
             for name, rps in bench(base, "-t", "set,get,lpush,rpop").items():
@@ -71,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
                 bench(base, "LPUSH", f"rb:q{k}", "x")
                 got = bench(base, "BRPOP", *[f"rb:q{i}" for i in range(1, k + 1)], "1")
                 rates.setdefault(f"BRPOP over {k} lists", []).extend(got.values())
+            for name, rps in farm_commands(base, client).items():
+                rates.setdefault(name, []).append(rps)
     finally:
+        _forget(client)
         subprocess.run(["redis-cli", "-h", args.host, "-p", args.port, "-n", DB, "DEL",
                         "key:__rand_int__", "mylist",
                         *[f"rb:q{k}" for k in LIST_COUNTS]],

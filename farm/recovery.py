@@ -331,12 +331,13 @@ def active_batches(client: Any) -> list[str]:
                   for b in client.smembers(ACTIVE_BATCHES))
 
 
-def missing_jobs(client: Any, batch: str, queue_names: Iterable[str], grace: float
-                 ) -> list[str]:
+def missing_jobs(client: Any, batch: str, queue_names: Iterable[str], grace: float, *,
+                 done: bool | None = None) -> list[str]:
     """Open jobs of `batch` whose message has been nowhere for `grace` seconds: not waiting
     (only asked once the batch's queues are empty), in no in-flight record, not in `unacked`.
-    A batch whose jobs have all ended is done: it leaves the active set."""
-    if ended(client, batch):
+    A batch whose jobs have all ended is done: it leaves the active set. `done`: `ended`'s
+    answer when the caller just asked it (None: ask)."""
+    if ended(client, batch) if done is None else done:
         with client.pipeline() as pipe:
             pipe.srem(ACTIVE_BATCHES, batch)
             pipe.delete(OPEN + batch, MISSING + batch)

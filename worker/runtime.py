@@ -586,12 +586,13 @@ class Worker:
                 manifests[batch] = ({j.id: j for j in manifest.jobs},
                                     set().union(*(queues.job_queues(j) for j in manifest.jobs)))
             jobs, names = manifests[batch]
-            if recovery.ended(self.redis, batch):
+            done = recovery.ended(self.redis, batch)
+            if done:
                 # its last job ended: make sure its summary and webhook were done (their
                 # finisher may have died); the batch then leaves the active set
                 self.finisher.conclude(batch)
             for job_id in recovery.missing_jobs(self.redis, batch, names,
-                                                grace=self.settings.heartbeat_ttl):
+                                                grace=self.settings.heartbeat_ttl, done=done):
                 recovery.forget_missing(self.redis, batch, job_id)
                 job = jobs.get(job_id)
                 record = read_record(self.ctx.store, batch, job_id)

@@ -45,6 +45,14 @@ def test_missing_jobs_waits_for_drained_queues_and_the_grace(redis_url: str) -> 
     time.sleep(0.05)
     assert recovery.missing_jobs(client, "b1", ["farm.q"], grace=0.01) == ["b1-2"]
     assert not client.hexists(recovery.MISSING + "b1", "b1-0")
+    # the caller's own answer to `ended` is taken as given: no second read
+    before = int(client.info("commandstats").get("cmdstat_scard", {}).get("calls", 0))
+    assert recovery.missing_jobs(client, "b1", ["farm.q"], grace=60, done=False) == []
+    assert int(client.info("commandstats").get("cmdstat_scard", {}).get("calls", 0)) == before
+    assert recovery.missing_jobs(client, "b1", ["farm.q"], grace=60, done=True) == []
+    assert recovery.active_batches(client) == []   # told done: it leaves the active set
+    recovery.activate(client, "b1")
+    recovery.open_jobs(client, "b1", ["b1-0", "b1-1", "b1-2"])
 
     for job in ("b1-0", "b1-1", "b1-2"):
         recovery.job_ended(client, "b1", job)
