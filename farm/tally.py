@@ -19,8 +19,8 @@ the counts of a full recount (farm/summary.py), which repairs anything else.
 
 Reconciling (farm/recovery.py) takes the jobs the tally counts final out of the batch's open
 set when it looks for lost messages, so a job's end costs its worker one Redis command (the
-note), and a note that never ran leaves the job open until reconciling reads its final record
-and notes it again.
+note, which also acks the job's message: worker/finisher.py), and a note that never ran leaves
+the job open until reconciling reads its final record and notes it again.
 
 No tally (Redis lost its data, or a batch from before the tally): `counts` says None and status
 counts from the records.

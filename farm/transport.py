@@ -20,6 +20,11 @@ record's delete). One record holds one message: the solo pool takes the next mes
 after acking the last, and a delivery that finds the record still holding an unacked one
 (which the farm's settings never make) is noted kombu's way.
 
+Most messages need no DEL of their own: the worker's tally note that makes the message's job
+final deletes the record in the same command (worker/finisher.py, farm/tally.py), and says so
+here (`settled`); kombu's ack of that message then sends nothing, and a put-back of it puts
+nothing back (its job has ended). One command a message, beside the note.
+
 Any other channel (the throughput mode's taker, worker/batching.py) keeps kombu's notes, each
 pair in one pipelined round trip without MULTI/EXEC, in an order that makes a half-applied
 pair safe (Redis runs a connection's commands in the order they arrive, so a process killed
