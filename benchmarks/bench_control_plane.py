@@ -157,16 +157,21 @@ def plain_run(farm: LocalFarm, app: Any, names: list[str], n_jobs: int = N_JOBS,
 def script_commands(farm: LocalFarm) -> dict[str, float]:
     """Commands the tally's Lua scripts run inside the server (INFO commandstats counts them,
     though no client sends them), measured on a scratch batch of this broker: per batch
-    (`tally.start`, at submit) and per job (its "running" note and its final one)."""
+    (`tally.start`, at submit) and per job (its "running" note and its final one, which
+    deletes the worker's in-flight record: the message's ack, worker/finisher.py)."""
     from farm.lifecycle import JobRecord, JobState
+    from farm.recovery import INFLIGHT
 
     batch = f"probe-{uuid.uuid4().hex[:8]}"
+    record = INFLIGHT + batch
+    farm.redis.set(record, "{}")
     before = farm.command_calls()
     tally.start(farm.redis, batch, 1)
     started = farm.command_calls()
     counter = tally.Tally(farm.redis)
     counter.note(JobRecord(job=f"{batch}-0000", batch=batch, state=JobState.RUNNING, seq=1))
-    counter.note(JobRecord(job=f"{batch}-0000", batch=batch, state=JobState.SUCCEEDED, seq=2))
+    counter.note(JobRecord(job=f"{batch}-0000", batch=batch, state=JobState.SUCCEEDED, seq=2),
+                 ack=record)
     noted = farm.command_calls()
     farm.redis.delete(tally.tally_key(batch))
     per_batch, per_job = started - before, noted - started
