@@ -19,6 +19,9 @@ so, when less than its estimate is left), the JSON written after each:
     fp8        torchao float8 (dynamic activations, float8 weights) on that UNet, compiled again
                (last of the compiled parts: with the regional compile on an H200, 2026-12-04,
                it had not rendered its first image 310 s after it began)
+    fp8-eager  torchao float8 as `fp8` does, on an eager copy of the UNet (no compile): how long
+               the quantization and the first image take, seconds per image, PSNR. Where the
+               compiled fp8's time goes: run it before `fp8` (`--parts eager,fp8-eager,fp8`)
     fp8-storage     the model store's fp8 variant as a worker holds it: UNet weights stored in
                     float8_e4m3fn, each layer cast up to fp16 to compute (diffusers' layerwise
                     casting), eager: UNet bytes before and after, seconds per image, PSNR (on a
@@ -52,7 +55,8 @@ from farm.worker import compile, recipe
 from farm.worker.model import LoadedModel
 from farm.worker.render import render
 
-PARTS = ("eager", "batch", "compiled", "turbo-compiled", "graphs", "fp8", "fp8-storage")
+PARTS = ("eager", "batch", "compiled", "turbo-compiled", "graphs", "fp8", "fp8-storage",
+         "fp8-eager")
 # seconds a compiled part needs at least, by backend (on an H200: one whole-UNet compile at
 # one shape about 150 s, 228 s for two shapes on 2026-11-29; regional 21 s for every bucket
 # with nothing cached on 2026-12-04)
@@ -198,6 +202,25 @@ class Session:
         self.note("fp8", compile_s=time.perf_counter() - t)
         self.variant("fp8", "fp8")
 
+    def fp8_eager(self) -> None:
+        """torchao float8 on an eager copy of the UNet: quantization, first image, steady."""
+        pipe = self.model.pipe
+        kept = pipe.unet
+        unet = copy.deepcopy(getattr(kept, "_orig_mod", kept))
+        t = time.perf_counter()
+        recipe.quantize_fp8(unet)
+        _sync(self.model)
+        self.note("fp8-eager", quantize_s=time.perf_counter() - t)
+        pipe.unet = unet
+        try:
+            t = time.perf_counter()
+            render(self.model, self.spec)
+            _sync(self.model)
+            self.note("fp8-eager", first_call_s=time.perf_counter() - t)
+            self.variant("fp8-eager", "fp8_eager")
+        finally:
+            pipe.unet = kept
+
     def graphs(self) -> None:
         if self.backend != "inductor":
             self.note("graphs", skipped="cuda-graphs needs --compile inductor")
@@ -228,9 +251,9 @@ class Session:
         steps: dict[str, Callable[[], None]] = {
             "eager": self.eager, "batch": self.batch, "compiled": self.compiled,
             "fp8": self.fp8, "graphs": self.graphs, "turbo-compiled": self.turbo_compiled,
-            "fp8-storage": self.fp8_storage}
+            "fp8-storage": self.fp8_storage, "fp8-eager": self.fp8_eager}
         for part in parts:
-            needs = (30.0 if part in ("eager", "batch", "fp8-storage")
+            needs = (30.0 if part in ("eager", "batch", "fp8-storage", "fp8-eager")
                      else COMPILE_ESTIMATE_S[self.backend])
             if self.left() < needs:
                 self.note(part, skipped=f"{self.left():.0f} s left, needs about {needs:.0f} s")

@@ -9,7 +9,8 @@
 # time limit, each writing its JSON as it goes, so a run cut short keeps what it measured:
 #   recipe  benchmarks/gpu_recipe.py: fp16 eager, fuse-qkv, channels-last, turbo, batches of
 #           1/2/4, then compiled with the recipe, turbo compiled, CUDA graphs and fp8 (torchao),
-#           and the fp8 weight-storage variant, each with its PSNR against eager (RECIPE_PARTS
+#           the fp8 weight-storage variant, and fp8 on an eager UNet (fp8-eager: where the
+#           compiled fp8's time goes), each with its PSNR against eager (RECIPE_PARTS
 #           picks; RECIPE_LIMIT seconds in all). RECIPE_COMPILE=regional (the default, as a
 #           CUDA worker compiles: every part but graphs fits one run) or inductor (the whole
 #           UNet: minutes a compile, so a run gets the eager parts and about one compiled part:
