@@ -103,6 +103,8 @@ class QoS(kombu_redis.QoS):
                 client.set(recovery.INFLIGHT + worker,
                            recovery.claim(delivery_tag, delivery["routing_key"], job, stage,
                                           entry=entry))
+                # a tag settled on a connection that was lost before its ack is never acked
+                _settled.discard(_holding.get(worker, ""))
                 self._recorded = _holding[worker] = delivery_tag
             else:
                 client.pipeline(transaction=False) \

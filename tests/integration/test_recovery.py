@@ -313,7 +313,7 @@ def test_the_note_that_ends_the_job_in_hand_is_its_ack_and_kombu_then_sends_noth
     from farm.worker.finisher import Finisher
 
     jobs = [{"id": f"b-{i}", "stage": "full"} for i in range(4)]
-    client, _, conn = _queued(redis_url, env, jobs, in_flight="w-4")
+    client, producer, conn = _queued(redis_url, env, jobs, in_flight="w-4")
     channel = conn.default_channel
     finisher = Finisher(None, client, None)
     tally.start(client, "b", 4)
@@ -370,4 +370,17 @@ def test_the_note_that_ends_the_job_in_hand_is_its_ack_and_kombu_then_sends_noth
     assert json.loads(client.get(record))["tag"] == fourth.delivery_tag
     fourth.ack()
     assert client.get(record) is None and client.llen("farm.q") == 0
+
+    # the connection is lost after a final note, before kombu's ack: the tag is never acked,
+    # and the next delivery, on a new channel, forgets it
+    producer.send_task("farm.test", args=[{"id": "b-4", "stage": "full"}], queue="farm.q")
+    producer.send_task("farm.test", args=[{"id": "b-5", "stage": "full"}], queue="farm.q")
+    fifth = channel.basic_get("farm.q", no_ack=False)
+    finisher.hold("w-4", fifth.delivery_tag, "b-4")
+    finisher.noted(state("b-4", JobState.SUCCEEDED, 2))
+    assert fifth.delivery_tag in transport._settled
+    sixth = conn.channel().basic_get("farm.q", no_ack=False)
+    assert transport.holding("w-4") == sixth.delivery_tag
+    assert fifth.delivery_tag not in transport._settled
+    sixth.ack()
     conn.release()
