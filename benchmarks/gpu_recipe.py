@@ -16,12 +16,12 @@ so, when less than its estimate is left), the JSON written after each:
                shape only)
     turbo-compiled  turbo on the compiled UNet (its cached steps compile a graph of their own)
     graphs     mode="reduce-overhead" (CUDA graphs) on that UNet, compiled again (inductor only)
+    fp8-eager  torchao float8 as `fp8` (below) applies it, on an eager copy of the UNet: how long
+               the quantization and the first image take, seconds per image, PSNR. Where the
+               compiled fp8's time goes (`--parts eager,fp8-eager,fp8`)
     fp8        torchao float8 (dynamic activations, float8 weights) on that UNet, compiled again
                (last of the compiled parts: with the regional compile on an H200, 2026-12-04,
                it had not rendered its first image 310 s after it began)
-    fp8-eager  torchao float8 as `fp8` does, on an eager copy of the UNet (no compile): how long
-               the quantization and the first image take, seconds per image, PSNR. Where the
-               compiled fp8's time goes: run it before `fp8` (`--parts eager,fp8-eager,fp8`)
     fp8-storage     the model store's fp8 variant as a worker holds it: UNet weights stored in
                     float8_e4m3fn, each layer cast up to fp16 to compute (diffusers' layerwise
                     casting), eager: UNet bytes before and after, seconds per image, PSNR (on a
@@ -55,8 +55,8 @@ from farm.worker import compile, recipe
 from farm.worker.model import LoadedModel
 from farm.worker.render import render
 
-PARTS = ("eager", "batch", "compiled", "turbo-compiled", "graphs", "fp8", "fp8-storage",
-         "fp8-eager")
+PARTS = ("eager", "batch", "compiled", "turbo-compiled", "graphs", "fp8-eager", "fp8",
+         "fp8-storage")
 # seconds a compiled part needs at least, by backend (on an H200: one whole-UNet compile at
 # one shape about 150 s, 228 s for two shapes on 2026-11-29; regional 21 s for every bucket
 # with nothing cached on 2026-12-04)

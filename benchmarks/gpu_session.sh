@@ -63,7 +63,7 @@ part_recipe() {
     local seconds; seconds=$(limit "${RECIPE_LIMIT:-440}")
     timeout "$seconds" python3 -m benchmarks.gpu_recipe --budget "$(( seconds - 20 ))" \
         --images "${RECIPE_IMAGES:-2}" --compile "${RECIPE_COMPILE:-regional}" \
-        --parts "${RECIPE_PARTS:-eager,batch,compiled,turbo-compiled,graphs,fp8}" \
+        --parts "${RECIPE_PARTS:-eager,batch,compiled,turbo-compiled,graphs,fp8-eager,fp8}" \
         --out "$OUT/gpu-recipe.json" 2>&1 | quiet | tee "$OUT/gpu-recipe.log"
 }
 part_sdxl() {
