@@ -43,7 +43,8 @@ import copy
 import json
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -202,24 +203,30 @@ class Session:
         self.note("fp8", compile_s=time.perf_counter() - t)
         self.variant("fp8", "fp8")
 
+    @contextmanager
+    def _unet(self, unet: torch.nn.Module) -> Iterator[None]:
+        """Render with `unet` in the pipeline, then put the pipeline's own UNet back."""
+        pipe = self.model.pipe
+        kept, pipe.unet = pipe.unet, unet
+        try:
+            yield
+        finally:
+            pipe.unet = kept
+
     def fp8_eager(self) -> None:
         """torchao float8 on an eager copy of the UNet: quantization, first image, steady."""
-        pipe = self.model.pipe
-        kept = pipe.unet
+        kept = self.model.pipe.unet
         unet = copy.deepcopy(getattr(kept, "_orig_mod", kept))
         t = time.perf_counter()
         recipe.quantize_fp8(unet)
         _sync(self.model)
         self.note("fp8-eager", quantize_s=time.perf_counter() - t)
-        pipe.unet = unet
-        try:
+        with self._unet(unet):
             t = time.perf_counter()
             render(self.model, self.spec)
             _sync(self.model)
             self.note("fp8-eager", first_call_s=time.perf_counter() - t)
             self.variant("fp8-eager", "fp8_eager")
-        finally:
-            pipe.unet = kept
 
     def graphs(self) -> None:
         if self.backend != "inductor":
@@ -232,8 +239,7 @@ class Session:
         self.variant("graphs", "cuda_graphs")
 
     def fp8_storage(self) -> None:
-        pipe = self.model.pipe
-        kept = pipe.unet
+        kept = self.model.pipe.unet
         fp16 = getattr(kept, "_orig_mod", kept)
         unet = copy.deepcopy(fp16)  # eager, the fp16 weights untouched
         unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn,
@@ -241,11 +247,8 @@ class Session:
         before, after = _bytes(fp16), _bytes(unet)
         self.note("fp8-storage", unet_bytes_fp16=before, unet_bytes_fp8=after,
                   fp8_over_fp16=after / before)
-        pipe.unet = unet
-        try:
+        with self._unet(unet):
             self.variant("fp8-storage", "fp8_storage")
-        finally:
-            pipe.unet = kept
 
     def run(self, parts: list[str]) -> None:
         steps: dict[str, Callable[[], None]] = {
