@@ -155,12 +155,20 @@ class LocalFarm:
 
     def cpu_seconds(self, names: list[str]) -> float:
         """User + system CPU seconds the named worker processes have used so far."""
-        total = 0
+        user, system = self.cpu_split(names)
+        return user + system
+
+    def cpu_split(self, names: list[str]) -> tuple[float, float]:
+        """(user, system) CPU seconds the named worker processes have used so far: system is
+        the kernel's work for them (file creation, sockets, scheduling)."""
+        user = system = 0
         for name in names:
             with open(f"/proc/{self.procs[name].pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-        return total / os.sysconf("SC_CLK_TCK")
+            user += int(fields[11])  # utime, stime (fields 14, 15)
+            system += int(fields[12])
+        tick = os.sysconf("SC_CLK_TCK")
+        return user / tick, system / tick
 
     def broker_cpu_seconds(self) -> float:
         info = self.redis.info("cpu")

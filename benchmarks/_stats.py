@@ -2,12 +2,53 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
 import time
 from collections.abc import Sequence
 from typing import Any
+
+
+def file_system(folder: str | os.PathLike[str]) -> str:
+    """The type of the file system `folder` is on ("ext4", "tmpfs", ...), from /proc/mounts."""
+    path = os.path.realpath(folder)
+    best, kind = "", "unknown"
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 3:
+                    mount = fields[1].replace("\\040", " ")
+                    inside = path == mount or path.startswith(mount.rstrip("/") + "/")
+                    if inside and len(mount) >= len(best):
+                        best, kind = mount, fields[2]
+    except OSError:
+        pass
+    return kind
+
+
+def file_create_us(folder: str | os.PathLike[str], files: int = 200) -> float:
+    """CPU microseconds (user + kernel, this thread) to create one empty file in a new folder
+    under `folder`, averaged over `files` files, which are removed after. Every store write makes
+    a new file; on some machines (this project's shared one: ext4 without a journal) the
+    kernel's cost per new file swings twentyfold from minute to minute, so benchmarks that
+    write files record it beside their figures."""
+    base = os.path.join(os.fspath(folder), f".create-probe-{os.getpid()}-{time.monotonic_ns()}")
+    os.makedirs(base)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    try:
+        start = time.thread_time()
+        for i in range(files):
+            os.close(os.open(f"{base}/{i}", flags, 0o600))
+        used = time.thread_time() - start
+    finally:
+        for i in range(files):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{base}/{i}")
+        os.rmdir(base)
+    return round(used / files * 1e6, 1)
 
 
 def summary(values: Sequence[float]) -> dict[str, float]:

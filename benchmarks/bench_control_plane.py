@@ -24,10 +24,16 @@ Counted per job:
   store calls      every put/get the workers make, counted by the launcher's CountingStore
                    (over all runs together: the count per job does not depend on the workers)
   CPU              user + system seconds of the worker processes (/proc) and of Redis (INFO
-                   cpu), and of this process during submit()
+                   cpu), and of this process during submit(); apart, the workers' system
+                   seconds (the kernel's work for them: new files, sockets, scheduling)
 Also: Redis commands per idle worker per second (heartbeats, BRPOP timeouts), how long one
 manifest read takes for this batch and for a 10,000-job batch, and what one status read
-(`farm status`, each refresh of --watch) costs the store.
+(`farm status`, each refresh of --watch) costs the store. Before each system's turn in each
+round, and once after the last, the CPU cost of a new file in the store's folder
+(_stats.file_create_us): every job writes new files (the farm four, plain Celery two), and on
+this project's shared machine that cost swings from about 20 to 700 us within minutes (ext4
+without a journal), which moves both systems' rates and their ratio. The farm lives in a
+temporary folder: `TMPDIR=/dev/shm python -m benchmarks control_plane` runs it on tmpfs.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from typing import Any
 from benchmarks import _plain_celery
 from benchmarks._farm import BenchError, LocalFarm, code_version
 from benchmarks._standin_worker import CountingStore
-from benchmarks._stats import machine_busy, spread, summary, table
+from benchmarks._stats import file_create_us, file_system, machine_busy, spread, summary, table
 from farm import tally
 from farm.jobs import JobSpec, job_id
 from farm.keys import manifest_key
@@ -88,13 +94,14 @@ def one_run(farm: LocalFarm, names: list[str], batch_size: int, n_jobs: int = N_
     specs = job_specs(farm, n_jobs, steps)
     before = farm.command_calls()
     polls_before = farm.own_commands["hmget"]
-    cpu_workers, cpu_broker = farm.cpu_seconds(names), farm.broker_cpu_seconds()
+    (user, kernel), cpu_broker = farm.cpu_split(names), farm.broker_cpu_seconds()
     t0, cpu_submit = time.time(), time.process_time()
     batches = [submit(farm.settings, specs[i:i + batch_size], source="bench-control-plane")
                for i in range(0, len(specs), batch_size)]
     t1, cpu_submit = time.time(), time.process_time() - cpu_submit
     farm.wait_batches(names, [b.batch for b in batches], n_jobs, interval=0.02)
-    cpu_workers = farm.cpu_seconds(names) - cpu_workers
+    user_after, kernel_after = farm.cpu_split(names)
+    cpu_workers, kernel = user_after + kernel_after - user - kernel, kernel_after - kernel
     cpu_broker = farm.broker_cpu_seconds() - cpu_broker
     calls = farm.command_calls() - before
     calls.pop("info", None)
@@ -113,6 +120,7 @@ def one_run(farm: LocalFarm, names: list[str], batch_size: int, n_jobs: int = N_
         "cpu_ms_per_job": {"workers": cpu_workers / n_jobs * 1000,
                            "broker": cpu_broker / n_jobs * 1000,
                            "submit": cpu_submit / n_jobs * 1000},
+        "workers_kernel_ms_per_job": kernel / n_jobs * 1000,
     }
 
 
@@ -124,7 +132,7 @@ def plain_run(farm: LocalFarm, app: Any, names: list[str], n_jobs: int = N_JOBS,
     jobs = [{"batch": batch, "index": i, "prompt": f"load test {i}", "seed": i, "steps": steps,
              "width": 64, "height": 64} for i in range(n_jobs)]
     before = farm.command_calls()
-    cpu_workers, cpu_broker = farm.cpu_seconds(names), farm.broker_cpu_seconds()
+    (user, kernel), cpu_broker = farm.cpu_split(names), farm.broker_cpu_seconds()
     t0, cpu_submit = time.time(), time.process_time()
     with app.producer_or_acquire() as producer:
         for job in jobs:
@@ -141,7 +149,8 @@ def plain_run(farm: LocalFarm, app: Any, names: list[str], n_jobs: int = N_JOBS,
         if time.monotonic() > deadline:
             raise BenchError(f"plain Celery wrote {len(done)} of {n_jobs} sidecars in 300 s")
         time.sleep(0.02)
-    cpu_workers = farm.cpu_seconds(names) - cpu_workers
+    user_after, kernel_after = farm.cpu_split(names)
+    cpu_workers, kernel = user_after + kernel_after - user - kernel, kernel_after - kernel
     cpu_broker = farm.broker_cpu_seconds() - cpu_broker
     calls = farm.command_calls() - before
     calls.pop("info", None)
@@ -151,7 +160,8 @@ def plain_run(farm: LocalFarm, app: Any, names: list[str], n_jobs: int = N_JOBS,
             "redis_commands_by_name_per_job": {k: v / n_jobs for k, v in (+calls).most_common()},
             "cpu_ms_per_job": {"workers": cpu_workers / n_jobs * 1000,
                                "broker": cpu_broker / n_jobs * 1000,
-                               "submit": cpu_submit / n_jobs * 1000}}
+                               "submit": cpu_submit / n_jobs * 1000},
+            "workers_kernel_ms_per_job": kernel / n_jobs * 1000}
 
 
 def script_commands(farm: LocalFarm) -> dict[str, float]:
@@ -237,6 +247,7 @@ def variant_figures(got: list[dict[str, Any]]) -> dict[str, Any]:
                           for g in got])["median"], 3) for n in names}
     entry["cpu_ms_per_job"] = {p: summary([g["cpu_ms_per_job"][p] for g in got])
                                for p in CPU_PARTS}
+    entry["workers_kernel_ms_per_job"] = summary([g["workers_kernel_ms_per_job"] for g in got])
     return entry
 
 
@@ -249,7 +260,9 @@ def run() -> dict[str, Any]:
     runs[small] = []
     plain: dict[str, list[dict[str, Any]]] = {str(k): [] for k in WORKER_COUNTS}
     idle: list[dict[str, float]] = []
+    creates: list[float] = []  # the store's cost of a new file, before each system's turn
     with LocalFarm("control-plane") as farm:
+        store_fs = file_system(farm.store_root())
         stats_dir = farm.tmp / "stats"
         stats_dir.mkdir()
         scripts = script_commands(farm)
@@ -258,6 +271,7 @@ def run() -> dict[str, Any]:
             order = WORKER_COUNTS if r % 2 == 0 else tuple(reversed(WORKER_COUNTS))
             for system in (("farm", "plain") if r % 2 == 0 else ("plain", "farm")):
                 up: list[str] = []
+                creates.append(file_create_us(farm.store_root()))
                 for k in order:
                     if system == "plain":
                         set_workers(farm, up, k, f"pl{r}", stats_dir, kind="plain")
@@ -270,6 +284,7 @@ def run() -> dict[str, Any]:
                     runs[str(k)].append(one_run(farm, list(up), N_JOBS))
                 farm.stop_workers(up)
         app.close()
+        creates.append(file_create_us(farm.store_root()))
         # Redis commands per job against denoising steps, on one worker
         by_steps: dict[str, float] = {}
         up = []
@@ -305,19 +320,23 @@ def run() -> dict[str, Any]:
                      spread(entry["redis_commands_per_job"], 2),
                      f"{entry['sent_commands_per_job']:.2f}",
                      " / ".join(f"{entry['cpu_ms_per_job'][p]['median']:.1f}"
-                                for p in CPU_PARTS)])
+                                for p in CPU_PARTS),
+                     spread(entry["workers_kernel_ms_per_job"], 2)])
     for name, got in plain.items():
         entry = figures["plain_celery"][name] = {
             "jobs_per_s": summary([g["jobs_per_s"] for g in got]),
             "redis_commands_per_job": summary([g["redis_commands_per_job"] for g in got]),
             "redis_commands_by_name_per_job": got[-1]["redis_commands_by_name_per_job"],
             "cpu_ms_per_job": {p: summary([g["cpu_ms_per_job"][p] for g in got])
-                               for p in CPU_PARTS}}
+                               for p in CPU_PARTS},
+            "workers_kernel_ms_per_job": summary([g["workers_kernel_ms_per_job"]
+                                                  for g in got])}
         rows.append([f"plain Celery {name}", spread(entry["jobs_per_s"]), "",
                      spread(entry["redis_commands_per_job"], 2),
                      f"{entry['redis_commands_per_job']['median']:.2f}",
                      " / ".join(f"{entry['cpu_ms_per_job'][p]['median']:.1f}"
-                                for p in CPU_PARTS)])
+                                for p in CPU_PARTS),
+                     spread(entry["workers_kernel_ms_per_job"], 2)])
     # farm / plain per round (the two ran back to back in each), then its median
     figures["farm_over_plain"] = {
         str(k): summary([f["jobs_per_s"] / p["jobs_per_s"]
@@ -345,6 +364,8 @@ def run() -> dict[str, Any]:
     cpu_ms = sum(main["cpu_ms_per_job"][p]["median"] for p in CPU_PARTS)
     figures["cpu_bound_jobs_per_s"] = 1000 * machine["cores"] / cpu_ms
     figures["machine_before"] = machine
+    figures["store_file_system"] = store_fs
+    figures["file_create_us"] = {"summary": summary(creates), "in_order": creates}
     figures["code"] = code_version()
     ratio = figures["farm_over_plain"][str(top)]["median"]
     figures["targets"] = {
@@ -360,7 +381,7 @@ def run() -> dict[str, Any]:
           f"sidecar), one batch unless said, {ROUNDS} rounds, median (min-max); "
           f"{machine['cores']} cores shared by Redis, workers and submitter")
     print(table(["workers", "jobs/s", "drain jobs/s", "Redis cmds/job", "sent cmds/job",
-                 "CPU ms/job workers/Redis/submit"], rows))
+                 "CPU ms/job workers/Redis/submit", "of it workers' kernel"], rows))
     print("farm / plain Celery, jobs/s: " + ", ".join(
         f"{k} workers {spread(v, 2)}" for k, v in figures["farm_over_plain"].items()))
     by_name = ", ".join(f"{n} {v:g}" for n, v in sorted(
@@ -384,6 +405,8 @@ def run() -> dict[str, Any]:
           + ", ".join(f"{k} {v}" for k, v in sorted(status["store_calls"].items())))
     print(f"machine before start: {machine['busy_pct']}% of {machine['cores']} cores busy, "
           f"load average {machine['loadavg_1m']}")
+    print(f"store on {store_fs}: a new file cost {spread(summary(creates))} us of CPU before "
+          f"each system's turn (in order: {', '.join(f'{c:.0f}' for c in creates)})")
     for target, met in figures["targets"].items():
         print(f"target: {target} -> {'met' if met else 'MISSED'}")
     print(f"took {figures['wall_s']} s")

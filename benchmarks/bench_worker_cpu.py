@@ -10,6 +10,8 @@ quiet, single-process figure a change to the per-job path is judged by.
 File store writes (farm/store.py FileStore.put) into a fresh folder beside the farm's, WRITES
 each, ROUNDS rounds: a plain write (replace), a create-once write (an image, a sidecar) and a
 job record's compare-and-set (create once, then write again if it is still the version read).
+Before each round, the CPU cost of one new file in the farm's folder (_stats.file_create_us):
+it swings twentyfold within minutes on this project's shared machine and moves both figures.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._farm import ROOT, LocalFarm
-from benchmarks._stats import machine_busy, spread, summary, table
+from benchmarks._stats import file_create_us, file_system, machine_busy, spread, summary, table
 from benchmarks.bench_control_plane import job_specs
 from farm.scheduler.submit import submit
 from farm.store import FileStore
@@ -77,8 +79,11 @@ def run() -> dict[str, Any]:
     print(f"machine before: {busy}")
     per_job: list[float] = []
     writes: list[dict[str, float]] = []
+    creates: list[float] = []
     with LocalFarm("worker-cpu") as farm:
+        store_fs = file_system(farm.tmp)
         for r in range(ROUNDS):
+            creates.append(file_create_us(farm.tmp))
             short = _drain(farm, SHORT, f"cpu-{r}-s")
             long = _drain(farm, LONG, f"cpu-{r}-l")
             per_job.append((long - short) / (LONG - SHORT) * 1000)
@@ -87,9 +92,12 @@ def run() -> dict[str, Any]:
     figures: dict[str, Any] = {
         "machine_before": busy, "rounds": ROUNDS, "jobs": [SHORT, LONG],
         "worker_cpu_ms_per_job": summary(per_job),
+        "store_file_system": store_fs, "file_create_us": summary(creates),
         "file_store_ms_per_write": {k: summary([w[k] for w in writes]) for k in writes[0]}}
     print(table(["figure", "median (min-max)"],
                 [["worker CPU ms per job", spread(figures["worker_cpu_ms_per_job"], 2)],
                  *[[f"file store ms per write: {k}", spread(v, 3)]
-                   for k, v in figures["file_store_ms_per_write"].items()]]))
+                   for k, v in figures["file_store_ms_per_write"].items()],
+                 [f"a new file on {store_fs} (CPU us, before each round)",
+                  spread(figures["file_create_us"])]]))
     return figures
