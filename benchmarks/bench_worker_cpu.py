@@ -3,7 +3,8 @@
 Worker CPU: one stand-in worker process (worker/standin.py: no diffusion; a 64x64 flat PNG and
 its sidecar) drains jobs already queued, once SHORT jobs and once LONG; the user + system
 seconds of the two processes, differenced, over LONG - SHORT jobs is the CPU one more job costs
-(the process's start, imports and shutdown cancel out). ROUNDS rounds, median (min-max). The
+(the process's start, imports and shutdown cancel out), and apart the system seconds (the
+kernel's work: new files, sockets). ROUNDS rounds, median (min-max). The
 control-plane benchmark measures the same workers under load, several at once; this one is the
 quiet, single-process figure a change to the per-job path is judged by.
 
@@ -38,13 +39,14 @@ RECORD = json.dumps({"job": "20261204-000000-abcdef-0001", "state": "running", "
                      "worker": "w-1", "stages": {"full": {"worker": "w-1"}}}).encode()
 
 
-def _children_cpu() -> float:
+def _children_cpu() -> tuple[float, float]:
     used = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return used.ru_utime + used.ru_stime
+    return used.ru_utime + used.ru_stime, used.ru_stime
 
 
-def _drain(farm: LocalFarm, n: int, name: str) -> float:
-    """CPU seconds of one stand-in worker that takes n queued jobs and stops."""
+def _drain(farm: LocalFarm, n: int, name: str) -> tuple[float, float]:
+    """CPU seconds of one stand-in worker that takes n queued jobs and stops: (all, of them the
+    kernel's)."""
     submit(farm.settings, job_specs(farm, n, 8), source="bench-worker-cpu")
     before = _children_cpu()
     done = subprocess.run([sys.executable, "-m", "benchmarks._standin_worker", "--name", name,
@@ -52,7 +54,8 @@ def _drain(farm: LocalFarm, n: int, name: str) -> float:
                           text=True, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"worker {name} exited {done.returncode}: {done.stderr[-2000:]}")
-    return _children_cpu() - before
+    after = _children_cpu()
+    return after[0] - before[0], after[1] - before[1]
 
 
 def _writes(folder: Path) -> dict[str, float]:
@@ -78,6 +81,7 @@ def run() -> dict[str, Any]:
     busy = machine_busy()
     print(f"machine before: {busy}")
     per_job: list[float] = []
+    kernel: list[float] = []
     writes: list[dict[str, float]] = []
     creates: list[float] = []
     with LocalFarm("worker-cpu") as farm:
@@ -86,16 +90,18 @@ def run() -> dict[str, Any]:
             creates.append(file_create_us(farm.tmp))
             short = _drain(farm, SHORT, f"cpu-{r}-s")
             long = _drain(farm, LONG, f"cpu-{r}-l")
-            per_job.append((long - short) / (LONG - SHORT) * 1000)
+            per_job.append((long[0] - short[0]) / (LONG - SHORT) * 1000)
+            kernel.append((long[1] - short[1]) / (LONG - SHORT) * 1000)
             with tempfile.TemporaryDirectory(dir=farm.tmp) as folder:
                 writes.append(_writes(Path(folder)))
     figures: dict[str, Any] = {
         "machine_before": busy, "rounds": ROUNDS, "jobs": [SHORT, LONG],
-        "worker_cpu_ms_per_job": summary(per_job),
+        "worker_cpu_ms_per_job": summary(per_job), "of_it_kernel_ms_per_job": summary(kernel),
         "store_file_system": store_fs, "file_create_us": summary(creates),
         "file_store_ms_per_write": {k: summary([w[k] for w in writes]) for k in writes[0]}}
     print(table(["figure", "median (min-max)"],
                 [["worker CPU ms per job", spread(figures["worker_cpu_ms_per_job"], 2)],
+                 ["of it the kernel's", spread(figures["of_it_kernel_ms_per_job"], 2)],
                  *[[f"file store ms per write: {k}", spread(v, 3)]
                    for k, v in figures["file_store_ms_per_write"].items()],
                  [f"a new file on {store_fs} (CPU us, before each round)",
