@@ -153,11 +153,6 @@ class LocalFarm:
             time.sleep(0.05)
         time.sleep(1.0)  # the last start-up commands follow the first BRPOP
 
-    def cpu_seconds(self, names: list[str]) -> float:
-        """User + system CPU seconds the named worker processes have used so far."""
-        user, system = self.cpu_split(names)
-        return user + system
-
     def cpu_split(self, names: list[str]) -> tuple[float, float]:
         """(user, system) CPU seconds the named worker processes have used so far: system is
         the kernel's work for them (file creation, sockets, scheduling)."""
