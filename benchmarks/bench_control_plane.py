@@ -88,6 +88,14 @@ def idle_rate(farm: LocalFarm, names: list[str]) -> dict[str, float]:
     return {k: v / len(names) / IDLE_WINDOW_S for k, v in calls.most_common()}
 
 
+def cpu_since(farm: LocalFarm, names: list[str], user: float, kernel: float
+              ) -> tuple[float, float]:
+    """The named workers' CPU seconds since `farm.cpu_split` said (user, kernel): (all, of
+    them the kernel's)."""
+    user_now, kernel_now = farm.cpu_split(names)
+    return user_now + kernel_now - user - kernel, kernel_now - kernel
+
+
 def one_run(farm: LocalFarm, names: list[str], batch_size: int, n_jobs: int = N_JOBS,
             steps: int = STEPS) -> dict[str, Any]:
     """n_jobs jobs, in batches of `batch_size`, through the named workers (up, consuming)."""
@@ -100,8 +108,7 @@ def one_run(farm: LocalFarm, names: list[str], batch_size: int, n_jobs: int = N_
                for i in range(0, len(specs), batch_size)]
     t1, cpu_submit = time.time(), time.process_time() - cpu_submit
     farm.wait_batches(names, [b.batch for b in batches], n_jobs, interval=0.02)
-    user_after, kernel_after = farm.cpu_split(names)
-    cpu_workers, kernel = user_after + kernel_after - user - kernel, kernel_after - kernel
+    cpu_workers, kernel = cpu_since(farm, names, user, kernel)
     cpu_broker = farm.broker_cpu_seconds() - cpu_broker
     calls = farm.command_calls() - before
     calls.pop("info", None)
@@ -149,8 +156,7 @@ def plain_run(farm: LocalFarm, app: Any, names: list[str], n_jobs: int = N_JOBS,
         if time.monotonic() > deadline:
             raise BenchError(f"plain Celery wrote {len(done)} of {n_jobs} sidecars in 300 s")
         time.sleep(0.02)
-    user_after, kernel_after = farm.cpu_split(names)
-    cpu_workers, kernel = user_after + kernel_after - user - kernel, kernel_after - kernel
+    cpu_workers, kernel = cpu_since(farm, names, user, kernel)
     cpu_broker = farm.broker_cpu_seconds() - cpu_broker
     calls = farm.command_calls() - before
     calls.pop("info", None)
