@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from farm import recipe
 from farm.errors import ConfigError
@@ -54,3 +55,18 @@ def test_what_a_gpu_can_run_passes() -> None:
     recipe.check(("fuse-qkv", "channels-last", "compile-vae", "cuda-graphs", "fp8"), "cuda:0",
                  "inductor", (9, 0))
     recipe.check(("fuse-qkv", "channels-last"), "cpu", "none", None)
+
+
+def test_fp8_takes_the_linear_layers_torchao_can_quantize() -> None:
+    from farm.worker import recipe as worker_recipe
+    from farm.worker.tiny import make_pipeline
+
+    unet = make_pipeline("tiny-sdxl").unet
+    linears = {name: m for name, m in unet.named_modules() if isinstance(m, torch.nn.Linear)}
+    taken = {name for name, m in linears.items() if worker_recipe.fp8_fits(m)}
+    square = {name for name, m in linears.items() if (m.out_features, m.in_features) == (128, 128)}
+    odd = {name for name, m in linears.items() if m.out_features % 16 or m.in_features % 16}
+    assert square, "the tiny UNet has a 128 x 128 layer (time_embedding.linear_2)"
+    assert taken == set(linears) - square - odd
+    assert taken  # most of the UNet's linear layers are quantized
+    assert not worker_recipe.fp8_fits(unet.conv_in)
