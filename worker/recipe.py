@@ -62,9 +62,9 @@ def quantize_fp8(unet: Any) -> None:
 
 def fp8_fits(module: Any) -> bool:
     """A linear layer whose sizes fp8 matmuls take (multiples of 16), and not 128 x 128:
-    torchao (0.17, 0.18) reads a per-tensor scaled weight of exactly that shape as one scaled
-    in 128 x 128 blocks and refuses its input ("input_tensor must be 1x128 scaled"). Full-size
-    SDXL has no such layer; the tiny test models do."""
+    torchao 0.18 (0.17 has the same check) reads a per-tensor scaled weight of exactly that
+    shape as one scaled in 128 x 128 blocks and refuses its input ("input_tensor must be 1x128
+    scaled"). Full-size SDXL has no such layer; the tiny test models do."""
     if not isinstance(module, torch.nn.Linear):
         return False
     rows, cols = module.out_features, module.in_features
